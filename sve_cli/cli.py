@@ -1,0 +1,146 @@
+"""The `sve` command line: a thin Typer layer over the library.
+
+Each command parses its options, calls one library function and prints with rich. User errors
+(`SveError`, pydantic validation errors) become one red line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from sve_cli import __version__
+from sve_cli.errors import SveError
+
+app = typer.Typer(
+    name="sve",
+    help="Singular Value Ensembles: calibrated uncertainty for any pretrained transformer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"sve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Singular Value Ensembles: calibrated uncertainty for any pretrained transformer."""
+
+
+@app.command(epilog="Example:  sve decompose builtin:minilm --targets attention --dry-run")
+def decompose(
+    model: str = typer.Argument(..., help="Checkpoint directory, .safetensors/.gguf file, "
+                                "builtin:minilm, builtin:smollm2, or a hub id."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache directory "
+                                       "[default: $SVE_HOME/decompositions/<model>]."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="Preset (all, attention, mlp, "
+                                          "llama, bert, vit, …) or comma-separated globs; "
+                                          "'!glob' excludes."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    precision: str = typer.Option("float32", "--precision", "--dtype",
+                                  help="SVD precision and stored dtype: float32 or float64."),
+    max_shard_size: str = typer.Option("1GB", "--max-shard-size", help="Largest factors shard."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace a cache of another model, target set or precision."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List targets and cache size; write nothing."),
+) -> None:
+    """Thin SVD of every targeted weight into a resumable U/S/Vh cache.
+
+    Re-running continues an interrupted run and skips finished shards.
+    """
+    from sve_cli.checkpoint import parse_size
+    from sve_cli.decompose import decompose as run_decompose
+    from sve_cli.decompose import default_output, plan_decomposition
+
+    with console.status(f"opening {model}…"):  # a GGUF file is dequantised here, once
+        plan = plan_decomposition(model, targets, precision, parse_size(max_shard_size))
+    out = out or default_output(model, targets)
+    if dry_run:
+        _print_plan(plan, out)
+        return
+
+    work = plan.work
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("fingerprinting sources", total=sum(work.values()))
+
+        def on_target(target, reused: bool) -> None:
+            verb = "reused" if reused else "decomposed"
+            progress.update(task, advance=work[target.name], description=f"{verb} {target.module}")
+
+        result = run_decompose(plan, out, device=device, overwrite=overwrite, on_target=on_target)
+
+    manifest = result.manifest
+    table = Table(title=f"decomposition of {model}", show_header=False, title_justify="left")
+    table.add_row("targets", f"{len(plan.targets)} ({len(result.computed)} decomposed, "
+                  f"{len(result.reused)} reused)")
+    table.add_row("shards", str(len(plan.shards)))
+    table.add_row("cache size", _human(manifest["total_size"]))
+    table.add_row("max rel. error", f"{max(t['rel_error'] for t in manifest['targets']):.2e}")
+    table.add_row("precision", manifest["precision"])
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("written to", str(out))
+    out_console.print(table)
+
+
+def _print_plan(plan, out: Path) -> None:
+    table = Table(title=f"{len(plan.targets)} targets in {plan.checkpoint.source}",
+                  title_justify="left")
+    for column in ("parameter", "shape", "k", "dtype", "factors"):
+        table.add_column(column, justify="left" if column == "parameter" else "right")
+    element_size = 8 if plan.precision == "float64" else 4
+    for target in plan.targets:
+        table.add_row(target.name, f"{target.out_features}×{target.in_features}", str(target.k),
+                      target.dtype, _human(target.factor_bytes(element_size)))
+    out_console.print(table)
+    out_console.print(f"would write {_human(plan.total_size)} in {len(plan.shards)} shard(s) "
+                      f"to {out} ({plan.precision})")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line and exit code 2."""
+    from pydantic import ValidationError
+
+    try:
+        app(standalone_mode=False)
+    except SveError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ValidationError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Exit as error:
+        sys.exit(error.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        console.print("[red]interrupted[/red]")
+        sys.exit(130)

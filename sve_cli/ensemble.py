@@ -1,0 +1,183 @@
+"""Turn a Hugging Face model + its decomposition into an M-member SVE ensemble.
+
+`build_ensemble` loads the backbone (AutoModel: BertModel, LlamaModel, ViTModel), freezes it,
+replaces every targeted `nn.Linear` by an `SVELinear` and attaches per-member heads. Targets are
+matched to modules by the fingerprint of their weight, not by name: the decomposition was taken
+from the checkpoint's tensors, and transformers may rename modules on load (ViT does), so content
+is the only reliable key. This also proves the cache belongs to this model.
+
+`SVEModel(**inputs)` repeats the batch member-major to `M·B` rows, runs the backbone once, and
+returns logits `[B, M, C]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers, tensor_fingerprint
+from sve_cli.decompose import FactorCache, decompose, default_output, plan_decomposition
+from sve_cli.errors import SveError
+from sve_cli.heads import MemberHead, features, representation_of
+from sve_cli.layer import SVELinear
+
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+CLASSIFIER_NAMES = {"pooler": ("classifier.weight", "classifier.bias"),
+                    "cls": ("classifier.weight", "classifier.bias"),
+                    "last_token": ("score.weight", None)}
+
+
+@dataclass
+class EnsembleConfig:
+    members: int = 4
+    sigma_init: float = 0.01
+    parameterisation: str = "clamp"  # or "softplus"
+    strategy: str = "auto"  # or "factored", "materialised"
+    bias: bool = True  # False keeps bias-free layers (LLaMA) bias-free
+    seed: int = 0
+    targets: str | None = None  # preset or globs, for a decomposition made on the fly
+
+
+@dataclass
+class Identity:
+    """What a Σ bank must agree with to be loaded onto this ensemble."""
+
+    base_model: str
+    model_type: str
+    decomposition_fingerprint: str
+    source_fingerprint: str
+    targets: list[str] = field(default_factory=list)
+
+
+class SVEModel(nn.Module):
+    def __init__(self, backbone: nn.Module, head: MemberHead, layers: dict[str, SVELinear],
+                 members: int, representation: str, pad_token_id: int | None, identity: Identity,
+                 head_kind: str):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.layers = layers  # target parameter name -> its SVELinear (registered inside backbone)
+        self.members, self.representation, self.pad_token_id = members, representation, pad_token_id
+        self.identity, self.head_kind = identity, head_kind
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        batch = next(iter(inputs.values())).shape[0]
+        repeated = {name: value.repeat(self.members, *[1] * (value.dim() - 1))  # [M·B, …] member-major
+                    for name, value in inputs.items() if torch.is_tensor(value) and value.shape[0] == batch}
+        outputs = self.backbone(**repeated)
+        representation = features(self.representation, outputs, repeated.get("input_ids"), self.pad_token_id)
+        return self.head(representation)  # [B, M, C]
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+
+def _load_backbone(checkpoint: Checkpoint, representation: str) -> nn.Module:
+    from transformers import AutoModel
+
+    quiet_transformers()  # e.g. "weights not used" for the classifier we read ourselves
+    try:
+        extra = {"add_pooling_layer": False} if representation == "cls" else {}
+        return AutoModel.from_pretrained(checkpoint.directory, dtype=torch.float32, **extra).eval()
+    except (OSError, ValueError) as error:
+        raise SveError(f"transformers cannot load {checkpoint.source}: {error}") from None
+
+
+def _fingerprint(weight: torch.Tensor, dtype: torch.dtype) -> str:
+    return tensor_fingerprint(weight.detach().to(dtype))
+
+
+def _replace_targets(backbone: nn.Module, cache: FactorCache, config: EnsembleConfig,
+                     generator: torch.Generator) -> dict[str, SVELinear]:
+    targets = {t["fingerprint"]: t for t in cache.manifest["targets"]}
+    dtypes = {TORCH_DTYPES.get(t["source_dtype"], torch.float32) for t in targets.values()}
+    found: dict[str, tuple[str, nn.Linear]] = {}
+    for module_name, module in backbone.named_modules():
+        if isinstance(module, nn.Linear):
+            for dtype in dtypes:
+                if (target := targets.get(_fingerprint(module.weight, dtype))) is not None:
+                    found[target["name"]] = (module_name, module)
+    missing = [t["name"] for t in cache.manifest["targets"] if t["name"] not in found]
+    if missing:
+        raise SveError(f"decomposition {cache.directory} does not belong to this model: "
+                       f"{len(missing)} target(s) not found, first '{missing[0]}'")
+    layers = {}
+    for target in cache.manifest["targets"]:  # manifest order: seeded init is reproducible
+        module_name, linear = found[target["name"]]
+        U, S, Vh = cache.factors(target["name"])
+        layer = SVELinear(U.float(), S.float(), Vh.float(), config.members,
+                          base_bias=None if linear.bias is None else linear.bias.detach(),
+                          bias=config.bias or linear.bias is not None, sigma_init=config.sigma_init,
+                          parameterisation=config.parameterisation, strategy=config.strategy,
+                          generator=generator)
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(backbone.get_submodule(parent_name) if parent_name else backbone, child, layer)
+        layers[target["name"]] = layer
+    return layers
+
+
+def ensure_decomposition(model: str, decomposition: Path | None, targets: str | None) -> FactorCache:
+    """The given cache, or the model's default cache, decomposed now if absent (resumable)."""
+    if decomposition is not None:
+        return FactorCache(decomposition)
+    out = default_output(model, targets)
+    if not (out / "decomposition.json").exists():
+        decompose(plan_decomposition(model, targets), out)
+    return FactorCache(out)
+
+
+def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = None,
+                   letter_token_ids: list[int] | None = None, decomposition: Path | None = None,
+                   head_init: str = "normal") -> SVEModel:
+    """An SVE ensemble of `model` with a classification head of `classes` classes, or (for a
+    causal LM) a letter head scoring `letter_token_ids` with the LM head's own rows.
+
+    `head_init`: "normal" (N(0, 0.01²) per member) or "checkpoint" (copy the checkpoint's own
+    classifier into every member).
+    """
+    if config.members < 1:
+        raise SveError(f"members must be at least 1 (got {config.members})")
+    if (classes is None) == (letter_token_ids is None):
+        raise SveError("give either the number of classes or the answer-letter token ids")
+    checkpoint = open_checkpoint(model)
+    if not (checkpoint.directory / "config.json").exists():
+        raise SveError(f"{model} needs a config.json beside its weights to build a model")
+    representation = representation_of(checkpoint.model_type)
+    if letter_token_ids is not None and representation != "last_token":
+        raise SveError(f"a letter head needs a causal LM; {model} is a {checkpoint.model_type}")
+    cache = ensure_decomposition(model, decomposition, config.targets)
+
+    backbone = _load_backbone(checkpoint, representation)
+    backbone.requires_grad_(False)
+    generator = torch.Generator().manual_seed(config.seed)
+    layers = _replace_targets(backbone, cache, config, generator)
+
+    hidden = backbone.config.hidden_size
+    if letter_token_ids is not None:
+        head = MemberHead(config.members, hidden, len(letter_token_ids), bias=False)
+        name = "lm_head.weight" if "lm_head.weight" in checkpoint.files else "model.embed_tokens.weight"
+        head.init_from(checkpoint.read(name).float()[letter_token_ids])
+    else:
+        dropout = 0.0
+        if representation == "pooler":
+            config_dropout = getattr(backbone.config, "classifier_dropout", None)
+            dropout = config_dropout if config_dropout is not None else backbone.config.hidden_dropout_prob
+        head = MemberHead(config.members, hidden, classes, bias=representation != "last_token", dropout=dropout)
+        if head_init == "checkpoint":
+            weight_name, bias_name = CLASSIFIER_NAMES[representation]
+            if weight_name not in checkpoint.files:
+                raise SveError(f"{model} has no classifier ('{weight_name}') to initialise the heads from")
+            head.init_from(checkpoint.read(weight_name).float(),
+                           checkpoint.read(bias_name).float() if bias_name else None)
+        elif head_init == "normal":
+            head.init_normal(generator)
+        else:
+            raise SveError(f"unknown head_init '{head_init}' (normal or checkpoint)")
+
+    identity = Identity(model, checkpoint.model_type, cache.fingerprint,
+                        cache.manifest["source"]["fingerprint"], list(layers))
+    pad = getattr(backbone.config, "pad_token_id", None)
+    return SVEModel(backbone, head, layers, config.members, representation, pad, identity,
+                    "letters" if letter_token_ids is not None else "classification")

@@ -1,0 +1,21 @@
+"""One exception family for user errors.
+
+The CLI catches `SveError` and prints its message as one line (exit code 2); anything else is
+our bug and keeps its traceback.
+"""
+
+
+class SveError(Exception):
+    """A problem with what the user handed us (a path, a file, an option), not a bug."""
+
+
+class CheckpointError(SveError):
+    """A model checkpoint is missing, unreadable or malformed."""
+
+
+class TargetError(SveError):
+    """The targeted parameters cannot be resolved."""
+
+
+class OutputExistsError(SveError):
+    """An output already exists and `--overwrite` was not given."""

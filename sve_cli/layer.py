@@ -1,0 +1,131 @@
+"""`SVELinear`: one frozen `W = U diag(S) Vh`, M members that own only their singular values.
+
+Member m computes `y_m = U (f(sigma_m) ⊙ (Vh x)) + bias_m` with `f = relu` (clamp at 0, the
+default) or `softplus`. Inputs arrive member-major as `[M·B, …, in]` and are viewed as
+`[M, B·T, in]`. Two exact strategies (DESIGN.md):
+
+- factored:      `((x Vh^T) ⊙ s) U^T`           k·(in+out) per token, no per-member weight
+- materialised:  `W_m = (U ⊙ s_m) Vh`, `x W_m^T`  M·out·in·k per call + out·in per token
+
+`auto` picks the cheaper one per call from that cost model; in eval mode a materialised `W_m`
+is cached and rebuilt only when sigma or bias change (their in-place version counters move).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STRATEGIES = ("auto", "factored", "materialised")
+PARAMETERISATIONS = ("clamp", "softplus")
+
+
+def inverse_softplus(values: torch.Tensor) -> torch.Tensor:
+    """x such that softplus(x) = values (values > 0; tiny values are floored at 1e-12)."""
+    values = values.clamp_min(1e-12)
+    return values + torch.log(-torch.expm1(-values))
+
+
+def strategy_costs(members: int, tokens: int, out_features: int, in_features: int, rank: int,
+                   training: bool, weights_cached: bool = False) -> dict[str, float]:
+    """Multiply-adds of each strategy for one call (backward counted as twice the forward).
+
+    `tokens` is rows per member (B·T). Building W_m costs M·out·in·k; applying it M·N·out·in;
+    the factored path M·N·k·(in+out). In eval with a cached W_m the build is free.
+    """
+    factored = members * tokens * rank * (in_features + out_features)
+    build = 0 if weights_cached else members * out_features * in_features * rank
+    materialised = build + members * tokens * out_features * in_features
+    passes = 3 if training else 1
+    return {"factored": passes * factored, "materialised": passes * materialised}
+
+
+class SVELinear(nn.Module):
+    """Replaces an `nn.Linear`: shared frozen `U [out,k]`, `Vh [k,in]`; per-member `sigma [M,k]`
+    and `bias [M,out]` (None when `bias=False`)."""
+
+    def __init__(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, members: int,
+                 base_bias: torch.Tensor | None = None, bias: bool = True, sigma_init: float = 0.01,
+                 parameterisation: str = "clamp", strategy: str = "auto",
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}")
+        self.members, self.parameterisation, self.strategy = members, parameterisation, strategy
+        self.out_features, self.in_features = U.shape[0], Vh.shape[1]
+        self.register_buffer("U", U.detach().clone(), persistent=False)  # [out, k]
+        self.register_buffer("Vh", Vh.detach().clone(), persistent=False)  # [k, in]
+        noise = torch.randn(members, S.shape[0], generator=generator, dtype=S.dtype) * sigma_init
+        sigma = S[None, :] * (1 + noise)  # [M, k]
+        if parameterisation == "softplus":
+            sigma = inverse_softplus(sigma)
+        self.sigma = nn.Parameter(sigma.to(U.dtype))
+        if bias:
+            base = base_bias if base_bias is not None else torch.zeros(self.out_features, dtype=U.dtype)
+            noise = torch.randn(members, self.out_features, generator=generator, dtype=base.dtype) * sigma_init
+            self.bias = nn.Parameter((base[None, :] + noise).to(U.dtype))  # [M, out]
+        else:
+            self.register_parameter("bias", None)
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def singular_values(self) -> torch.Tensor:
+        """The non-negative singular values each member uses, `[M, k]`."""
+        return F.relu(self.sigma) if self.parameterisation == "clamp" else F.softplus(self.sigma)
+
+    def member_weight(self, member: int) -> torch.Tensor:
+        """`U diag(s_m) Vh`, `[out, in]`: member m's dense weight (for export and tests)."""
+        return (self.U * self.singular_values()[member]) @ self.Vh
+
+    def choose(self, tokens: int) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        cached = not self.training and self._cache is not None and self._cache[0] == self._cache_key()
+        costs = strategy_costs(self.members, tokens, self.out_features, self.in_features, self.rank,
+                               training=self.training and self.sigma.requires_grad, weights_cached=cached)
+        return min(costs, key=costs.get)
+
+    def _cache_key(self) -> tuple:
+        bias_version = self.bias._version if self.bias is not None else None
+        return (self.sigma._version, self.sigma.data_ptr(), bias_version, self.U.data_ptr())
+
+    def _weights(self) -> torch.Tensor:
+        """`[M, out, in]`, cached in eval mode until sigma changes."""
+        if self.training or torch.is_grad_enabled():
+            return (self.U[None] * self.singular_values()[:, None, :]) @ self.Vh  # [M, out, in]
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, (self.U[None] * self.singular_values()[:, None, :]) @ self.Vh)
+        return self._cache[1]
+
+    def train(self, mode: bool = True) -> "SVELinear":
+        self._cache = None
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leading = x.shape[:-1]
+        if leading[0] % self.members:
+            raise ValueError(f"batch {leading[0]} is not a multiple of {self.members} members")
+        rows = x.reshape(self.members, -1, self.in_features)  # [M, B·T, in]
+        if self.choose(rows.shape[1]) == "factored":
+            hidden = rows @ self.Vh.T  # [M, B·T, k]
+            hidden = hidden * self.singular_values()[:, None, :]  # [M, B·T, k]
+            out = hidden @ self.U.T  # [M, B·T, out]
+            if self.bias is not None:
+                out = out + self.bias[:, None, :]
+        elif self.bias is not None:
+            out = torch.baddbmm(self.bias[:, None, :], rows, self._weights().transpose(1, 2))  # [M, B·T, out]
+        else:
+            out = torch.bmm(rows, self._weights().transpose(1, 2))  # [M, B·T, out]
+        return out.reshape(*leading, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, k={self.rank}, members={self.members}, "
+                f"{self.parameterisation}, strategy={self.strategy}")
+

@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny random checkpoints built from transformers configs, the real MiniLM,
+and a helper that runs the CLI in-process or as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_home(tmp_path_factory):
+    """Tests never touch the network or the user's cache."""
+    home = tmp_path_factory.mktemp("sve_home")
+    os.environ["SVE_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield home
+
+
+def tiny_llama(vocab: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_llama_classifier(num_labels: int = 3):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         num_labels=num_labels, pad_token_id=0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def tiny_bert(num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_vit(num_labels: int = 10):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=8, patch_size=4, num_channels=1, num_labels=num_labels)
+    return ViTForImageClassification(config).eval()
+
+
+BUILDERS = {"llama": tiny_llama, "llama-cls": tiny_llama_classifier, "bert": tiny_bert, "vit": tiny_vit}
+
+
+def save_tiny(kind: str, directory: Path, sharded: bool = False) -> Path:
+    model = BUILDERS[kind]()
+    model.save_pretrained(directory, max_shard_size="20KB" if sharded else "5GB")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """{"llama", "llama-cls", "bert", "vit", "llama-sharded", …}: saved tiny random checkpoints."""
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {}
+    for kind in BUILDERS:
+        paths[kind] = save_tiny(kind, root / kind)
+        paths[f"{kind}-sharded"] = save_tiny(kind, root / f"{kind}-sharded", sharded=True)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    from sve_cli.checkpoint import resolve_model
+
+    return resolve_model("builtin:minilm")
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def sve(capsys):
+    """Run `sve ARGS…` in this process (fast); returns exit code and captured output."""
+    from sve_cli.cli import main
+
+    def run(*args: str) -> Result:
+        argv, sys.argv = sys.argv, ["sve", *map(str, args)]
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            sys.argv = argv
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def sve_subprocess(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real console entry point as a separate process."""
+    return subprocess.run([sys.executable, "-m", "sve_cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, **kwargs)

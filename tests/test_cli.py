@@ -1,0 +1,118 @@
+"""The command line: exit codes, one-line errors, help text, and real end-to-end runs."""
+
+import json
+
+import pytest
+
+from conftest import sve_subprocess
+
+
+def _one_error_line(result, fragment):
+    assert result.code == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_version(sve):
+    from sve_cli import __version__
+
+    result = sve("--version")
+    assert result.code == 0 and result.stdout.strip() == f"sve {__version__}"
+
+
+def test_every_command_help_ends_with_an_example(sve):
+    from sve_cli.cli import app
+
+    import typer.main
+
+    for name in typer.main.get_command(app).commands:
+        result = sve(name, "--help")
+        assert result.code == 0
+        assert result.stdout.rstrip().splitlines()[-1].strip().startswith(f"Example:  sve {name}")
+
+
+def test_dry_run_lists_targets_and_writes_nothing(sve, tiny_checkpoints, tmp_path):
+    result = sve("decompose", tiny_checkpoints["llama"], "--out", tmp_path / "cache", "--dry-run")
+    assert result.code == 0
+    assert "model.layers.1.mlp.down_proj.weight" in result.stdout and "32×48" in result.stdout
+    assert "would write" in result.stdout and not (tmp_path / "cache").exists()
+
+
+def test_decompose_then_rerun_reuses(sve, tiny_checkpoints, tmp_path):
+    first = sve("decompose", tiny_checkpoints["bert"], "--out", tmp_path / "cache")
+    assert first.code == 0 and "12 decomposed" in first.stdout
+    again = sve("decompose", tiny_checkpoints["bert"], "--out", tmp_path / "cache")
+    assert again.code == 0 and "12 reused" in again.stdout
+
+
+@pytest.mark.parametrize("make_input,extra,fragment", [
+    (lambda tmp, ck: tmp / "missing", [], "no such file or directory"),
+    (lambda tmp, ck: (tmp / "empty").mkdir() or tmp / "empty", [], "no config.json"),
+    (lambda tmp, ck: _config_only(tmp), [], "no *.safetensors weights"),
+    (lambda tmp, ck: _corrupt(tmp, ck), [], "not a readable safetensors file"),
+    (lambda tmp, ck: _unknown_arch(tmp, ck), [], "no target preset for model_type 'mystery'"),
+    (lambda tmp, ck: ck["llama"], ["--targets", "*.nope.weight"], "matches no tensor"),
+    (lambda tmp, ck: ck["llama"], ["--targets", "*.post_attention_layernorm.weight"], "only 2-D"),
+    (lambda tmp, ck: ck["llama"], ["--precision", "int4"], "unknown --precision"),
+    (lambda tmp, ck: ck["llama"], ["--max-shard-size", "big"], "cannot read size"),
+    (lambda tmp, ck: "builtin:nothing", [], "unknown built-in model"),
+    (lambda tmp, ck: "org/model-that-is-not-here", [], "could not be fetched"),
+])
+def test_bad_inputs_give_one_clear_line(sve, tiny_checkpoints, tmp_path, make_input, extra, fragment):
+    model = make_input(tmp_path, tiny_checkpoints)
+    result = sve("decompose", model, "--out", tmp_path / "cache", *extra)
+    _one_error_line(result, fragment)
+    assert not (tmp_path / "cache").exists()
+
+
+def _config_only(tmp):
+    (tmp / "config_only").mkdir()
+    (tmp / "config_only" / "config.json").write_text('{"model_type": "bert"}')
+    return tmp / "config_only"
+
+
+def _corrupt(tmp, checkpoints):
+    (tmp / "corrupt").mkdir()
+    (tmp / "corrupt" / "config.json").write_text('{"model_type": "bert"}')
+    data = (checkpoints["bert"] / "model.safetensors").read_bytes()
+    (tmp / "corrupt" / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    return tmp / "corrupt"
+
+
+def _unknown_arch(tmp, checkpoints):
+    (tmp / "mystery").mkdir()
+    (tmp / "mystery" / "config.json").write_text('{"model_type": "mystery"}')
+    (tmp / "mystery" / "model.safetensors").write_bytes((checkpoints["bert"] / "model.safetensors").read_bytes())
+    return tmp / "mystery"
+
+
+def test_existing_output_of_another_model_is_refused_and_kept(sve, tiny_checkpoints, tmp_path):
+    cache = tmp_path / "cache"
+    assert sve("decompose", tiny_checkpoints["bert"], "--out", cache).code == 0
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    result = sve("decompose", tiny_checkpoints["llama"], "--out", cache)
+    _one_error_line(result, "pass --overwrite")
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
+    assert sve("decompose", tiny_checkpoints["llama"], "--out", cache, "--overwrite").code == 0
+    manifest = json.loads((cache / "decomposition.json").read_text())
+    assert manifest["source"]["model_type"] == "llama"
+
+
+def test_output_that_is_a_file_is_refused(sve, tiny_checkpoints, tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    _one_error_line(sve("decompose", tiny_checkpoints["bert"], "--out", tmp_path / "file"), "is a file")
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_real_minilm_end_to_end_in_a_subprocess(tmp_path):
+    result = sve_subprocess("decompose", "builtin:minilm", "--out", tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert "36 (36 decomposed, 0 reused)" in result.stdout
+    manifest = json.loads((tmp_path / "cache" / "decomposition.json").read_text())
+    assert manifest["source"]["model"] == "builtin:minilm" and len(manifest["targets"]) == 36
+    assert max(t["rel_error"] for t in manifest["targets"]) < 1e-5
+    bad = sve_subprocess("decompose", tmp_path / "nowhere")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: no such file") and "Traceback" not in bad.stderr

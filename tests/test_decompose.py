@@ -1,0 +1,178 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from sve_cli.decompose import decompose, load_manifest, plan_decomposition, svd_factors
+from sve_cli.errors import OutputExistsError, SveError
+
+from conftest import sve_subprocess
+
+
+def _run(model, out, **kwargs):
+    plan_options = {k: kwargs.pop(k) for k in ("targets", "precision", "max_shard_size") if k in kwargs}
+    return decompose(plan_decomposition(str(model), **plan_options), out, **kwargs)
+
+
+def _cache_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _assert_cache_is_exact(cache: Path, model: Path, tolerance: float):
+    manifest = load_manifest(cache)
+    index = json.loads((cache / "factors.safetensors.index.json").read_text())
+    sources = {}
+    for file in model.glob("*.safetensors"):
+        sources.update(load_file(file))
+    total = 0
+    for target in manifest["targets"]:
+        name, (out_features, in_features), k = target["name"], target["shape"], target["k"]
+        factors = {}
+        for factor in ("U", "S", "Vh"):
+            shard = index["weight_map"][f"{name}.{factor}"]
+            assert shard == target["shard"]
+            factors[factor] = load_file(cache / shard)[f"{name}.{factor}"]
+            total += factors[factor].numel() * factors[factor].element_size()
+        U, S, Vh = factors["U"], factors["S"], factors["Vh"]
+        assert U.shape == (out_features, k) and S.shape == (k,) and Vh.shape == (k, in_features)
+        weight = sources[name].to(U.dtype)
+        exact = float((U @ torch.diag(S) @ Vh - weight).norm() / weight.norm())
+        assert exact < tolerance, name
+        assert target["rel_error"] < tolerance
+        eye = torch.eye(k, dtype=U.dtype)
+        assert torch.allclose(U.T @ U, eye, atol=10 * tolerance) and torch.allclose(Vh @ Vh.T, eye, atol=10 * tolerance)
+        assert bool((S[:-1] >= S[1:]).all()) and bool((S >= 0).all())
+        columns = torch.arange(k)
+        assert bool((U[U.abs().argmax(0), columns] > 0).all())  # canonical signs
+    assert index["metadata"]["total_size"] == total == manifest["total_size"]
+
+
+@pytest.mark.parametrize("kind", ["llama-sharded", "bert", "vit"])
+def test_factors_reconstruct_the_source(tiny_checkpoints, tmp_path, kind):
+    result = _run(tiny_checkpoints[kind], tmp_path / "cache", max_shard_size=30_000)
+    assert len(result.computed) == len(result.manifest["targets"]) > 0
+    assert len(list((tmp_path / "cache").glob("factors-*.safetensors"))) > 1
+    _assert_cache_is_exact(tmp_path / "cache", tiny_checkpoints[kind], 1e-5)
+
+
+def test_real_minilm_reconstructs(minilm_path, tmp_path):
+    _run("builtin:minilm", tmp_path / "cache")
+    _assert_cache_is_exact(tmp_path / "cache", minilm_path, 1e-5)
+
+
+def test_float64_precision(tiny_checkpoints, tmp_path):
+    result = _run(tiny_checkpoints["bert"], tmp_path / "cache", precision="float64")
+    assert result.manifest["precision"] == "float64"
+    _assert_cache_is_exact(tmp_path / "cache", tiny_checkpoints["bert"], 1e-12)
+
+
+def test_error_estimate_tracks_the_exact_error():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 48)
+    U, S, Vh, _ = svd_factors(weight, torch.float32, torch.device("cpu"))
+    assert torch.allclose(U @ torch.diag(S) @ Vh, weight, atol=1e-5)
+    # a deliberately wrong factorisation: the estimate must be close to the true error
+    truncated = U[:, :24] @ torch.diag(S[:24]) @ Vh[:24]
+    exact = float((truncated - weight).norm() / weight.norm())
+    probes = torch.randn(48, 4096, generator=torch.Generator().manual_seed(1))
+    estimate = float(((weight - truncated) @ probes).norm() / (weight @ probes).norm())
+    assert abs(estimate - exact) < 0.05 * exact
+
+
+def test_rerun_reuses_finished_shards_and_redoes_a_missing_one(tiny_checkpoints, tmp_path):
+    cache = tmp_path / "cache"
+    first = _run(tiny_checkpoints["llama"], cache, max_shard_size=30_000)
+    reference = _cache_files(cache)
+    again = _run(tiny_checkpoints["llama"], cache, max_shard_size=30_000)
+    assert again.computed == [] and len(again.reused) == len(first.computed)
+    assert _cache_files(cache) == reference
+    victim = sorted(cache.glob("factors-*.safetensors"))[1]
+    victim.unlink()
+    (cache / "decomposition.json").unlink()
+    (cache / f".{victim.name}.tmp-12345").write_bytes(b"half-written")  # never trusted
+    third = _run(tiny_checkpoints["llama"], cache, max_shard_size=30_000)
+    assert 0 < len(third.computed) < len(first.computed)
+    (cache / f".{victim.name}.tmp-12345").unlink()
+    assert _cache_files(cache) == reference
+
+
+def test_changed_source_is_detected(tiny_checkpoints, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for file in tiny_checkpoints["bert"].iterdir():
+        (model / file.name).write_bytes(file.read_bytes())
+    cache = tmp_path / "cache"
+    before = _run(model, cache).manifest
+    tensors = load_file(model / "model.safetensors")
+    name = before["targets"][0]["name"]
+    tensors[name][0, 0] += 1.0
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    snapshot = _cache_files(cache)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        _run(model, cache)
+    assert _cache_files(cache) == snapshot  # refused: nothing touched
+    after = _run(model, cache, overwrite=True).manifest
+    assert after["fingerprint"] != before["fingerprint"]
+    changed = [t["name"] for t, u in zip(before["targets"], after["targets"]) if t["fingerprint"] != u["fingerprint"]]
+    assert changed == [name]
+    _assert_cache_is_exact(cache, model, 1e-5)
+
+
+def test_foreign_directory_is_never_clobbered(tiny_checkpoints, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="not an sve decomposition cache"):
+            _run(tiny_checkpoints["bert"], tmp_path / "mine", overwrite=overwrite)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.txt"]
+
+
+def test_unknown_precision_and_device(tiny_checkpoints, tmp_path):
+    with pytest.raises(SveError, match="--precision"):
+        plan_decomposition(str(tiny_checkpoints["bert"]), precision="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(SveError, match="no CUDA device"):
+            _run(tiny_checkpoints["bert"], tmp_path / "cache", device="cuda")
+
+
+def _synthetic_checkpoint(directory: Path, layers: int = 12, size: int = 256) -> Path:
+    directory.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}.self_attn.q_proj.weight": torch.randn(size, size, generator=generator)
+               for i in range(layers)}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+    return directory
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    model = _synthetic_checkpoint(tmp_path / "model")
+    options = ["--targets", "*.q_proj.weight", "--max-shard-size", "300KB"]
+    reference = tmp_path / "reference"
+    assert sve_subprocess("decompose", model, "--out", reference, *options).returncode == 0
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sve_cli", "decompose", str(model), "--out", str(interrupted), *options],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(interrupted.glob("factors-*.safetensors"))) < 3:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "decomposition.json").exists(), "killed too late to test a resume"
+    rerun = sve_subprocess("decompose", model, "--out", interrupted, *options)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "reused" in rerun.stdout
+    leftovers = [p.name for p in interrupted.iterdir() if ".tmp-" in p.name]
+    for name in leftovers:  # a temporary from the killed process is never read; only cleaned up
+        (interrupted / name).unlink()
+    assert _cache_files(interrupted) == _cache_files(reference)

@@ -1,0 +1,183 @@
+"""Exactness of the wrapped ensemble against plain Hugging Face models."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sve_cli.checkpoint import tensor_fingerprint
+from sve_cli.ensemble import EnsembleConfig, build_ensemble
+from sve_cli.errors import SveError
+
+KINDS = {"bert": "BertForSequenceClassification", "llama-cls": "LlamaForSequenceClassification",
+         "vit": "ViTForImageClassification"}
+
+
+def _inputs(kind, batch=3):
+    generator = torch.Generator().manual_seed(3)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(batch, 1, 8, 8, generator=generator)}
+    ids = torch.randint(1, 64, (batch, 9), generator=generator)
+    ids[1, 6:] = 0  # padding: masks and last-non-pad pooling must agree with HF
+    ids[2, 3:] = 0
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+def _reference(kind, path):
+    import transformers
+
+    return getattr(transformers, KINDS[kind]).from_pretrained(path).eval()
+
+
+@pytest.mark.parametrize("strategy", ["factored", "materialised", "auto"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_zero_noise_members_equal_the_plain_model(tiny_checkpoints, kind, strategy):
+    path = tiny_checkpoints[kind]
+    reference = _reference(kind, path)
+    config = EnsembleConfig(members=3, sigma_init=0.0, strategy=strategy)
+    ensemble = build_ensemble(str(path), config, classes=3 if kind != "vit" else 10, head_init="checkpoint").eval()
+    inputs = _inputs(kind)
+    with torch.no_grad():
+        expected = reference(**inputs).logits  # [B, C]
+        logits = ensemble(**inputs)  # [B, M, C]
+    assert logits.shape == (3, 3, expected.shape[-1])
+    torch.testing.assert_close(logits, expected[:, None].expand_as(logits), rtol=1e-5, atol=1e-5)
+
+
+def _member_reference(kind, path, ensemble, member):
+    """A plain HF model whose targeted weights are U diag(relu(s_m)) Vh and biases b_m."""
+    from sve_cli.decompose import FactorCache
+
+    reference = _reference(kind, path)
+    cache = FactorCache(next(iter(_caches(ensemble))))
+    originals = load_file(path / "model.safetensors")
+    by_fingerprint = {tensor_fingerprint(originals[name]): name for name in ensemble.layers}
+    replaced = 0
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Linear) and (name := by_fingerprint.get(tensor_fingerprint(module.weight.detach()))):
+            U, S, Vh = cache.factors(name)
+            layer = ensemble.layers[name]
+            with torch.no_grad():
+                module.weight.copy_(U @ torch.diag(torch.relu(layer.sigma[member])) @ Vh)
+                if layer.bias is not None:
+                    module.bias.copy_(layer.bias[member])
+            replaced += 1
+    assert replaced == len(ensemble.layers)
+    head = ensemble.head
+    classifier = reference.score if kind == "llama-cls" else reference.classifier
+    with torch.no_grad():
+        classifier.weight.copy_(head.weight[member])
+        if head.bias is not None:
+            classifier.bias.copy_(head.bias[member])
+    return reference
+
+
+def _caches(ensemble):
+    from sve_cli.decompose import default_output
+
+    yield default_output(ensemble.identity.base_model)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_trained_like_members_equal_plain_models_with_merged_weights(tiny_checkpoints, kind):
+    path = tiny_checkpoints[kind]
+    outputs = {}
+    for strategy in ("factored", "materialised"):
+        config = EnsembleConfig(members=3, strategy=strategy, seed=5, bias=kind != "llama-cls")
+        ensemble = build_ensemble(str(path), config, classes=3 if kind != "vit" else 10).eval()
+        generator = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for layer in ensemble.layers.values():
+                layer.sigma.mul_(1 + 0.5 * torch.randn(layer.sigma.shape, generator=generator))
+                layer.sigma[:, -1] = -1.0  # a clamped singular value
+                if layer.bias is not None:
+                    layer.bias.add_(0.1 * torch.randn(layer.bias.shape, generator=generator))
+            ensemble.head.weight.normal_(generator=generator)
+            logits = ensemble(**_inputs(kind))
+        outputs[strategy] = logits
+        for member in range(3):
+            reference = _member_reference(kind, path, ensemble, member)
+            with torch.no_grad():
+                expected = reference(**_inputs(kind)).logits
+            torch.testing.assert_close(logits[:, member], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs["factored"], outputs["materialised"], rtol=1e-4, atol=1e-5)
+
+
+def test_only_sigma_bias_and_heads_learn(tiny_checkpoints):
+    ensemble = build_ensemble(str(tiny_checkpoints["bert"]), EnsembleConfig(members=2), classes=3)
+    ensemble.train()
+    trainable = ensemble.trainable_parameters()
+    sve_modules = {name for name, module in ensemble.named_modules() if module in ensemble.layers.values()}
+    assert len(sve_modules) == len(ensemble.layers) == 12
+    assert set(trainable) == {f"{m}.{p}" for m in sve_modules for p in ("sigma", "bias")} | {"head.weight", "head.bias"}
+    frozen_before = {name: t.clone() for name, t in ensemble.state_dict().items() if name not in trainable}
+    trainable_before = {name: p.detach().clone() for name, p in trainable.items()}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.05)
+    logits = ensemble(**_inputs("bert"))  # [B, M, C]
+    labels = torch.tensor([0, 1, 2])[:, None].expand(-1, 2)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1)).backward()
+    assert {n for n, p in ensemble.named_parameters() if p.grad is not None} == set(trainable)
+    optimizer.step()
+    after = ensemble.state_dict()
+    for name, tensor in frozen_before.items():
+        assert torch.equal(after[name], tensor), name  # bit-identical
+    assert all(not torch.equal(trainable[n].detach(), trainable_before[n]) for n in trainable)
+    for layer in ensemble.layers.values():  # frozen factors are buffers, not parameters
+        assert not layer.U.requires_grad and not layer.Vh.requires_grad
+
+
+def test_decomposition_of_another_model_is_refused(tiny_checkpoints, tmp_path):
+    from sve_cli.decompose import decompose, plan_decomposition
+
+    decompose(plan_decomposition(str(tiny_checkpoints["llama"])), tmp_path / "llama-cache")
+    with pytest.raises(SveError, match="does not belong to this model"):
+        build_ensemble(str(tiny_checkpoints["llama-cls"]), EnsembleConfig(members=2), classes=3,
+                       decomposition=tmp_path / "llama-cache")
+
+
+def test_bad_ensemble_requests(tiny_checkpoints):
+    with pytest.raises(SveError, match="members must be at least 1"):
+        build_ensemble(str(tiny_checkpoints["bert"]), EnsembleConfig(members=0), classes=3)
+    with pytest.raises(SveError, match="letter head needs a causal LM"):
+        build_ensemble(str(tiny_checkpoints["bert"]), EnsembleConfig(members=2), letter_token_ids=[5, 6])
+    with pytest.raises(SveError, match="no classifier"):
+        build_ensemble(str(tiny_checkpoints["llama"]), EnsembleConfig(members=2), classes=3, head_init="checkpoint")
+
+
+@pytest.mark.slow
+def test_real_minilm_members_equal_bert_for_sequence_classification(minilm_path, tmp_path):
+    from transformers import BertForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(minilm_path, num_labels=3).eval()
+    model.save_pretrained(tmp_path / "minilm-cls")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    inputs = dict(tokenizer(["what a wonderful day", "the train was late again, as always"],
+                            padding=True, return_tensors="pt"))
+    ensemble = build_ensemble(str(tmp_path / "minilm-cls"), EnsembleConfig(members=4, sigma_init=0.0),
+                              classes=3, head_init="checkpoint").eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        logits = ensemble(**inputs)
+    torch.testing.assert_close(logits, expected[:, None].expand_as(logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_letter_head_reproduces_the_lm_letter_logits():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sve_cli.checkpoint import resolve_model
+
+    path = resolve_model("builtin:smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    letters = [tokenizer.encode(letter, add_special_tokens=False)[0] for letter in " A B C D E".split(" ")[1:]]
+    prompts = ["Which topic? A) sport B) politics C) tech D) business E) film\nAnswer:",
+               "Question: is the sky green?\nA) yes\nB) no\nAnswer:"]
+    tokenizer.padding_side = "left"
+    inputs = dict(tokenizer(prompts, padding=True, return_tensors="pt"))
+    ensemble = build_ensemble("builtin:smollm2", EnsembleConfig(members=2, sigma_init=0.0, bias=False),
+                              letter_token_ids=letters).eval()
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = lm(**inputs).logits[:, -1, letters]  # left padding: the last position is the prompt's end
+        logits = ensemble(**inputs)
+    torch.testing.assert_close(logits, expected[:, None].expand_as(logits), rtol=1e-4, atol=1e-4)
