@@ -22,15 +22,15 @@ from sve_cli.errors import SveError
 
 
 def bank_tensors(model: SVEModel) -> dict[str, torch.Tensor]:
+    """Every trainable tensor: `{module}.sigma`/`.bias` for SVE (`.weight` for dense members,
+    `.lora_A`/`.lora_B` for LoRA), and the heads."""
     tensors = {}
     for name, layer in model.layers.items():
         module = name.removesuffix(".weight")
-        tensors[f"{module}.sigma"] = layer.sigma.detach()
-        if layer.bias is not None:
-            tensors[f"{module}.bias"] = layer.bias.detach()
-    tensors["head.weight"] = model.head.weight.detach()
-    if model.head.bias is not None:
-        tensors["head.bias"] = model.head.bias.detach()
+        for parameter_name, parameter in layer.named_parameters(recurse=False):
+            tensors[f"{module}.{parameter_name}"] = parameter.detach()
+    for parameter_name, parameter in model.head.named_parameters(recurse=False):
+        tensors[f"head.{parameter_name}"] = parameter.detach()
     return tensors
 
 
@@ -43,7 +43,8 @@ def bank_metadata(model: SVEModel, extra: dict[str, object] | None = None) -> di
         "source_fingerprint": identity.source_fingerprint,
         "members": model.members,
         "targets": identity.targets,
-        "parameterisation": next(iter(model.layers.values())).parameterisation,
+        "method": identity.method,
+        "parameterisation": getattr(next(iter(model.layers.values()), None), "parameterisation", None),
         "head": model.head_kind,
         "tool": f"sve {__version__}",
         **(extra or {}),

@@ -63,9 +63,32 @@ def resolve_model(spec: str) -> Path:
     raise CheckpointError(f"no such file or directory: {spec}")
 
 
+def _random_vit() -> Path:
+    """`builtin:vit-tiny`: a small randomly initialised ViT for 8×8 grey images (the paper's
+    "random backbone" case; no pretrained ViT ships offline). Seeded, built once, cached."""
+    out = sve_home() / "checkpoints" / "vit-tiny-random-seed0"
+    if (out / "config.json").exists():
+        return out
+    from transformers import ViTConfig, ViTForImageClassification
+
+    quiet_transformers()
+    config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, intermediate_size=128, num_labels=10)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ViTForImageClassification(config)
+    staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    model.save_pretrained(staging)
+    with contextlib.suppress(OSError):
+        os.replace(staging, out)
+    return out
+
+
 def _builtin_path(name: str) -> Path:
+    if name == "vit-tiny":
+        return _random_vit()
     if name not in BUILTIN_MODELS:
-        known = ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+        known = ", ".join(f"builtin:{n}" for n in [*BUILTIN_MODELS, "vit-tiny"])
         raise CheckpointError(f"unknown built-in model 'builtin:{name}' (known: {known})")
     package, member, requirement = BUILTIN_MODELS[name]
     return package_data(package, requirement) / member

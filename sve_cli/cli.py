@@ -6,6 +6,7 @@ Each command parses its options, calls one library function and prints with rich
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -108,6 +109,47 @@ def decompose(
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("written to", str(out))
     out_console.print(table)
+
+
+@app.command(epilog="Example:  sve train recipes/quickstart.yaml --out runs/quickstart --set train.epochs=1")
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory [default: runs/<recipe name>]."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
+) -> None:
+    """Joint M-member fine-tuning from a YAML recipe (SVE and its baselines)."""
+    from sve_cli.recipe import load_recipe
+    from sve_cli.train import train as run_train
+
+    loaded = load_recipe(recipe, overrides)
+    out = out or Path("runs") / recipe.stem
+    rank0 = os.environ.get("RANK", "0") == "0"
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not rank0) as progress:
+        with console.status(f"loading {loaded.model.path} and {loaded.task.dataset}…"):
+            task = progress.add_task(f"{loaded.ensemble.method} M={loaded.ensemble.members}", total=None, status="")
+
+        def on_step(info: dict) -> None:
+            progress.update(task, completed=info["step"], total=info["total"],
+                            status=f"loss {info['loss']:.3f} acc {info['accuracy']:.2f} "
+                                   f"{info['tokens_per_second']:.0f} tok/s epoch {info['epoch']:.2f}")
+
+        def on_eval(line: dict) -> None:
+            progress.console.print(f"step {line['step']:>5} {line['split']}: acc {line['accuracy']:.4f} "
+                                   f"nll {line['nll']:.4f} ece {line['ece']:.4f} brier {line['brier']:.4f}")
+
+        state = run_train(loaded, out, resume=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval)
+    if rank0:
+        best = state["history"][[h["step"] for h in state["history"]].index(state["best_step"])]
+        table = Table(title=f"run {out}", show_header=False, title_justify="left")
+        table.add_row("best step", f"{state['best_step']} of {state['total_steps']} ({loaded.eval.metric})")
+        for key in ("accuracy", "nll", "brier", "ece"):
+            table.add_row(f"{loaded.eval.split} {key}", f"{best[key]:.4f}")
+        table.add_row("bank", str(out / "sigma_bank.safetensors"))
+        out_console.print(table)
 
 
 def _print_plan(plan, out: Path) -> None:

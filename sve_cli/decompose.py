@@ -76,7 +76,8 @@ def svd_factors(weight: torch.Tensor, dtype: torch.dtype, device: torch.device
     columns = torch.arange(U.shape[1], device=device)
     signs = torch.sign(U[U.abs().argmax(dim=0), columns])  # [k]
     signs[signs == 0] = 1
-    U, Vh = U * signs, Vh * signs[:, None]
+    U.mul_(signs)  # in place: no new [out, k] / [k, in] buffers
+    Vh.mul_(signs[:, None])
     generator = torch.Generator(device=device).manual_seed(0)
     probes = torch.randn(matrix.shape[1], ERROR_PROBES, generator=generator, device=device, dtype=dtype)
     projected = matrix @ probes  # [out, p]
@@ -146,7 +147,7 @@ def _identity(precision: str, fingerprints: dict[str, str]) -> str:
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _source_fingerprint(fingerprints: dict[str, str]) -> str:
+def source_fingerprint(fingerprints: dict[str, str]) -> str:
     payload = json.dumps(sorted(fingerprints.items()))
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
@@ -266,7 +267,7 @@ def _manifest(plan: DecomposePlan, fingerprints: dict[str, str], identity: str,
             "model": checkpoint.source,
             "path": str(checkpoint.path.resolve()),
             "model_type": checkpoint.model_type,
-            "fingerprint": _source_fingerprint(fingerprints),
+            "fingerprint": source_fingerprint(fingerprints),
         },
         "fingerprint": identity,
         "precision": plan.precision,

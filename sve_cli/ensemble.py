@@ -19,26 +19,36 @@ import torch
 from torch import nn
 
 from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers, tensor_fingerprint
-from sve_cli.decompose import FactorCache, decompose, default_output, plan_decomposition
+from sve_cli.decompose import FactorCache, decompose, default_output, plan_decomposition, source_fingerprint
 from sve_cli.errors import SveError
 from sve_cli.heads import MemberHead, features, representation_of
+from sve_cli.baselines import DenseMembersLinear, LoRAMembersLinear
 from sve_cli.layer import SVELinear
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 CLASSIFIER_NAMES = {"pooler": ("classifier.weight", "classifier.bias"),
                     "cls": ("classifier.weight", "classifier.bias"),
+                    "cls_mean": ("classifier.weight", "classifier.bias"),
                     "last_token": ("score.weight", None)}
 
 
 @dataclass
 class EnsembleConfig:
+    method: str = "sve"  # sve | svf | single | deep_ensemble | lora_ensemble
     members: int = 4
     sigma_init: float = 0.01
     parameterisation: str = "clamp"  # or "softplus"
     strategy: str = "auto"  # or "factored", "materialised"
     bias: bool = True  # False keeps bias-free layers (LLaMA) bias-free
     seed: int = 0
-    targets: str | None = None  # preset or globs, for a decomposition made on the fly
+    targets: str | None = None  # preset or globs (for SVE: of a decomposition made on the fly)
+    single_mode: str = "full"  # single / deep_ensemble: "full" targeted layers, or "head" only
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
+    @property
+    def uses_decomposition(self) -> bool:
+        return self.method in ("sve", "svf")
 
 
 @dataclass
@@ -50,15 +60,16 @@ class Identity:
     decomposition_fingerprint: str
     source_fingerprint: str
     targets: list[str] = field(default_factory=list)
+    method: str = "sve"
 
 
 class SVEModel(nn.Module):
-    def __init__(self, backbone: nn.Module, head: MemberHead, layers: dict[str, SVELinear],
+    def __init__(self, backbone: nn.Module, head: MemberHead, layers: dict[str, nn.Module],
                  members: int, representation: str, pad_token_id: int | None, identity: Identity,
                  head_kind: str):
         super().__init__()
         self.backbone, self.head = backbone, head
-        self.layers = layers  # target parameter name -> its SVELinear (registered inside backbone)
+        self.layers = layers  # target parameter name -> its member layer (registered inside backbone)
         self.members, self.representation, self.pad_token_id = members, representation, pad_token_id
         self.identity, self.head_kind = identity, head_kind
 
@@ -79,7 +90,7 @@ def _load_backbone(checkpoint: Checkpoint, representation: str) -> nn.Module:
 
     quiet_transformers()  # e.g. "weights not used" for the classifier we read ourselves
     try:
-        extra = {"add_pooling_layer": False} if representation == "cls" else {}
+        extra = {"add_pooling_layer": False} if representation == "cls" else {}  # as ViTForImageClassification
         return AutoModel.from_pretrained(checkpoint.directory, dtype=torch.float32, **extra).eval()
     except (OSError, ValueError) as error:
         raise SveError(f"transformers cannot load {checkpoint.source}: {error}") from None
@@ -89,33 +100,78 @@ def _fingerprint(weight: torch.Tensor, dtype: torch.dtype) -> str:
     return tensor_fingerprint(weight.detach().to(dtype))
 
 
-def _replace_targets(backbone: nn.Module, cache: FactorCache, config: EnsembleConfig,
-                     generator: torch.Generator) -> dict[str, SVELinear]:
-    targets = {t["fingerprint"]: t for t in cache.manifest["targets"]}
-    dtypes = {TORCH_DTYPES.get(t["source_dtype"], torch.float32) for t in targets.values()}
+def _replace_targets(backbone: nn.Module, targets: list[dict], make_layer, where: str) -> dict[str, nn.Module]:
+    """Swap each `nn.Linear` whose weight has a target's fingerprint for `make_layer(target, linear)`.
+
+    `targets` are dicts with `name`, `fingerprint` and `source_dtype`, in a fixed order (the
+    manifest's): layers are created in that order, so seeded initialisation is reproducible.
+    """
+    by_fingerprint = {t["fingerprint"]: t for t in targets}
+    dtypes = {TORCH_DTYPES.get(t["source_dtype"], torch.float32) for t in targets}
     found: dict[str, tuple[str, nn.Linear]] = {}
     for module_name, module in backbone.named_modules():
         if isinstance(module, nn.Linear):
             for dtype in dtypes:
-                if (target := targets.get(_fingerprint(module.weight, dtype))) is not None:
+                if (target := by_fingerprint.get(_fingerprint(module.weight, dtype))) is not None:
                     found[target["name"]] = (module_name, module)
-    missing = [t["name"] for t in cache.manifest["targets"] if t["name"] not in found]
+    missing = [t["name"] for t in targets if t["name"] not in found]
     if missing:
-        raise SveError(f"decomposition {cache.directory} does not belong to this model: "
+        raise SveError(f"{where} does not belong to this model: "
                        f"{len(missing)} target(s) not found, first '{missing[0]}'")
     layers = {}
-    for target in cache.manifest["targets"]:  # manifest order: seeded init is reproducible
+    for target in targets:
         module_name, linear = found[target["name"]]
-        U, S, Vh = cache.factors(target["name"])
-        layer = SVELinear(U.float(), S.float(), Vh.float(), config.members,
-                          base_bias=None if linear.bias is None else linear.bias.detach(),
-                          bias=config.bias or linear.bias is not None, sigma_init=config.sigma_init,
-                          parameterisation=config.parameterisation, strategy=config.strategy,
-                          generator=generator)
+        layer = make_layer(target, linear)
         parent_name, _, child = module_name.rpartition(".")
         setattr(backbone.get_submodule(parent_name) if parent_name else backbone, child, layer)
         layers[target["name"]] = layer
     return layers
+
+
+def _checkpoint_targets(checkpoint: Checkpoint, spec: str | None) -> list[dict]:
+    """Targets of the non-SVE methods, fingerprinted from the checkpoint itself."""
+    from sve_cli.targets import resolve_targets
+
+    return [{"name": t.name, "source_dtype": t.dtype, "fingerprint": tensor_fingerprint(checkpoint.read(t.name))}
+            for t in resolve_targets(checkpoint, spec)]
+
+
+def _source_fingerprint(targets: list[dict]) -> str:
+    return source_fingerprint({t["name"]: t["fingerprint"] for t in targets})
+
+
+def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: EnsembleConfig,
+                   decomposition: Path | None, generator: torch.Generator
+                   ) -> tuple[dict[str, nn.Module], str, str]:
+    """Replace the targets for `config.method`; returns (layers, identity fingerprint, source fingerprint)."""
+    if config.uses_decomposition:
+        cache = ensure_decomposition(checkpoint.source, decomposition, config.targets)
+
+        def make_sve(target: dict, linear: nn.Linear) -> SVELinear:
+            U, S, Vh = cache.factors(target["name"])
+            return SVELinear(U.float(), S.float(), Vh.float(), config.members,
+                             base_bias=None if linear.bias is None else linear.bias.detach(),
+                             bias=config.bias or linear.bias is not None, sigma_init=config.sigma_init,
+                             parameterisation=config.parameterisation, strategy=config.strategy,
+                             generator=generator)
+
+        layers = _replace_targets(backbone, cache.manifest["targets"], make_sve, f"decomposition {cache.directory}")
+        return layers, cache.fingerprint, cache.manifest["source"]["fingerprint"]
+
+    targets = _checkpoint_targets(checkpoint, config.targets)
+    source = _source_fingerprint(targets)
+    if config.method in ("single", "deep_ensemble") and config.single_mode == "head":
+        return {}, source, source
+    if config.method == "lora_ensemble":
+        def make_layer(target: dict, linear: nn.Linear) -> nn.Module:
+            return LoRAMembersLinear(linear.weight, linear.bias, config.members, config.lora_rank,
+                                     config.lora_alpha, generator)
+    elif config.method in ("single", "deep_ensemble"):
+        def make_layer(target: dict, linear: nn.Linear) -> nn.Module:
+            return DenseMembersLinear(linear.weight, linear.bias, config.members)
+    else:
+        raise SveError(f"unknown method '{config.method}'")
+    return _replace_targets(backbone, targets, make_layer, checkpoint.source), source, source
 
 
 def ensure_decomposition(model: str, decomposition: Path | None, targets: str | None) -> FactorCache:
@@ -130,12 +186,13 @@ def ensure_decomposition(model: str, decomposition: Path | None, targets: str | 
 
 def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = None,
                    letter_token_ids: list[int] | None = None, decomposition: Path | None = None,
-                   head_init: str = "normal") -> SVEModel:
+                   head_init: str = "normal", pad_token_id: int | None = None) -> SVEModel:
     """An SVE ensemble of `model` with a classification head of `classes` classes, or (for a
     causal LM) a letter head scoring `letter_token_ids` with the LM head's own rows.
 
     `head_init`: "normal" (N(0, 0.01²) per member) or "checkpoint" (copy the checkpoint's own
-    classifier into every member).
+    classifier into every member). `pad_token_id` overrides the config's (the tokenizer's pad
+    token decides which position is the last real token).
     """
     if config.members < 1:
         raise SveError(f"members must be at least 1 (got {config.members})")
@@ -147,14 +204,12 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
     representation = representation_of(checkpoint.model_type)
     if letter_token_ids is not None and representation != "last_token":
         raise SveError(f"a letter head needs a causal LM; {model} is a {checkpoint.model_type}")
-    cache = ensure_decomposition(model, decomposition, config.targets)
-
     backbone = _load_backbone(checkpoint, representation)
     backbone.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
-    layers = _replace_targets(backbone, cache, config, generator)
+    layers, fingerprint, source_fingerprint = _attach_method(backbone, checkpoint, config, decomposition, generator)
 
-    hidden = backbone.config.hidden_size
+    hidden = backbone.config.hidden_size * (2 if representation == "cls_mean" else 1)
     if letter_token_ids is not None:
         head = MemberHead(config.members, hidden, len(letter_token_ids), bias=False)
         name = "lm_head.weight" if "lm_head.weight" in checkpoint.files else "model.embed_tokens.weight"
@@ -176,8 +231,8 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
         else:
             raise SveError(f"unknown head_init '{head_init}' (normal or checkpoint)")
 
-    identity = Identity(model, checkpoint.model_type, cache.fingerprint,
-                        cache.manifest["source"]["fingerprint"], list(layers))
-    pad = getattr(backbone.config, "pad_token_id", None)
-    return SVEModel(backbone, head, layers, config.members, representation, pad, identity,
+    identity = Identity(model, checkpoint.model_type, fingerprint, source_fingerprint, list(layers), config.method)
+    if pad_token_id is None:
+        pad_token_id = getattr(backbone.config, "pad_token_id", None)
+    return SVEModel(backbone, head, layers, config.members, representation, pad_token_id, identity,
                     "letters" if letter_token_ids is not None else "classification")

@@ -5,6 +5,7 @@
 | bert               | pooler output (dropout in training)             | BertForSequenceClassification      |
 | llama-like decoder | hidden state of the last non-pad token          | *ForSequenceClassification (score) |
 | vit                | CLS token of the final layer norm               | ViTForImageClassification          |
+| dinov2             | CLS token ⊕ mean of the patch tokens            | Dinov2ForImageClassification       |
 | decoder, letters   | last non-pad token · LM-head rows of A, B, …    | *ForCausalLM                       |
 """
 
@@ -19,6 +20,7 @@ ARCHITECTURES = {
     "bert": "pooler",
     "llama": "last_token", "mistral": "last_token", "qwen2": "last_token", "qwen3": "last_token",
     "vit": "cls",
+    "dinov2": "cls_mean",
 }
 HEAD_INIT_STD = 0.01  # the reference implementation's N(0, 0.01²)
 
@@ -46,6 +48,8 @@ def features(kind: str, outputs, input_ids: torch.Tensor | None, pad_token_id: i
     hidden = outputs.last_hidden_state  # [rows, T, d]
     if kind == "cls":
         return hidden[:, 0]
+    if kind == "cls_mean":
+        return torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=1)  # [rows, 2d]
     index = last_non_pad_index(input_ids, pad_token_id)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 

@@ -28,9 +28,11 @@ _VIT = {
                   "*.attention.attention.value.weight", "*.attention.output.dense.weight"],
     "mlp": ["*.intermediate.dense.weight", "*[0-9].output.dense.weight"],
 }
+_DINOV2 = {"attention": _VIT["attention"], "mlp": ["*.mlp.fc1.weight", "*.mlp.fc2.weight"]}
 PRESETS: dict[str, dict[str, list[str]]] = {
     "llama": _DECODER, "mistral": _DECODER, "qwen2": _DECODER, "qwen3": _DECODER,
     "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT,
+    "dinov2": _DINOV2,
     "vit": _VIT,  # names as ViT checkpoints store them on disk (transformers renames on load)
 }
 PARTS = ("all", "attention", "mlp")

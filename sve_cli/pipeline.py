@@ -1,0 +1,77 @@
+"""From a recipe to a model and encoded inputs: tokenizer, answer letters, ensemble, encoding.
+
+Shared by `train` and `evaluate`, so a run is always evaluated with exactly the preprocessing it
+was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sve_cli.checkpoint import open_checkpoint, quiet_transformers
+from sve_cli.data import Encoded, Examples
+from sve_cli.ensemble import EnsembleConfig, SVEModel, build_ensemble
+from sve_cli.errors import SveError
+from sve_cli.recipe import Recipe
+
+
+def letter_token_id(tokenizer, letter: str) -> int:
+    """The single token that follows "Answer:" for this letter (" A" in BPE vocabularies)."""
+    for text in (" " + letter, letter):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == 1:
+            return ids[0]
+    raise SveError(f"answer letter '{letter}' is not a single token for this tokenizer")
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.checkpoint = open_checkpoint(recipe.model.path)
+        self.config = self.checkpoint.config
+        self.tokenizer = None
+        if recipe.task.type != "image_classification":
+            from transformers import AutoTokenizer
+
+            quiet_transformers()
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(
+                    self.checkpoint.directory, trust_remote_code=recipe.model.trust_remote_code)
+            except (OSError, ValueError) as error:
+                raise SveError(f"no usable tokenizer beside {recipe.model.path}: {error}") from None
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.letters: list[str] | None = None
+
+    def ensemble_config(self) -> EnsembleConfig:
+        ensemble, train = self.recipe.ensemble, self.recipe.train
+        return EnsembleConfig(method=ensemble.method, members=ensemble.members, sigma_init=ensemble.sigma_init,
+                              parameterisation=ensemble.parameterisation, strategy=ensemble.strategy,
+                              bias=ensemble.bias, seed=train.seed, targets=ensemble.targets,
+                              single_mode=ensemble.single_mode, lora_rank=ensemble.lora_rank,
+                              lora_alpha=ensemble.lora_alpha)
+
+    def build_model(self, label_names: list[str]) -> SVEModel:
+        recipe = self.recipe
+        decomposition = Path(recipe.model.decomposition) if recipe.model.decomposition else None
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        if recipe.task.type == "multiple_choice":
+            self.letters = recipe.task.letters[:len(label_names)]
+            ids = [letter_token_id(self.tokenizer, letter) for letter in self.letters]
+            return build_ensemble(recipe.model.path, self.ensemble_config(), letter_token_ids=ids,
+                                  decomposition=decomposition, pad_token_id=pad)
+        return build_ensemble(recipe.model.path, self.ensemble_config(), classes=len(label_names),
+                              decomposition=decomposition, head_init=recipe.ensemble.head_init, pad_token_id=pad)
+
+    def encode(self, examples: Examples) -> Encoded:
+        task = self.recipe.task
+        if task.type == "image_classification":
+            if examples.images is None:
+                raise SveError("this run classifies images, but the data holds text")
+            processor = self.checkpoint.directory / "preprocessor_config.json"
+            statistics = json.loads(processor.read_text()) if processor.exists() else {}
+            return Encoded(examples, image_size=task.image_size or self.config.get("image_size"),
+                           channels=self.config.get("num_channels", 1),
+                           mean=statistics.get("image_mean", 0.5), std=statistics.get("image_std", 0.5))
+        return Encoded(examples, self.tokenizer, task.max_length, truncate_left=task.type == "multiple_choice")

@@ -1,0 +1,260 @@
+"""`sve train`: joint M-member fine-tuning from a recipe. Reads top to bottom like a script.
+
+Run directory (DESIGN.md): `recipe.yaml` (resolved), `sigma_bank.safetensors` (the best bank by
+the validation metric), `checkpoint.safetensors` (latest trainable state + optimizer + RNG, for
+`--resume`), `trainer_state.json` (the same state, readable), `metrics.jsonl` (one line per
+evaluation). Every file is written atomically; a run killed at any moment and resumed ends with
+the same result as an uninterrupted one (CPU, fixed seed).
+
+Data parallel: under `torchrun`, each rank takes an equal slice of every global batch, gradients
+are averaged by DDP, validation logits are gathered, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from sve_cli.bank import save_bank
+from sve_cli.checkpoint import atomic_path, save_safetensors, write_json
+from sve_cli.data import Encoded, load_splits
+from sve_cli.ensemble import EnsembleConfig, SVEModel, build_ensemble
+from sve_cli.errors import OutputExistsError, SveError
+from sve_cli.metrics import HIGHER_IS_BETTER, calibration_metrics
+from sve_cli.pipeline import Pipeline
+from sve_cli.recipe import Recipe, recipe_yaml
+
+RECIPE, BANK, CHECKPOINT, STATE, METRICS = (
+    "recipe.yaml", "sigma_bank.safetensors", "checkpoint.safetensors", "trainer_state.json", "metrics.jsonl")
+
+
+@dataclass
+class Parallel:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+
+def _init_parallel() -> Parallel:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Parallel()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Parallel(dist.get_rank(), world)
+
+
+def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, parallel: Parallel) -> bool:
+    """Returns True when an existing checkpoint should be resumed."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file")
+    existing = out.exists() and any(out.iterdir())
+    if resume:
+        if not (out / CHECKPOINT).exists():
+            raise SveError(f"--resume: {out} has no {CHECKPOINT} to resume from")
+        if (out / RECIPE).read_text(encoding="utf-8") != recipe_yaml(recipe):
+            raise SveError(f"--resume: the recipe differs from the one {out} was started with "
+                           f"({out / RECIPE}); start a new run with another --out")
+        return True
+    if existing and not overwrite:
+        hint = "--resume to continue it or " if (out / CHECKPOINT).exists() else ""
+        raise OutputExistsError(f"{out} already holds a run; pass {hint}--overwrite to replace it")
+    if parallel.writer:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS):
+            (out / name).unlink(missing_ok=True)
+        with atomic_path(out / RECIPE) as temporary:
+            temporary.write_text(recipe_yaml(recipe), encoding="utf-8")
+    return False
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` steps, then cosine / linear decay to 0, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+
+def _param_groups(model: SVEModel, recipe: Recipe) -> list[dict]:
+    train = recipe.train
+    trainable = model.trainable_parameters()
+    sigma = [p for name, p in trainable.items() if name.endswith(".sigma")]
+    other = [p for name, p in trainable.items() if not name.endswith(".sigma")]
+    groups = [{"params": other, "lr": train.lr, "weight_decay": train.weight_decay, "base_lr": train.lr}]
+    if sigma:
+        lr = train.sigma_lr or train.lr
+        decay = train.weight_decay if train.sigma_weight_decay is None else train.sigma_weight_decay
+        groups.append({"params": sigma, "lr": lr, "weight_decay": decay, "base_lr": lr})
+    return groups
+
+
+@torch.no_grad()
+def predict(model: SVEModel, data: Encoded, batch_size: int, parallel: Parallel = Parallel(),
+            on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Logits `[N, M, C]` of every example; under torchrun each rank does a strided share."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = torch.arange(parallel.rank, len(data), parallel.world)
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        indices = rows[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in data.batch(indices).items()}
+        outputs.append(model(**batch).float().cpu())
+        on_batch and on_batch(len(indices))
+    model.train(was_training)
+    logits = torch.cat(outputs) if outputs else torch.empty(0)
+    if parallel.world == 1:
+        return logits
+    gathered = [None] * parallel.world
+    dist.all_gather_object(gathered, logits)
+    merged = torch.empty(len(data), *gathered[0].shape[1:])
+    for rank, part in enumerate(gathered):
+        merged[rank::parallel.world] = part
+    return merged
+
+
+def _save_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    names = {id(p): n for n, p in model.trainable_parameters().items()}
+    tensors = {f"param.{n}": p.detach() for n, p in model.trainable_parameters().items()}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for key, value in optimizer.state.get(parameter, {}).items():
+                tensors[f"optim.{names[id(parameter)]}.{key}"] = value.detach().reshape(value.shape)
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_safetensors(out / CHECKPOINT, tensors, {"sve.trainer_state": json.dumps(state)})
+    write_json(out / STATE, state)
+
+
+def _load_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimizer) -> dict:
+    trainable = model.trainable_parameters()
+    with safe_open(str(out / CHECKPOINT), framework="pt") as handle:
+        state = json.loads(handle.metadata()["sve.trainer_state"])
+        with torch.no_grad():
+            for name, parameter in trainable.items():
+                parameter.copy_(handle.get_tensor(f"param.{name}"))
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                name = next(n for n, p in trainable.items() if p is parameter)
+                keys = [k for k in handle.keys() if k.startswith(f"optim.{name}.")]
+                optimizer.state[parameter] = {k.rsplit(".", 1)[1]: handle.get_tensor(k) for k in keys}
+        torch.set_rng_state(handle.get_tensor("rng.torch"))
+    return state
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    with atomic_path(out / METRICS) as temporary:
+        temporary.write_text("".join(json.dumps(line) + "\n" for line in history), encoding="utf-8")
+
+
+def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = False,
+          on_step: Callable[[dict], None] | None = None, on_eval: Callable[[dict], None] | None = None) -> dict:
+    """Train `recipe` into the run directory `out`; returns the final trainer state."""
+    parallel = _init_parallel()
+    resuming = _prepare_run_dir(out, recipe, resume, overwrite, parallel)
+    train_cfg = recipe.train
+    torch.manual_seed(train_cfg.seed)
+
+    # data and model
+    pipeline = Pipeline(recipe)
+    splits, label_names = load_splits(recipe.task, str(recipe.task.dataset))
+    model = pipeline.build_model(label_names)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    data = {name: pipeline.encode(examples) for name, examples in splits.items()}
+    train_data, eval_data = data[recipe.task.train_split], data[recipe.eval.split]
+    if train_cfg.batch_size % parallel.world:
+        raise SveError(f"train.batch_size {train_cfg.batch_size} is not divisible by {parallel.world} processes")
+    batches_per_epoch = len(train_data) // train_cfg.batch_size
+    if batches_per_epoch < train_cfg.gradient_accumulation:
+        raise SveError(f"{len(train_data)} training examples are fewer than one step "
+                       f"(train.batch_size × train.gradient_accumulation)")
+    steps_per_epoch = batches_per_epoch // train_cfg.gradient_accumulation
+    total = train_cfg.max_steps or max(1, math.ceil(train_cfg.epochs * steps_per_epoch))
+    warmup = int(train_cfg.warmup_ratio * total)
+    eval_every = train_cfg.eval_every_steps or steps_per_epoch
+
+    optimizer = torch.optim.AdamW(_param_groups(model, recipe))
+    trained = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if parallel.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    state = {"step": 0, "total_steps": total, "best": None, "best_step": None, "history": [],
+             "finished": False, "label_names": label_names}
+    if resuming:
+        state = _load_checkpoint(out, trained, optimizer)
+    bank_extra = {"label_names": label_names, "task": recipe.task.type, "letters": pipeline.letters}
+
+    metric, higher = recipe.eval.metric, HIGHER_IS_BETTER[recipe.eval.metric]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=train_cfg.precision == "bf16" and device.type == "cuda")
+    model.train()
+    started, tokens_seen = time.perf_counter(), 0
+    while state["step"] < total:
+        step = state["step"]
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, total, warmup, train_cfg.schedule)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, correct, rows_seen = 0.0, 0, 0
+        for micro in range(train_cfg.gradient_accumulation):
+            batch_number = step * train_cfg.gradient_accumulation + micro
+            epoch, offset = divmod(batch_number, batches_per_epoch)
+            order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(train_cfg.seed * 100_003 + epoch))
+            rows = order[offset * train_cfg.batch_size:(offset + 1) * train_cfg.batch_size]
+            rows = rows[parallel.rank::parallel.world]
+            batch = {k: v.to(device) for k, v in train_data.batch(rows).items()}
+            labels = train_data.labels[rows].to(device)
+            with autocast:
+                logits = model(**batch)  # [b, M, C]
+            members, classes = logits.shape[1:]
+            loss = torch.nn.functional.cross_entropy(  # mean over rows and members
+                logits.float().reshape(-1, classes), labels.repeat_interleave(members))
+            (loss / train_cfg.gradient_accumulation).backward()
+            loss_sum += float(loss.detach()) / train_cfg.gradient_accumulation
+            correct += int((logits.float().softmax(-1).mean(1).argmax(-1) == labels).sum())
+            rows_seen += len(rows)
+            tokens_seen += train_data.tokens(rows)
+        if train_cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trained.trainable_parameters().values(), train_cfg.grad_clip)
+        optimizer.step()
+        state["step"] = step = step + 1
+        elapsed = time.perf_counter() - started
+        on_step and on_step({"step": step, "total": total, "loss": loss_sum, "accuracy": correct / max(1, rows_seen),
+                             "tokens_per_second": tokens_seen * parallel.world / max(elapsed, 1e-9),
+                             "epoch": step / steps_per_epoch})
+
+        if step % eval_every == 0 or step == total:
+            logits = predict(trained, eval_data, recipe.eval.batch_size, parallel)
+            numbers = calibration_metrics(logits, eval_data.labels, recipe.eval.bins, recipe.eval.combine)
+            line = {"step": step, "epoch": round(step / steps_per_epoch, 4), "split": recipe.eval.split,
+                    "train_loss": loss_sum, **numbers}
+            state["history"].append(line)
+            value = numbers[metric]
+            improved = state["best"] is None or (value > state["best"] if higher else value < state["best"])
+            if improved:
+                state["best"], state["best_step"] = value, step
+                if parallel.writer:
+                    save_bank(trained, out / BANK, {**bank_extra, "step": step, metric: value})
+            state["finished"] = step == total
+            if parallel.writer:
+                _write_metrics(out, state["history"])
+                _save_checkpoint(out, trained, optimizer, state)
+            on_eval and on_eval(line)
+        elif step % train_cfg.checkpoint_every_steps == 0 and parallel.writer:
+            _save_checkpoint(out, trained, optimizer, state)
+    if parallel.world > 1:
+        dist.barrier()
+    return state

@@ -1,0 +1,149 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sve_cli.data import Encoded, Examples, build_examples, load_source, load_splits, seeded_splits
+from sve_cli.errors import SveError
+from sve_cli.recipe import TaskSection
+
+
+def _task(**fields):
+    return TaskSection(**{"type": "text_classification", "dataset": "builtin:tweets", **fields})
+
+
+def test_builtin_tweets_splits_are_fixed_and_disjoint():
+    splits, names = load_splits(_task(), "test")
+    assert names == ["negative", "neutral", "positive"]
+    sizes = {name: len(split) for name, split in splits.items()}
+    total = sum(sizes.values())
+    assert 30000 < total <= 38158 and sizes["train"] == int(0.8 * total)  # 38,158 rows less repeats
+    again, _ = load_splits(_task(), "test")
+    assert again["validation"].texts == splits["validation"].texts  # seeded: the same every time
+    assert not set(splits["test"].texts) & set(splits["train"].texts)
+    assert set(splits["train"].labels.tolist()) == {0, 1, 2}
+
+
+def test_split_rows_do_not_overlap():
+    table = load_source("builtin:bbc_news")
+    parts = seeded_splits(table, "train", "validation", "test")
+    texts = {name: set(part.frame["text"]) for name, part in parts.items()}
+    assert 2100 < sum(len(p.frame) for p in parts.values()) <= 2225  # 2,225 articles less duplicates
+    assert not (texts["train"] & texts["test"]) and not (texts["validation"] & texts["test"])
+    assert table.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert "Â£" not in " ".join(table.frame["text"])  # UTF-8 text is not read as latin-1
+
+
+def test_builtin_images():
+    digits = load_source("builtin:digits")
+    assert digits.is_image and len(digits.frame) == 1797 and digits.frame["image"][0].shape == (8, 8)
+    mnist = load_source("builtin:mnist")
+    assert len(mnist.frame) == 5000 and mnist.frame["image"][0].shape == (28, 28)
+    assert float(mnist.frame["image"][0].max()) <= 1.0
+
+
+def test_limits_and_label_names_as_strings(tmp_path):
+    rows = [{"text": f"item {i}", "label": ["cat", "dog"][i % 2]} for i in range(50)]
+    path = tmp_path / "pets.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits, names = load_splits(_task(dataset=str(path), max_train_examples=10), "test")
+    assert names == ["cat", "dog"] and len(splits["train"]) == 10 and len(splits["test"]) == 5
+    splits, names = load_splits(_task(dataset=str(path), label_names=["dog", "cat"]), "test")
+    assert names == ["dog", "cat"]
+    first = splits["train"].texts[0]
+    assert splits["train"].labels[0] == ["dog", "cat"].index(rows[int(first.split()[1])]["label"])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_local_formats(tmp_path, suffix):
+    frame = pd.DataFrame({"sentence": [f"s{i}" for i in range(20)], "y": [i % 3 for i in range(20)]})
+    path = tmp_path / f"data{suffix}"
+    {".csv": lambda: frame.to_csv(path, index=False), ".parquet": lambda: frame.to_parquet(path),
+     ".jsonl": lambda: frame.to_json(path, orient="records", lines=True)}[suffix]()
+    splits, names = load_splits(_task(dataset=str(path), text_field="sentence", label_field="y"), "test")
+    assert names == ["0", "1", "2"] and sum(len(s) for s in splits.values()) == 20
+
+
+@pytest.mark.parametrize("frame,task_fields,fragment", [
+    (pd.DataFrame({"text": ["a"] * 10, "label": [0] * 9 + [7]}), {"label_names": ["x", "y"]}, "out of range"),
+    (pd.DataFrame({"words": ["a"] * 10, "label": [0] * 10}), {}, "no column 'text' (task.text_field)"),
+    (pd.DataFrame({"text": ["a"] * 10, "label": ["x"] * 9 + ["z"]}), {"label_names": ["x", "y"]}, "label 'z' is not one of"),
+    (pd.DataFrame({"text": ["a"] * 10, "label": [None] * 10}), {"label_names": ["x"]}, "have no label"),
+])
+def test_bad_labels_and_columns(frame, task_fields, fragment):
+    from sve_cli.data import Table
+
+    with pytest.raises(SveError, match=fragment.replace("(", "\\(").replace(")", "\\)")):
+        build_examples(Table(frame), _task(**task_fields), task_fields.get("label_names", ["x"]), "where")
+
+
+def test_empty_data_and_missing_split(tmp_path, monkeypatch):
+    from sve_cli import data
+    from sve_cli.data import Table
+
+    with pytest.raises(SveError, match="the data set is empty"):
+        build_examples(Table(pd.DataFrame({"text": [], "label": []})), _task(), ["x"], "where")
+    hub_like = {name: Table(pd.DataFrame({"text": ["a", "b"], "label": [0, 1]})) for name in ("train", "validation")}
+    monkeypatch.setattr(data, "load_source", lambda spec, config=None: hub_like)
+    with pytest.raises(SveError, match="task.test_split: split 'test' does not exist in some/hub-set"):
+        load_splits(_task(dataset="some/hub-set"), "where")
+    monkeypatch.undo()
+    with pytest.raises(SveError, match="does not exist"):
+        load_splits(_task(dataset=str(tmp_path / "none.jsonl")), "where")
+    with pytest.raises(SveError, match="unknown built-in data set"):
+        load_source("builtin:imagenet")
+
+
+def test_arc_schema_with_numeric_keys_renders_letters():
+    from sve_cli.data import Table
+
+    frame = pd.DataFrame({
+        "question": ["Which is a planet?", "2 + 2 = ?"],
+        "choices": [{"text": ["Mars", "Moon", "Sun"], "label": ["A", "B", "C"]},
+                    {"text": ["3", "4", "5", "6"], "label": ["1", "2", "3", "4"]}],
+        "answerKey": ["A", "2"]})
+    task = TaskSection(type="multiple_choice", dataset="x", letters=list("ABCDE"))
+    examples = build_examples(Table(frame), task, list("ABCD"), "arc")
+    assert examples.labels.tolist() == [0, 1]
+    assert examples.texts[1] == "2 + 2 = ?\nA) 3\nB) 4\nC) 5\nD) 6\nAnswer:"
+    bad = frame.assign(answerKey=["Z", "2"])
+    with pytest.raises(SveError, match="answerKey 'Z'"):
+        build_examples(Table(bad), task, list("ABCD"), "arc")
+
+
+def test_classification_posed_as_multiple_choice():
+    task = TaskSection(type="multiple_choice", dataset="builtin:bbc_news", question="Which topic is this article about?",
+                       max_eval_examples=3, max_train_examples=3)
+    splits, names = load_splits(task, "bbc")
+    assert len(names) == 5
+    prompt = splits["train"].texts[0]
+    assert prompt.endswith("Which topic is this article about?\nA) business\nB) entertainment\nC) politics\n"
+                           "D) sports\nE) tech\nAnswer:")
+
+
+def test_held_out_validation_from_train(tmp_path):
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(100)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from sve_cli.data import Table, hold_out
+
+    rest, held = hold_out(Table(pd.DataFrame(rows)), 0.1)
+    assert len(rest.frame) == 90 and len(held.frame) == 10 and not set(rest.frame.text) & set(held.frame.text)
+
+
+def test_encoding_pads_right_and_images_normalise(minilm_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    encoded = Encoded(Examples(torch.tensor([0, 1]), texts=["short", "a much longer sentence here"]), tokenizer, 16)
+    batch = encoded.batch(torch.tensor([0, 1]))
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 7)
+    assert batch["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    assert batch["input_ids"][0, 3:].eq(tokenizer.pad_token_id).all()
+    images = Encoded(Examples(torch.tensor([0]), images=[torch.ones(1, 28, 28)]), image_size=8, channels=1)
+    assert images.batch(torch.tensor([0]))["pixel_values"].shape == (1, 1, 8, 8)
+    assert torch.allclose(images.images, torch.ones(1, 1, 8, 8))  # (1 - 0.5) / 0.5
+    with pytest.raises(SveError, match="3 channels, the model expects 1"):
+        Encoded(Examples(torch.tensor([0]), images=[torch.ones(3, 8, 8)]), channels=1)

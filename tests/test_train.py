@@ -1,0 +1,196 @@
+"""Training: every method on tiny models, resume after SIGKILL, torchrun, a real MiniLM run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sve_cli.recipe import load_recipe
+from sve_cli.train import lr_factor, train
+
+from conftest import REPO, sentiment_file, sve_subprocess
+
+
+def _recipe(tmp_path, model: Path, data: Path, **sections) -> Path:
+    recipe = {
+        "model": {"path": str(model)},
+        "task": {"type": "text_classification", "dataset": str(data), "max_length": 16},
+        "ensemble": {"method": "sve", "members": 2},
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "seed": 0, "eval_every_steps": 2},
+        "eval": {"batch_size": 16},
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("ensemble", [
+    {"method": "sve", "members": 3},
+    {"method": "svf", "members": 1},
+    {"method": "single", "members": 1, "single_mode": "full"},
+    {"method": "single", "members": 1, "single_mode": "head"},
+    {"method": "deep_ensemble", "members": 2},
+    {"method": "lora_ensemble", "members": 2, "lora_rank": 2},
+])
+def test_every_method_trains_and_its_bank_reloads(text_models, tmp_path, ensemble):
+    from sve_cli.bank import load_bank
+    from sve_cli.data import load_splits
+    from sve_cli.pipeline import Pipeline
+
+    recipe = load_recipe(_recipe(tmp_path, text_models["bert"], sentiment_file(tmp_path), ensemble=ensemble))
+    out = tmp_path / "run"
+    state = train(recipe, out)
+    assert state["step"] == 4 and state["finished"] and len(state["history"]) == 2
+    assert {p.name for p in out.iterdir()} == {"recipe.yaml", "sigma_bank.safetensors", "checkpoint.safetensors",
+                                              "trainer_state.json", "metrics.jsonl"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4] and len(lines[0]["member_accuracy"]) == ensemble["members"]
+    # the best bank reloads into a fresh model and reproduces the logged validation accuracy
+    pipeline = Pipeline(recipe)
+    splits, names = load_splits(recipe.task, "test")
+    model = pipeline.build_model(names)
+    metadata = load_bank(model, out / "sigma_bank.safetensors")
+    assert metadata["method"] == ensemble["method"] and metadata["label_names"] == ["0", "1"]
+    from sve_cli.train import predict
+    from sve_cli.metrics import calibration_metrics
+
+    logits = predict(model, pipeline.encode(splits["validation"]), 16)
+    best = next(line for line in lines if line["step"] == state["best_step"])
+    assert calibration_metrics(logits, splits["validation"].labels)["accuracy"] == pytest.approx(best["accuracy"])
+
+
+def test_frozen_parts_and_trainable_counts_per_method(text_models, tmp_path):
+    from sve_cli.data import load_splits
+    from sve_cli.pipeline import Pipeline
+
+    data = sentiment_file(tmp_path)
+    counts = {}
+    for ensemble in ({"method": "sve", "members": 4}, {"method": "deep_ensemble", "members": 4},
+                     {"method": "lora_ensemble", "members": 4, "lora_rank": 2}):
+        recipe = load_recipe(_recipe(tmp_path, text_models["bert"], data, ensemble=ensemble))
+        model = Pipeline(recipe).build_model(["0", "1"])
+        counts[ensemble["method"]] = sum(p.numel() for p in model.trainable_parameters().values())
+    # 12 targets of 32 or 48 outputs: SVE owns k + out per target and member; dense copies own out·in
+    assert counts["sve"] < counts["lora_ensemble"] < counts["deep_ensemble"]
+
+
+def test_schedule():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0, "constant") == 1.0
+
+
+def test_multiple_choice_on_a_causal_lm(text_models, tmp_path):
+    rows = [{"question": f"Which word is a colour? ({i})", "choices": {"text": ["red", "run", "rock"], "label": ["A", "B", "C"]},
+             "answerKey": "A"} for i in range(24)]
+    data = tmp_path / "arc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(_recipe(tmp_path, text_models["llama"], data,
+                                 task={"type": "multiple_choice", "max_length": 48},
+                                 ensemble={"method": "sve", "members": 2, "bias": False}))
+    state = train(recipe, tmp_path / "run")
+    assert state["label_names"] == ["A", "B", "C"] and state["finished"]
+
+
+def test_image_classification_on_the_random_vit(tmp_path):
+    recipe = {"model": {"path": "builtin:vit-tiny"},
+              "task": {"type": "image_classification", "dataset": "builtin:digits", "max_train_examples": 64,
+                       "max_eval_examples": 32},
+              "ensemble": {"method": "sve", "members": 2}, "train": {"max_steps": 2, "batch_size": 16}}
+    path = tmp_path / "digits.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    state = train(load_recipe(path), tmp_path / "run")
+    assert state["history"][-1]["split"] == "validation" and len(state["label_names"]) == 10
+
+
+def _bank(out: Path) -> dict:
+    return load_file(out / "sigma_bank.safetensors")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(text_models, tmp_path):
+    recipe = _recipe(tmp_path, text_models["bert"], sentiment_file(tmp_path),
+                     train={"max_steps": 12, "eval_every_steps": 4, "checkpoint_every_steps": 1, "batch_size": 8})
+    reference = sve_subprocess("train", recipe, "--out", tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+    process = subprocess.Popen([sys.executable, "-m", "sve_cli", "train", str(recipe), "--out", str(tmp_path / "killed")],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = tmp_path / "killed" / "trainer_state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if state_file.exists() and 3 <= json.loads(state_file.read_text())["step"] < 10:
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert json.loads(state_file.read_text())["step"] < 12, "killed too late to test a resume"
+    refused = sve_subprocess("train", recipe, "--out", tmp_path / "killed")
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = sve_subprocess("train", recipe, "--out", tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    expected, actual = _bank(tmp_path / "reference"), _bank(tmp_path / "killed")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    assert (tmp_path / "killed" / "metrics.jsonl").read_text() == (tmp_path / "reference" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_matches_one_process(text_models, tmp_path):
+    recipe = _recipe(tmp_path, text_models["bert-nodrop"], sentiment_file(tmp_path),
+                     train={"max_steps": 3, "eval_every_steps": 3, "batch_size": 8})
+    single = sve_subprocess("train", recipe, "--out", tmp_path / "single")
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "sve_cli", "train", str(recipe), "--out", str(tmp_path / "ddp")],
+                         cwd=REPO, capture_output=True, text=True, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    expected, actual = _bank(tmp_path / "single"), _bank(tmp_path / "ddp")
+    for name in expected:  # the same maths; only the order of float reductions differs (Adam
+        # divides by sqrt(v), so a near-zero gradient's rounding can move a weight by ~1e-5 of lr 1e-2)
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-3, atol=1e-4)
+    single_metrics = json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[-1])
+    ddp_metrics = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ddp_metrics["accuracy"] == single_metrics["accuracy"]
+    assert ddp_metrics["nll"] == pytest.approx(single_metrics["nll"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_real_minilm_on_tweets_loss_goes_down(tmp_path):
+    path = REPO / "recipes" / "quickstart.yaml"
+    recipe = load_recipe(path, ["task.max_train_examples=480", "task.max_eval_examples=64", "train.max_steps=30",
+                                "train.batch_size=16", "task.max_length=32", "train.eval_every_steps=30",
+                                "ensemble.members=2", "train.lr=3e-3"])
+    losses = []
+    state = train(recipe, tmp_path / "run", on_step=lambda info: losses.append(info["loss"]))
+    assert len(losses) == 30 and state["finished"]
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.02
+
+
+def test_cli_errors_are_one_line(sve, text_models, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: x\ntask:\n  type: regression\n  dataset: y\n")
+    result = sve("train", bad, "--out", tmp_path / "run")
+    assert result.code == 2 and result.stderr.count("\n") == 1 and "task.type" in result.stderr
+    recipe = _recipe(tmp_path, text_models["bert"], sentiment_file(tmp_path))
+    result = sve("train", recipe, "--out", tmp_path / "fresh", "--resume")
+    assert result.code == 2 and "no checkpoint.safetensors" in result.stderr
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    result = sve("train", recipe, "--out", tmp_path / "taken")
+    assert result.code == 2 and "--overwrite" in result.stderr
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
