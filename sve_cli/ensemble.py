@@ -175,12 +175,15 @@ def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: Ensemble
 
 
 def ensure_decomposition(model: str, decomposition: Path | None, targets: str | None) -> FactorCache:
-    """The given cache, or the model's default cache, decomposed now if absent (resumable)."""
+    """The given cache, or the model's default cache under `$SVE_HOME`, brought up to date.
+
+    The default cache is sve's own: it is (re)made when absent, unfinished or stale (its source
+    fingerprints differ from the checkpoint's), and reused shard by shard otherwise.
+    """
     if decomposition is not None:
         return FactorCache(decomposition)
     out = default_output(model, targets)
-    if not (out / "decomposition.json").exists():
-        decompose(plan_decomposition(model, targets), out)
+    decompose(plan_decomposition(model, targets), out, overwrite=True)
     return FactorCache(out)
 
 

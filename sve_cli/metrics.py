@@ -17,6 +17,11 @@ CONVENTIONS = {
     "ece": "equal-width bins on top-1 confidence, (lo, hi] bins, |accuracy - confidence| weighted by bin mass",
     "adaptive_ece": "the same with equal-mass bins",
     "mce": "the largest |accuracy - confidence| over non-empty equal-width bins",
+    "ood": "OOD is the positive class; a higher score means more OOD. msp = 1 - max mean probability, "
+           "entropy = entropy of the mean prediction, mutual_information = entropy of the mean minus the mean of "
+           "member entropies (ensembles only); AUROC, AUPR (average precision), FPR at 95% TPR",
+    "disagreement": "fraction of examples where a member's argmax differs from the ensemble's, mean over members",
+    "temperature": "one temperature dividing every member's logits, fitted by NLL on the validation split",
 }
 
 
@@ -100,3 +105,96 @@ def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = 
 
 
 HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False, "brier": False}
+
+
+# --------------------------------------------------------------------------- temperature scaling
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, how: str = "probs") -> float:
+    """One temperature T > 0 (parameterised as exp(t)) minimising the NLL of the ensemble whose
+    members' logits are divided by T; fitted with L-BFGS on held-out (validation) logits."""
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    scaled_logits = logits.double()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        probs = combine(scaled_logits / log_t.exp(), how)
+        loss = -probs[torch.arange(len(labels)), labels].clamp_min(1e-300).log().mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+# --------------------------------------------------------------------------- OOD detection
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Row-wise entropy in nats of `[…, C]` probabilities (0·log 0 = 0)."""
+    probs = probs.double()
+    return -(probs * probs.clamp_min(1e-300).log()).sum(dim=-1)
+
+
+def ood_scores(logits: torch.Tensor, how: str = "probs") -> dict[str, torch.Tensor]:
+    """Higher = more OOD. `mutual_information` only for ensembles (M > 1)."""
+    probs = combine(logits, how)
+    scores = {"msp": 1 - probs.max(dim=-1).values, "entropy": entropy(probs)}
+    if logits.shape[1] > 1:
+        member_entropy = entropy(logits.double().softmax(dim=-1)).mean(dim=1)  # [N]
+        scores["mutual_information"] = (entropy(logits.double().softmax(dim=-1).mean(dim=1)) - member_entropy).clamp_min(0)
+    return scores
+
+
+def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
+    """P(score_ood > score_id) + ½ P(tie): the Mann–Whitney form of the ROC area."""
+    scores = torch.cat([in_scores, out_scores]).double()
+    ranks = _average_ranks(scores)
+    positives = len(out_scores)
+    rank_sum = ranks[len(in_scores):].sum()
+    return float((rank_sum - positives * (positives + 1) / 2) / (positives * len(in_scores)))
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks, ties sharing their average rank."""
+    order = values.argsort(stable=True)
+    sorted_values = values[order]
+    ranks = torch.empty_like(values)
+    start = 0
+    boundaries = torch.nonzero(sorted_values[1:] != sorted_values[:-1]).flatten().tolist() + [len(values) - 1]
+    for end in boundaries:
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def aupr(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
+    """Average precision with OOD as the positive class (step-wise, as scikit-learn's)."""
+    scores = torch.cat([in_scores, out_scores]).double()
+    positive = torch.cat([torch.zeros(len(in_scores)), torch.ones(len(out_scores))]).double()
+    thresholds, inverse = torch.unique(scores, sorted=True, return_inverse=True)
+    positives_at = torch.zeros(len(thresholds), dtype=torch.float64).index_add_(0, inverse, positive)
+    counts_at = torch.zeros(len(thresholds), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(positive))
+    true_positives = positives_at.flip(0).cumsum(0)  # score >= threshold, from the highest down
+    predicted = counts_at.flip(0).cumsum(0)
+    precision = true_positives / predicted
+    recall = true_positives / positive.sum()
+    previous_recall = torch.cat([torch.zeros(1, dtype=torch.float64), recall[:-1]])
+    return float(((recall - previous_recall) * precision).sum())
+
+
+def fpr_at_tpr(in_scores: torch.Tensor, out_scores: torch.Tensor, tpr: float = 0.95) -> float:
+    """Fraction of ID examples flagged at the lowest threshold that flags ≥ `tpr` of the OOD ones."""
+    sorted_out = out_scores.double().sort(descending=True).values
+    needed = max(1, int(torch.ceil(torch.tensor(tpr * len(sorted_out)))))
+    threshold = sorted_out[needed - 1]
+    return float((in_scores.double() >= threshold).double().mean())
+
+
+def ood_metrics(in_logits: torch.Tensor, out_logits: torch.Tensor, how: str = "probs") -> dict[str, dict[str, float]]:
+    in_scores, out_scores = ood_scores(in_logits, how), ood_scores(out_logits, how)
+    return {name: {"auroc": auroc(in_scores[name], out_scores[name]),
+                   "aupr": aupr(in_scores[name], out_scores[name]),
+                   "fpr_at_95_tpr": fpr_at_tpr(in_scores[name], out_scores[name])}
+            for name in in_scores}

@@ -74,7 +74,7 @@ def _member_reference(kind, path, ensemble, member):
 def _caches(ensemble):
     from sve_cli.decompose import default_output
 
-    yield default_output(ensemble.identity.base_model)
+    yield default_output(ensemble.identity.base_model)  # where build_ensemble decomposed it
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -181,3 +181,21 @@ def test_smollm2_letter_head_reproduces_the_lm_letter_logits():
         expected = lm(**inputs).logits[:, -1, letters]  # left padding: the last position is the prompt's end
         logits = ensemble(**inputs)
     torch.testing.assert_close(logits, expected[:, None].expand_as(logits), rtol=1e-4, atol=1e-4)
+
+
+def test_stale_default_cache_is_refreshed(tiny_checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "bert"
+    model.mkdir()
+    for file in tiny_checkpoints["bert"].iterdir():
+        (model / file.name).write_bytes(file.read_bytes())
+    first = build_ensemble(str(model), EnsembleConfig(members=2), classes=3)
+    tensors = load_file(model / "model.safetensors")
+    tensors["bert.encoder.layer.0.attention.self.query.weight"] *= 2  # the checkpoint changes in place
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    second = build_ensemble(str(model), EnsembleConfig(members=2), classes=3)
+    assert second.identity.decomposition_fingerprint != first.identity.decomposition_fingerprint
+    layer = second.layers["bert.encoder.layer.0.attention.self.query.weight"]
+    torch.testing.assert_close(layer.U @ torch.diag(layer.sigma[0].detach()) @ layer.Vh,
+                               tensors["bert.encoder.layer.0.attention.self.query.weight"], rtol=0.05, atol=0.05)

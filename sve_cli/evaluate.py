@@ -1,0 +1,141 @@
+"""`sve evaluate`: calibration and OOD detection of a trained run, on its own preprocessing.
+
+A run directory is rebuilt from its resolved recipe and best bank (`Pipeline` + `load_bank`), so
+evaluation sees exactly the model and preprocessing that training saw. In-distribution data is the
+recipe's test split unless `--data` names another set; every `--ood` set goes through the same
+pipeline (multiple-choice items are posed with the same question and letters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sve_cli.bank import load_bank, read_bank_metadata
+from sve_cli.data import BUILTIN_DATA, Examples, Table, build_examples, load_source, load_splits
+from sve_cli.errors import SveError
+from sve_cli.metrics import calibration_metrics, combine, fit_temperature, ood_metrics
+from sve_cli.pipeline import Pipeline
+from sve_cli.recipe import load_recipe
+from sve_cli.train import BANK, RECIPE, predict
+
+# common public OOD names -> (hub id, config, split); they need a network
+HUB_OOD = {
+    "svhn": ("ufldl-stanford/svhn", "cropped_digits", "test"),
+    "cifar10": ("uoft-cs/cifar10", None, "test"),
+    "cifar100": ("uoft-cs/cifar100", None, "test"),
+    "sst2": ("stanfordnlp/sst2", None, "validation"),
+    "imdb": ("stanfordnlp/imdb", None, "test"),
+}
+
+
+@dataclass
+class Evaluation:
+    run: Path
+    metadata: dict
+    labels: torch.Tensor
+    logits: torch.Tensor  # [N, M, C]
+    metrics: dict
+    ood: dict[str, dict] = field(default_factory=dict)
+    ood_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    temperature: dict | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+    data_name: str = ""
+
+
+def _unlabelled_examples(table: Table, pipeline: Pipeline, label_names: list[str], where: str) -> Examples:
+    """An OOD set's inputs through the run's preprocessing; its own labels do not matter."""
+    task = pipeline.recipe.task
+    frame = table.frame.copy()
+    if task.type == "multiple_choice" and task.question is None:
+        raise SveError(f"{where}: OOD sets for ARC-style runs must be ARC-style files; "
+                       "pose classification sets with task.question")
+    frame[task.label_field] = 0
+    fields = {"text_field": task.text_field if task.text_field in frame.columns else "text",
+              "image_field": task.image_field if task.image_field in frame.columns else "image"}
+    return build_examples(Table(frame, table.label_names, table.is_image),
+                          task.model_copy(update=fields), label_names, where)
+
+
+def _ood_table(name: str, limit: int | None) -> tuple[Table, str]:
+    if name in HUB_OOD:
+        repo, config, split = HUB_OOD[name]
+        source = load_source(repo, config)
+        if split not in source:
+            raise SveError(f"OOD set '{name}' ({repo}) has no '{split}' split")
+        table = source[split]
+    elif name in BUILTIN_DATA or name.startswith("builtin:") or Path(name).exists():
+        source = load_source(name if name.startswith("builtin:") or Path(name).exists() else f"builtin:{name}")
+        table = source if isinstance(source, Table) else source.get("test") or next(iter(source.values()))
+    else:
+        known = ", ".join([*BUILTIN_DATA, *HUB_OOD])
+        raise SveError(f"unknown OOD set '{name}': use a built-in or public name ({known}) or a local path")
+    if limit is not None and len(table.frame) > limit:
+        rows = torch.randperm(len(table.frame), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        table = Table(table.frame.iloc[rows.tolist()].reset_index(drop=True), table.label_names, table.is_image)
+    return table, Path(name).stem if Path(name).exists() else name.removeprefix("builtin:")
+
+
+def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: int = 15,
+                 combine_how: str = "probs", temperature: bool = False, max_examples: int | None = None,
+                 on_batch: Callable[[str, int, int], None] | None = None) -> Evaluation:
+    """Predict, score and compare one run. `on_batch(set_name, done, total)` reports progress."""
+    run = Path(run)
+    if not (run / RECIPE).exists():
+        raise SveError(f"{run} is not a run directory (no {RECIPE}); train one with `sve train`")
+    if not (run / BANK).exists():
+        raise SveError(f"{run} has no {BANK}: the run has not finished an evaluation yet")
+    recipe = load_recipe(run / RECIPE)
+    metadata = read_bank_metadata(run / BANK)
+    label_names = list(metadata["label_names"])
+    pipeline = Pipeline(recipe)
+    model = pipeline.build_model(label_names)
+    load_bank(model, run / BANK)
+    limit = max_examples or recipe.task.max_eval_examples
+
+    def run_set(name: str, examples: Examples) -> torch.Tensor:
+        encoded = pipeline.encode(examples)
+        done = [0]
+
+        def progress(count: int) -> None:
+            done[0] += count
+            on_batch and on_batch(name, done[0], len(encoded))
+
+        return predict(model, encoded, recipe.eval.batch_size, on_batch=progress)
+
+    if data is None:
+        splits, _ = load_splits(recipe.task, str(run / RECIPE))
+        examples, data_name = splits[recipe.task.test_split], f"{recipe.task.dataset} [{recipe.task.test_split}]"
+    else:
+        source = load_source(data, recipe.task.config)
+        table = source if isinstance(source, Table) else source.get("test") or next(iter(source.values()))
+        if limit is not None and len(table.frame) > limit:
+            table = Table(table.frame.iloc[:limit].reset_index(drop=True), table.label_names, table.is_image)
+        examples, data_name = build_examples(table, recipe.task, label_names, data), data
+    logits = run_set("in-distribution", examples)
+    result = Evaluation(run, metadata, examples.labels, logits,
+                        calibration_metrics(logits, examples.labels, bins, combine_how),
+                        sizes={"in_distribution": len(examples)}, data_name=data_name)
+
+    if temperature:
+        splits, _ = load_splits(recipe.task, str(run / RECIPE))
+        validation = splits[recipe.task.validation_split]
+        fitted = fit_temperature(run_set("validation", validation), validation.labels, combine_how)
+        result.temperature = {"temperature": fitted, "fitted_on": recipe.task.validation_split,
+                              "after": calibration_metrics(logits / fitted, examples.labels, bins, combine_how)}
+        result.sizes["temperature_fit"] = len(validation)
+
+    for name in ood:
+        table, short = _ood_table(name, limit)
+        ood_examples = _unlabelled_examples(table, pipeline, label_names, f"OOD set '{short}'")
+        result.ood_logits[short] = run_set(f"OOD {short}", ood_examples)
+        result.ood[short] = ood_metrics(logits, result.ood_logits[short], combine_how)
+        result.sizes[f"ood.{short}"] = len(ood_examples)
+    return result
+
+
+def ensemble_probabilities(evaluation: Evaluation, how: str = "probs") -> torch.Tensor:
+    return combine(evaluation.logits, how)

@@ -1,0 +1,143 @@
+"""Evaluation reports: `report.json` (every number), `report.md` (the same numbers for a person),
+`reliability.png`, one OOD score histogram per set, and optionally `predictions.safetensors`
+(every member's logits) so anyone can recompute any number. All written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from sve_cli import __version__
+from sve_cli.checkpoint import atomic_path, save_safetensors, write_json
+from sve_cli.evaluate import Evaluation
+from sve_cli.metrics import CONVENTIONS, combine, equal_width_bins, ood_scores
+
+ROWS = [("accuracy", "Acc", 100), ("nll", "NLL", 1), ("brier", "Brier", 1), ("ece", "ECE", 100),
+        ("adaptive_ece", "aECE", 100), ("mce", "MCE", 100), ("disagreement", "disagreement", 100)]
+
+
+def report_dict(evaluation: Evaluation, bins: int, how: str) -> dict:
+    metadata = evaluation.metadata
+    return {
+        "tool": f"sve {__version__}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": str(evaluation.run),
+        "model": {"base_model": metadata["base_model"], "method": metadata.get("method"),
+                  "members": metadata["members"], "decomposition_fingerprint": metadata["decomposition_fingerprint"],
+                  "best_step": metadata.get("step")},
+        "data": {"in_distribution": evaluation.data_name, "sizes": evaluation.sizes,
+                 "label_names": metadata["label_names"]},
+        "conventions": {**CONVENTIONS, "bins": bins, "combine": how},
+        "metrics": evaluation.metrics,
+        "temperature_scaling": evaluation.temperature,
+        "ood": evaluation.ood,
+    }
+
+
+def _fmt(value: float, scale: float) -> str:
+    return f"{value * scale:.2f}" if scale == 100 else f"{value:.4f}"
+
+
+def markdown(report: dict) -> str:
+    metrics, members = report["metrics"], report["model"]["members"]
+    lines = [f"# sve evaluation — {report['run']}", "",
+             f"Model: `{report['model']['base_model']}`, method `{report['model']['method']}`, M = {members}. "
+             f"In-distribution data: {report['data']['in_distribution']} "
+             f"({report['data']['sizes']['in_distribution']} examples).", "",
+             "| metric | value |", "| --- | --- |"]
+    lines += [f"| {label}{' (%)' if scale == 100 else ''} | {_fmt(metrics[key], scale)} |" for key, label, scale in ROWS]
+    lines.append("| member accuracy (%) | " + ", ".join(f"{100 * a:.2f}" for a in metrics["member_accuracy"]) + " |")
+    if report["temperature_scaling"]:
+        scaling = report["temperature_scaling"]
+        lines += ["", f"Temperature scaling: T = {scaling['temperature']:.4f} (fitted on {scaling['fitted_on']}).", "",
+                  "| metric | before | after |", "| --- | --- | --- |"]
+        lines += [f"| {label} | {_fmt(metrics[key], scale)} | {_fmt(scaling['after'][key], scale)} |"
+                  for key, label, scale in ROWS[:6]]
+    for name, scores in report["ood"].items():
+        lines += ["", f"OOD set `{name}` ({report['data']['sizes'][f'ood.{name}']} examples):", "",
+                  "| score | AUROC (%) | AUPR (%) | FPR@95%TPR (%) |", "| --- | --- | --- | --- |"]
+        lines += [f"| {score} | {100 * v['auroc']:.2f} | {100 * v['aupr']:.2f} | {100 * v['fpr_at_95_tpr']:.2f} |"
+                  for score, v in scores.items()]
+    if members == 1 and report["ood"]:
+        lines += ["", "mutual_information is not reported: it needs an ensemble (M > 1)."]
+    lines += ["", "Conventions:", ""] + [f"- {key}: {text}" for key, text in report["conventions"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def reliability_png(path: Path, probs: torch.Tensor, labels: torch.Tensor, bins: int, ece_value: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confidence, predicted = probs.max(dim=-1)
+    assignment = equal_width_bins(confidence, bins)
+    counts = torch.bincount(assignment, minlength=bins)
+    correct = torch.zeros(bins, dtype=torch.float64).index_add_(0, assignment, (predicted == labels).double())
+    accuracy = (correct / counts.clamp_min(1)).numpy()
+    edges = torch.linspace(0, 1, bins + 1).numpy()
+    centres = (edges[:-1] + edges[1:]) / 2
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), dpi=100, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    top.bar(centres, accuracy, width=1 / bins, edgecolor="black", color="#4c72b0", label="accuracy")
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    top.set_ylabel("accuracy")
+    top.set_ylim(0, 1)
+    top.set_title(f"{title}\nECE {100 * ece_value:.2f}% ({bins} bins)")
+    top.legend(loc="upper left")
+    bottom.bar(centres, counts.numpy(), width=1 / bins, edgecolor="black", color="#dd8452")
+    for x, count in zip(centres, counts.tolist()):
+        if count:
+            bottom.text(x, count, str(count), ha="center", va="bottom", fontsize=6)
+    bottom.set_xlabel("confidence (top-1)")
+    bottom.set_ylabel("examples")
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def histogram_png(path: Path, in_scores: dict, out_scores: dict, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(in_scores), figsize=(4 * len(in_scores), 3.2), dpi=100, squeeze=False)
+    for axis, score in zip(axes[0], in_scores):
+        axis.hist(in_scores[score].numpy(), bins=30, alpha=0.6, density=True, label="in-distribution")
+        axis.hist(out_scores[score].numpy(), bins=30, alpha=0.6, density=True, label=f"OOD: {name}")
+        axis.set_title(score)
+        axis.set_xlabel("score (higher = more OOD)")
+    axes[0][0].legend()
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def _save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
+    plt.close(figure)
+
+
+def write_report(evaluation: Evaluation, directory: Path, bins: int, how: str, save_predictions: bool) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    report = report_dict(evaluation, bins, how)
+    write_json(directory / "report.json", report)
+    with atomic_path(directory / "report.md") as temporary:
+        temporary.write_text(markdown(report), encoding="utf-8")
+    probs = combine(evaluation.logits, how)
+    reliability_png(directory / "reliability.png", probs, evaluation.labels, bins, evaluation.metrics["ece"],
+                    f"{Path(evaluation.run).name}: {report['model']['method']} M={report['model']['members']}")
+    in_scores = ood_scores(evaluation.logits, how)
+    for name, logits in evaluation.ood_logits.items():
+        histogram_png(directory / f"ood_{name}.png", in_scores, ood_scores(logits, how), name)
+    if save_predictions:
+        tensors = {"logits": evaluation.logits.float(), "labels": evaluation.labels}
+        tensors.update({f"ood.{name}.logits": logits.float() for name, logits in evaluation.ood_logits.items()})
+        save_safetensors(directory / "predictions.safetensors", tensors,
+                         {"sve.label_names": json.dumps(report["data"]["label_names"]), "sve.combine": how})
+    return report

@@ -1,0 +1,106 @@
+"""`sve evaluate`: report numbers, files, several runs, and bad input."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from sve_cli import metrics
+from sve_cli.train import train
+from sve_cli.recipe import load_recipe
+
+from conftest import sentiment_file
+
+
+def _run(root, model, data, members, name):
+    recipe = {"model": {"path": str(model)},
+              "task": {"type": "text_classification", "dataset": str(data), "max_length": 16},
+              "ensemble": {"method": "sve" if members > 1 else "svf", "members": members},
+              "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-2, "eval_every_steps": 3}}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    train(load_recipe(path), root / name)
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def runs(text_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_runs")
+    data = sentiment_file(root, count=120)
+    return {"sve": _run(root, text_models["bert"], data, 3, "sve"), "svf": _run(root, text_models["bert"], data, 1, "svf"),
+            "root": root}
+
+
+def test_report_numbers_equal_those_recomputed_from_predictions(sve, runs, tmp_path):
+    result = sve("evaluate", runs["sve"], "--ood", "tweets", "--max-examples", "40", "--save-predictions",
+                 "--temperature", "--report", tmp_path / "report")
+    assert result.code == 0, result.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    saved = load_file(tmp_path / "report" / "predictions.safetensors")
+    logits, labels = saved["logits"], saved["labels"]
+    assert logits.shape == (12, 3, 2) and report["data"]["sizes"]["in_distribution"] == 12
+    recomputed = metrics.calibration_metrics(logits, labels)
+    for key in ("accuracy", "nll", "brier", "ece", "adaptive_ece", "mce", "disagreement"):
+        assert report["metrics"][key] == pytest.approx(recomputed[key], abs=1e-6), key
+    ood = metrics.ood_metrics(logits, saved["ood.tweets.logits"])
+    assert saved["ood.tweets.logits"].shape == (40, 3, 2)
+    for score in ("msp", "entropy", "mutual_information"):
+        assert report["ood"]["tweets"][score]["auroc"] == pytest.approx(ood[score]["auroc"], abs=1e-6)
+    assert report["temperature_scaling"]["temperature"] > 0
+    assert "(lo, hi]" in report["conventions"]["ece"] and report["conventions"]["bins"] == 15
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert f"| Acc (%) | {100 * report['metrics']['accuracy']:.2f} |" in markdown and "OOD set `tweets`" in markdown
+    for png, size in (("reliability.png", (500, 600)), ("ood_tweets.png", (1200, 320))):
+        with Image.open(tmp_path / "report" / png) as image:
+            assert image.format == "PNG" and image.size == size
+            darkest, brightest = image.convert("L").getextrema()
+            assert brightest - darkest > 100  # something is drawn
+
+
+def test_several_runs_side_by_side_and_mi_only_for_ensembles(sve, runs, tmp_path):
+    result = sve("evaluate", runs["sve"], runs["svf"], "--ood", "tweets", "--max-examples", "20", "--report", tmp_path)
+    assert result.code == 0, result.stderr
+    assert "sve M=3" in result.stdout and "svf M=1" in result.stdout
+    single = json.loads((tmp_path / "svf" / "report.json").read_text())
+    assert "mutual_information" not in single["ood"]["tweets"]
+    assert "needs an ensemble" in (tmp_path / "svf" / "report.md").read_text()
+    assert (tmp_path / "sve" / "report.json").exists()
+
+
+def test_local_data_file_as_in_distribution(sve, runs, tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"text": "the film was great", "label": "1"}\n{"text": "the meal was awful", "label": 0}\n')
+    result = sve("evaluate", runs["sve"], "--data", data, "--report", tmp_path / "r")
+    assert result.code == 0, result.stderr
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["data"]["sizes"]["in_distribution"] == 2
+
+
+@pytest.mark.parametrize("make_args,fragment", [
+    (lambda runs, tmp: [runs["sve"], "--ood", "imagenet-o"], "unknown OOD set 'imagenet-o'"),
+    (lambda runs, tmp: [runs["sve"], "--ood", "digits"], "this run classifies text, but the data holds images"),
+    (lambda runs, tmp: [tmp], "is not a run directory"),
+    (lambda runs, tmp: [_bankless(runs, tmp)], "has no sigma_bank.safetensors"),
+    (lambda runs, tmp: [runs["sve"], "--data", _empty(tmp)], "the data set is empty"),
+    (lambda runs, tmp: [runs["sve"], "--combine", "median"], "--combine must be probs or logits"),
+    (lambda runs, tmp: [runs["sve"], "--ood", "svhn"], "could not be loaded from the Hugging Face Hub"),
+])
+def test_bad_input_is_one_line(sve, runs, tmp_path, make_args, fragment):
+    result = sve("evaluate", *make_args(runs, tmp_path))
+    assert result.code == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "report written" not in line]
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr
+
+
+def _bankless(runs, tmp):
+    target = tmp / "bankless"
+    target.mkdir()
+    (target / "recipe.yaml").write_text((runs["sve"] / "recipe.yaml").read_text())
+    return target
+
+
+def _empty(tmp):
+    (tmp / "empty.jsonl").write_text("")
+    return tmp / "empty.jsonl"
