@@ -166,6 +166,8 @@ def evaluate(
     report: Optional[Path] = typer.Option(None, "--report", help="Report directory [default: RUN/report]."),
     save_predictions: bool = typer.Option(False, "--save-predictions", help="Write predictions.safetensors."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="Cap each set's size."),
+    bank: Optional[Path] = typer.Option(None, "--bank", help="Evaluate this Σ bank (e.g. an exported one) "
+                                        "instead of the run's own."),
 ) -> None:
     """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs."""
     from sve_cli.evaluate import evaluate_run
@@ -185,7 +187,7 @@ def evaluate(
                     tasks[name] = progress.add_task(f"{run.name}: {name}", total=total)
                 progress.update(tasks[name], completed=done)
 
-            evaluation = evaluate_run(run, data, ood, bins, combine, temperature, max_examples, on_batch)
+            evaluation = evaluate_run(run, data, ood, bins, combine, temperature, max_examples, on_batch, bank)
         directory = (report / run.name if len(runs) > 1 else report) if report else run / "report"
         reports.append(write_report(evaluation, directory, bins, combine, save_predictions))
         console.print(f"report written to {directory}")
@@ -205,6 +207,38 @@ def evaluate(
             table.add_row(f"OOD {name} AUROC {score} (%)",
                           *[f"{100 * r['ood'][name][score]['auroc']:.2f}" if score in r["ood"][name] else "—" for r in reports])
     out_console.print(table)
+
+
+@app.command(epilog="Example:  sve export runs/quickstart --format safetensors --member 0 --out exported/")
+def export(
+    run: Path = typer.Argument(..., help="A trained run directory."),
+    format: str = typer.Option(..., "--format", help="safetensors (a merged member as a plain HF checkpoint) "
+                               "or sigma-bank (the compact bank)."),
+    member: str = typer.Option("0", "--member", help="Member index, or 'mean' (Σ and heads averaged: a summary, "
+                               "not a trained member)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (safetensors) or file (sigma-bank) "
+                                       "[default: RUN/export-member<m> or RUN/sigma_bank-export.safetensors]."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 [default: the base's]."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Export a merged member as a standard checkpoint, or the compact Σ bank."""
+    from sve_cli.export import export_bank, export_merged
+
+    if format == "sigma-bank":
+        result = export_bank(run, out or run / "sigma_bank-export.safetensors", overwrite)
+        out_console.print(f"wrote {result['out']}: {_human(result['bytes'])} for {result['members']} members, "
+                          f"{100 * result['share']:.2f}% of the base checkpoint ({_human(result['base_bytes'])})")
+        return
+    if format != "safetensors":
+        raise SveError(f"unknown --format '{format}' (safetensors or sigma-bank)")
+    if member != "mean" and not member.isdigit():
+        raise SveError(f"--member must be a member index or 'mean', not '{member}'")
+    chosen = member if member == "mean" else int(member)
+    with console.status("merging and writing tensors…"):
+        result = export_merged(run, out or run / f"export-member{member}", chosen, dtype, max_shard_size, overwrite)
+    out_console.print(f"wrote {result['out']}: {result['architecture']}, {_human(result['bytes'])} in "
+                      f"{result['shards']} shard(s); load it with transformers' {result['architecture']}")
 
 
 def _print_plan(plan, out: Path) -> None:

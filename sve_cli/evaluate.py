@@ -17,7 +17,7 @@ import torch
 from sve_cli.bank import load_bank, read_bank_metadata
 from sve_cli.data import BUILTIN_DATA, Examples, Table, build_examples, load_source, load_splits
 from sve_cli.errors import SveError
-from sve_cli.metrics import calibration_metrics, combine, fit_temperature, ood_metrics
+from sve_cli.metrics import calibration_metrics, fit_temperature, ood_metrics
 from sve_cli.pipeline import Pipeline
 from sve_cli.recipe import load_recipe
 from sve_cli.train import BANK, RECIPE, predict
@@ -81,19 +81,22 @@ def _ood_table(name: str, limit: int | None) -> tuple[Table, str]:
 
 def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: int = 15,
                  combine_how: str = "probs", temperature: bool = False, max_examples: int | None = None,
-                 on_batch: Callable[[str, int, int], None] | None = None) -> Evaluation:
-    """Predict, score and compare one run. `on_batch(set_name, done, total)` reports progress."""
+                 on_batch: Callable[[str, int, int], None] | None = None, bank: Path | None = None) -> Evaluation:
+    """Predict, score and compare one run (with its own bank, or `bank`, e.g. an exported one).
+    `on_batch(set_name, done, total)` reports progress."""
     run = Path(run)
     if not (run / RECIPE).exists():
         raise SveError(f"{run} is not a run directory (no {RECIPE}); train one with `sve train`")
-    if not (run / BANK).exists():
-        raise SveError(f"{run} has no {BANK}: the run has not finished an evaluation yet")
+    bank = Path(bank) if bank else run / BANK
+    if not bank.exists():
+        raise SveError(f"{run} has no {BANK}: the run has not finished an evaluation yet"
+                       if bank == run / BANK else f"bank {bank} does not exist")
     recipe = load_recipe(run / RECIPE)
-    metadata = read_bank_metadata(run / BANK)
+    metadata = read_bank_metadata(bank)
     label_names = list(metadata["label_names"])
     pipeline = Pipeline(recipe)
     model = pipeline.build_model(label_names)
-    load_bank(model, run / BANK)
+    load_bank(model, bank)
     limit = max_examples or recipe.task.max_eval_examples
 
     def run_set(name: str, examples: Examples) -> torch.Tensor:
@@ -136,6 +139,3 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
         result.sizes[f"ood.{short}"] = len(ood_examples)
     return result
 
-
-def ensemble_probabilities(evaluation: Evaluation, how: str = "probs") -> torch.Tensor:
-    return combine(evaluation.logits, how)

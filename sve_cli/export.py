@@ -1,0 +1,295 @@
+"""`sve export`: a merged member as a plain Hugging Face checkpoint, or the compact Σ bank.
+
+The merged checkpoint is streamed tensor by tensor from the base checkpoint, the decomposition
+cache and the bank — the model is never built in memory: every targeted weight becomes
+`U diag(f(sigma_m)) Vh` (f = relu or softplus), its bias `b_m`, and member m's head becomes the
+architecture's own classifier (or the LM-head rows of the answer letters). Plain `transformers`
+loads the result with no `sve` import and reproduces member m's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from sve_cli import __version__
+from sve_cli.bank import read_bank_metadata
+from sve_cli.checkpoint import (
+    SAFETENSORS_DTYPES, Checkpoint, ShardWriter, open_checkpoint, parse_size, plan_shards, tensor_fingerprint,
+    write_index, write_json,
+)
+from sve_cli.decompose import FactorCache, default_output, source_fingerprint
+from sve_cli.errors import OutputExistsError, SveError
+from sve_cli.recipe import load_recipe
+from sve_cli.train import BANK, RECIPE
+
+# model_type -> (classification class, base-model prefix, head weight, head bias)
+CLASSIFIERS = {
+    "bert": ("BertForSequenceClassification", "bert", "classifier.weight", "classifier.bias"),
+    "vit": ("ViTForImageClassification", "vit", "classifier.weight", "classifier.bias"),
+    "dinov2": ("Dinov2ForImageClassification", "dinov2", "classifier.weight", "classifier.bias"),
+    **{t: (f"{n}ForSequenceClassification", "model", "score.weight", None)
+       for t, n in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))},
+}
+CAUSAL = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+          "qwen3": "Qwen3ForCausalLM"}
+HEAD_PREFIXES = ("classifier.", "score.", "lm_head.", "cls.")  # never part of the exported backbone
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "preprocessor_config.json", "generation_config.json")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RunBank:
+    """A finished run: its recipe, bank tensors (lazy) and metadata, and its base checkpoint."""
+
+    run: Path
+    recipe: object
+    metadata: dict
+    bank: object  # safe_open handle
+    base: Checkpoint
+
+    @classmethod
+    def open(cls, run: Path, bank: Path | None = None) -> "RunBank":
+        run = Path(run)
+        if not (run / RECIPE).exists():
+            raise SveError(f"{run} is not a run directory (no {RECIPE})")
+        bank = bank or run / BANK
+        if not bank.exists():
+            raise SveError(f"{run} has no {BANK}: the run has not finished an evaluation yet")
+        recipe = load_recipe(run / RECIPE)
+        metadata = read_bank_metadata(bank)
+        base = open_checkpoint(recipe.model.path)
+        targets = metadata["targets"]
+        missing = [t for t in targets if t not in base.files]
+        fingerprints = {} if missing else {t: tensor_fingerprint(base.read(t)) for t in targets}
+        if missing or source_fingerprint(fingerprints) != metadata["source_fingerprint"]:
+            raise SveError(f"the base checkpoint {recipe.model.path} no longer matches the bank of {run} "
+                           "(its targeted weights changed since training)")
+        return cls(run, recipe, metadata, safe_open(str(bank), framework="pt"), base)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.bank.get_tensor(name)
+
+
+def _member_value(bank: RunBank, name: str, member: int | str) -> torch.Tensor:
+    """Member m's slice of a bank tensor `[M, …]`, or the mean over members."""
+    tensor = bank.tensor(name).float()
+    return tensor.mean(dim=0) if member == "mean" else tensor[member]
+
+
+def _merged_weight(bank: RunBank, cache: FactorCache | None, target: str, member: int | str) -> torch.Tensor:
+    module, method = target.removesuffix(".weight"), bank.metadata["method"]
+    if method in ("sve", "svf"):
+        sigma = _member_value(bank, f"{module}.sigma", member)
+        values = F.relu(sigma) if bank.metadata["parameterisation"] == "clamp" else F.softplus(sigma)
+        U, _, Vh = cache.factors(target)
+        return (U.float() * values) @ Vh.float()  # [out, in]
+    if method == "lora_ensemble":
+        scale = bank.recipe.ensemble.lora_alpha / bank.recipe.ensemble.lora_rank
+        update = (_member_value(bank, f"{module}.lora_B", member) @ _member_value(bank, f"{module}.lora_A", member)
+                  if member != "mean" else
+                  (bank.tensor(f"{module}.lora_B").float() @ bank.tensor(f"{module}.lora_A").float()).mean(0))
+        return bank.base.read(target).float() + scale * update
+    return _member_value(bank, f"{module}.weight", member)
+
+
+def _plan_tensors(bank: RunBank, member: int | str) -> tuple[dict[str, tuple], dict[str, object], str]:
+    """Output name -> (shape, source); plus config changes and the output class."""
+    base, metadata = bank.base, bank.metadata
+    model_type = base.model_type
+    letters = metadata["head"] == "letters"
+    if letters:
+        architecture, prefix = CAUSAL.get(model_type), "model"
+    elif model_type in CLASSIFIERS:
+        architecture, prefix = CLASSIFIERS[model_type][:2]
+    else:
+        architecture = None
+    if architecture is None:
+        raise SveError(f"exporting a {model_type} {'causal LM' if letters else 'classifier'} is not supported")
+    targets = set(metadata["targets"])
+    dropped = HEAD_PREFIXES + (("pooler.",) if model_type in ("vit", "dinov2") else ())  # their classifiers add none
+    plan: dict[str, tuple] = {}
+    for name in base.names:
+        if name.startswith(dropped) or name.removeprefix(f"{prefix}.").startswith(dropped):
+            continue
+        out_name = name if name.startswith(f"{prefix}.") else f"{prefix}.{name}"
+        plan[out_name] = (base.shape(name), ("target", name) if name in targets else ("copy", name))
+        module = name.removesuffix(".weight")
+        if name in targets and f"{module}.bias" in bank.bank.keys():
+            bias_name = f"{module}.bias"
+            if bias_name not in base.files:
+                raise SveError(f"members own a bias on '{module}', which {architecture} cannot hold; "
+                               "train with ensemble.bias: false to export this model")
+            plan[out_name.removesuffix(".weight") + ".bias"] = (base.shape(bias_name), ("bias", bias_name))
+    config_update: dict[str, object] = {"architectures": [architecture]}
+    if letters:
+        embed = "lm_head.weight" if "lm_head.weight" in base.files else f"{prefix}.embed_tokens.weight"
+        plan["lm_head.weight"] = (base.shape(embed), ("letters", embed))
+        config_update["tie_word_embeddings"] = False  # the letter rows differ from the embeddings now
+    else:
+        _, _, weight_name, bias_name = CLASSIFIERS[model_type]
+        head = bank.tensor("head.weight")
+        plan[weight_name] = (tuple(head.shape[1:]), ("head", "head.weight"))
+        if bias_name:
+            plan[bias_name] = ((head.shape[1],), ("head", "head.bias"))
+        labels = metadata["label_names"]
+        config_update.update(num_labels=len(labels), id2label={str(i): l for i, l in enumerate(labels)},
+                             label2id={l: i for i, l in enumerate(labels)})
+        if model_type in CAUSAL and bank.recipe.task.type != "image_classification":
+            config_update["pad_token_id"] = _pad_token_id(base)
+    return plan, config_update, architecture
+
+
+def _pad_token_id(base: Checkpoint) -> int | None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base.directory)
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _cache_for(bank: RunBank) -> FactorCache | None:
+    if bank.metadata["method"] not in ("sve", "svf"):
+        return None
+    recipe = bank.recipe
+    path = Path(recipe.model.decomposition) if recipe.model.decomposition else default_output(
+        recipe.model.path, recipe.ensemble.targets)
+    cache = FactorCache(path)
+    if cache.fingerprint != bank.metadata["decomposition_fingerprint"]:
+        raise SveError(f"decomposition {path} is not the one the bank was trained with")
+    return cache
+
+
+def _produce(bank: RunBank, cache: FactorCache | None, source: tuple[str, str], member: int | str) -> torch.Tensor:
+    kind, name = source
+    if kind == "copy":
+        return bank.base.read(name)
+    if kind == "target":
+        return _merged_weight(bank, cache, name, member)
+    if kind == "bias":
+        return _member_value(bank, f"{name.removesuffix('.bias')}.bias", member)
+    if kind == "head":
+        return _member_value(bank, name, member)
+    lm_head = bank.base.read(name).float().clone()  # "letters": the member's rows replace the letters'
+    from transformers import AutoTokenizer
+
+    from sve_cli.pipeline import letter_token_id
+
+    tokenizer = AutoTokenizer.from_pretrained(bank.base.directory)
+    rows = [letter_token_id(tokenizer, letter) for letter in bank.metadata["letters"]]
+    lm_head[rows] = _member_value(bank, "head.weight", member)
+    return lm_head
+
+
+def export_merged(run: Path, out: Path, member: int | str = 0, dtype: str | None = None,
+                  max_shard_size: str = "5GB", overwrite: bool = False) -> dict:
+    """Write member `member` (or "mean") of `run` as a standard HF checkpoint directory at `out`."""
+    bank = RunBank.open(run)
+    members = bank.metadata["members"]
+    if member != "mean" and not 0 <= member < members:
+        raise SveError(f"--member {member} is out of range: the run has {members} member(s) (0…{members - 1})")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if dtype is not None and dtype not in DTYPES:
+        raise SveError(f"unknown --dtype '{dtype}' (float32, float16 or bfloat16)")
+    cache = _cache_for(bank)
+    plan, config_update, architecture = _plan_tensors(bank, member)
+    codes = {code: torch_dtype for torch_dtype, code in SAFETENSORS_DTYPES.items()}
+    reference = bank.metadata["targets"][0] if bank.metadata["targets"] else bank.base.names[0]
+    out_dtype = DTYPES[dtype] if dtype else codes[bank.base.dtype(reference)]  # follows the base
+    sizes = [(name, torch.Size(shape).numel() * out_dtype.itemsize) for name, (shape, _) in plan.items()]
+    shards = plan_shards(sizes, parse_size(max_shard_size), prefix="model", single_name="model.safetensors")
+
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with ShardWriter(staging) as writer:
+            for shard in shards:
+                layout = [(name, out_dtype, tuple(plan[name][0])) for name in shard.names]
+                writer.begin(shard.filename, layout, {})
+                for name in shard.names:
+                    writer.add(name, _produce(bank, cache, plan[name][1], member).to(out_dtype).contiguous())
+                writer.commit()
+        if len(shards) > 1:
+            write_index(staging / "model.safetensors.index.json",
+                        {name: s.filename for s in shards for name in s.names}, sum(size for _, size in sizes))
+        config = {**bank.base.config, **config_update, "dtype": str(out_dtype).removeprefix("torch."),
+                  "sve": {"run": str(Path(run).resolve()), "member": member, "members": members,
+                          "method": bank.metadata["method"], "tool": f"sve {__version__}"}}
+        config.pop("torch_dtype", None)
+        write_json(staging / "config.json", config)
+        for name in TOKENIZER_FILES:
+            if (bank.base.directory / name).exists():
+                shutil.copy2(bank.base.directory / name, staging / name)
+        shutil.copy2(Path(run) / RECIPE, staging / "sve_recipe.yaml")
+        (staging / "README.md").write_text(_model_card(bank, member, architecture), encoding="utf-8")
+        _replace_directory(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"out": out, "architecture": architecture, "shards": len(shards), "bytes": sum(size for _, size in sizes)}
+
+
+def _replace_directory(staging: Path, out: Path) -> None:
+    """Move the finished export into place; an existing output is removed only after that succeeds."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def _model_card(bank: RunBank, member: int | str, architecture: str) -> str:
+    metadata, recipe = bank.metadata, bank.recipe
+    which = ("the mean of all members' singular values, biases and heads — a single-model summary, "
+             "not any trained member" if member == "mean" else f"member {member} of {metadata['members']}")
+    return f"""---
+base_model: {recipe.model.path}
+library_name: transformers
+tags:
+- sve
+- singular-value-ensemble
+- {recipe.task.type.replace('_', '-')}
+---
+
+# {architecture} exported from an SVE run
+
+This checkpoint is {which} of a {metadata['method']} ensemble trained by `sve` {__version__}
+on `{recipe.task.dataset}` ({recipe.task.type}). Every targeted weight is `U diag(s_m) Vh` with the
+base model's frozen singular vectors; it loads with plain `transformers` (`{architecture}`), no `sve`
+import needed. Labels: {', '.join(metadata['label_names'])}.
+
+A single member does not carry the ensemble's uncertainty estimates: use `sve evaluate` on the run,
+or the Σ bank (`sve export --format sigma-bank`), for those. The recipe that produced it is
+`sve_recipe.yaml`.
+"""
+
+
+def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
+    """Copy the run's Σ bank to `out` (atomically) and compare its size with the base checkpoint."""
+    bank = RunBank.open(run)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    from sve_cli.checkpoint import atomic_path
+
+    with atomic_path(out) as temporary:
+        shutil.copyfile(Path(run) / BANK, temporary)
+    base_bytes = sum(f.stat().st_size for f in set(bank.base.files.values()))
+    return {"out": out, "bytes": out.stat().st_size, "base_bytes": base_bytes,
+            "share": out.stat().st_size / base_bytes, "members": bank.metadata["members"]}
+
+
+def bank_share_from_shapes(shapes: list[tuple[int, int]], members: int, bias: bool, base_parameters: int,
+                           base_bytes_per_parameter: int, head: tuple[int, int] = (0, 0)) -> float:
+    """Bank bytes (float32) over the base checkpoint's bytes, from shapes alone."""
+    per_member = sum(min(out, inp) + (out if bias else 0) for out, inp in shapes) + head[0] * (head[1] + 1)
+    return 4 * members * per_member / (base_parameters * base_bytes_per_parameter)
