@@ -1,0 +1,147 @@
+"""SVE against its baselines on offline data, with sve's own train/evaluate code.
+
+For one setting, trains `single`, `svf`, `sve` (M=4), `deep_ensemble` (M=4) and `lora_ensemble`
+(M=4) with the same recipe, data, budget and seeds (selection on validation only), evaluates each on
+the test split with the setting's OOD set, and writes a markdown table (mean ± std over seeds) plus
+one reliability diagram per method under `--out`.
+
+    .venv/bin/python benchmarks/compare.py --setting tweets --seeds 0 1 2
+    .venv/bin/python benchmarks/compare.py --setting digits --seeds 0 1 2
+    .venv/bin/python benchmarks/compare.py --setting bbc_mc --seeds 0 --budget tiny
+
+Each training runs in its own process so its wall time and peak RSS (VmHWM) are its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = [("single", {"ensemble.method": "single", "ensemble.members": 1}),
+           ("svf", {"ensemble.method": "svf", "ensemble.members": 1}),
+           ("sve", {"ensemble.method": "sve", "ensemble.members": 4}),
+           ("deep_ensemble", {"ensemble.method": "deep_ensemble", "ensemble.members": 4}),
+           ("lora_ensemble", {"ensemble.method": "lora_ensemble", "ensemble.members": 4})]
+SETTINGS = {
+    "tweets": ("recipes/quickstart.yaml", "bbc_news", {
+        "small": {"task.max_train_examples": 1000, "task.max_eval_examples": 400, "train.epochs": 2,
+                  "train.batch_size": 16, "task.max_length": 40},
+        "full": {}}),
+    "digits": ("recipes/digits_vit.yaml", "mnist", {"small": {"train.epochs": 15}, "full": {}}),
+    "bbc_mc": ("recipes/smollm2_bbc_mc.yaml", "tweets", {
+        "tiny": {"task.max_train_examples": 80, "task.max_eval_examples": 60, "task.max_length": 128,
+                 "train.batch_size": 8}, "full": {}}),
+}
+ROWS = [("accuracy", "Acc", 100), ("ece", "ECE", 100), ("adaptive_ece", "aECE", 100), ("nll", "NLL", 1),
+        ("brier", "Brier", 1)]
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def worker(recipe_path: str, out: str, overrides: list[str]) -> None:
+    """Train one run in this process; print wall time, peak RSS and trainable share."""
+    from sve_cli.checkpoint import open_checkpoint
+    from sve_cli.data import load_splits
+    from sve_cli.pipeline import Pipeline
+    from sve_cli.recipe import load_recipe
+    from sve_cli.train import train
+
+    recipe = load_recipe(recipe_path, overrides)
+    started = time.perf_counter()
+    train(recipe, Path(out), overwrite=True)
+    seconds = time.perf_counter() - started
+    pipeline = Pipeline(recipe)
+    _, names = load_splits(recipe.task, recipe_path)
+    model = pipeline.build_model(names)
+    trainable = sum(p.numel() for p in model.trainable_parameters().values())
+    base = open_checkpoint(recipe.model.path)
+    base_parameters = sum(torch.Size(base.shape(n)).numel() for n in base.names)
+    print(json.dumps({"seconds": seconds, "peak_rss": peak_rss(), "trainable_share": trainable / base_parameters}))
+
+
+def run_one(recipe: str, out: Path, overrides: dict) -> dict:
+    flat = [f"{key}={value}" for key, value in overrides.items()]
+    result = subprocess.run([sys.executable, __file__, "--worker", recipe, str(out), *flat],
+                            capture_output=True, text=True, cwd=REPO)
+    if result.returncode:
+        raise SystemExit(f"training {out} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def mean_std(values: list[float], scale: float) -> str:
+    values = [v * scale for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.2f}" if scale == 100 else f"{values[0]:.3f}"
+    text = "{:.2f} ± {:.2f}" if scale == 100 else "{:.3f} ± {:.3f}"
+    return text.format(statistics.mean(values), statistics.stdev(values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", nargs="+")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="tweets")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget", default="small")
+    parser.add_argument("--methods", nargs="+", default=[name for name, _ in METHODS])
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker[0], args.worker[1], args.worker[2:])
+        return
+
+    from sve_cli.evaluate import evaluate_run
+    from sve_cli.report import write_report
+
+    recipe, ood, budgets = SETTINGS[args.setting]
+    budget = budgets[args.budget]
+    results: dict[str, list[dict]] = {}
+    for method, method_overrides in METHODS:
+        if method not in args.methods:
+            continue
+        for seed in args.seeds:
+            out = args.out / args.setting / f"{method}-seed{seed}"
+            cost = run_one(recipe, out, {**budget, **method_overrides, "train.seed": seed})
+            evaluation = evaluate_run(out, ood=[ood])
+            report = write_report(evaluation, out / "report", 15, "probs", save_predictions=True)
+            results.setdefault(method, []).append({**cost, "metrics": report["metrics"], "ood": report["ood"][ood]})
+            print(f"{args.setting} {method} seed {seed}: acc {report['metrics']['accuracy']:.4f} "
+                  f"ece {report['metrics']['ece']:.4f} ({cost['seconds']:.0f} s)", flush=True)
+
+    header = ["method", *[f"{label}{' (%)' if scale == 100 else ''}" for _, label, scale in ROWS],
+              "OOD AUROC entropy (%)", "OOD AUROC MI (%)", "trainable (% of base)", "train time (s)", "peak RSS (GB)"]
+    lines = [f"Setting `{args.setting}` — recipe `{recipe}`, budget `{args.budget}` {budget}, OOD `{ood}`, "
+             f"seeds {args.seeds}; {date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, runs in results.items():
+        cells = [method] + [mean_std([r["metrics"][key] for r in runs], scale) for key, _, scale in ROWS]
+        cells.append(mean_std([r["ood"]["entropy"]["auroc"] for r in runs], 100))
+        mi = [r["ood"]["mutual_information"]["auroc"] for r in runs if "mutual_information" in r["ood"]]
+        cells.append(mean_std(mi, 100) if mi else "—")
+        cells.append(f"{100 * runs[0]['trainable_share']:.3f}")
+        cells.append(mean_std([r["seconds"] for r in runs], 1).replace(".000", ""))
+        cells.append(f"{max(r['peak_rss'] for r in runs) / 1e9:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (args.out / args.setting).mkdir(parents=True, exist_ok=True)
+    (args.out / args.setting / "table.md").write_text(table)
+    (args.out / args.setting / "results.json").write_text(json.dumps(results, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
