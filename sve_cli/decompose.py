@@ -27,10 +27,8 @@ import torch
 from safetensors import safe_open
 
 from sve_cli import __version__
-from sve_cli.checkpoint import (
-    Checkpoint, Shard, ShardWriter, open_checkpoint, plan_shards, sve_home, tensor_fingerprint,
-    write_index, write_json,
-)
+from sve_cli.checkpoint import Checkpoint, open_checkpoint, sve_home, tensor_fingerprint
+from sve_cli.writing import Shard, ShardWriter, plan_shards, write_index, write_json
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.targets import Target, resolve_targets
 
@@ -312,7 +310,6 @@ class FactorCache:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory)
-        self._handles: dict[str, object] = {}
 
     @property
     def fingerprint(self) -> str:
@@ -321,7 +318,5 @@ class FactorCache:
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(U [out,k], S [k], Vh [k,in])` of the target parameter `name`."""
         shard = next(t["shard"] for t in self.manifest["targets"] if t["name"] == name)
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.directory / shard), framework="pt")
-        handle = self._handles[shard]
-        return tuple(handle.get_tensor(f"{name}.{factor}") for factor in ("U", "S", "Vh"))
+        with safe_open(str(self.directory / shard), framework="pt") as handle:  # mapped for this read only
+            return tuple(handle.get_tensor(f"{name}.{factor}") for factor in ("U", "S", "Vh"))

@@ -9,7 +9,6 @@ loads the result with no `sve` import and reproduces member m's logits.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,10 +20,8 @@ from safetensors import safe_open
 
 from sve_cli import __version__
 from sve_cli.bank import read_bank_metadata
-from sve_cli.checkpoint import (
-    SAFETENSORS_DTYPES, Checkpoint, ShardWriter, open_checkpoint, parse_size, plan_shards, tensor_fingerprint,
-    write_index, write_json,
-)
+from sve_cli.checkpoint import Checkpoint, open_checkpoint, tensor_fingerprint
+from sve_cli.writing import SAFETENSORS_DTYPES, ShardWriter, parse_size, plan_shards, write_index, write_json
 from sve_cli.decompose import FactorCache, default_output, source_fingerprint
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.recipe import load_recipe
@@ -279,7 +276,7 @@ def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
     bank = RunBank.open(run)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
-    from sve_cli.checkpoint import atomic_path
+    from sve_cli.writing import atomic_path
 
     with atomic_path(out) as temporary:
         shutil.copyfile(Path(run) / BANK, temporary)

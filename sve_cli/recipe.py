@@ -82,6 +82,8 @@ class TrainSection(_Section):
     gradient_accumulation: int = Field(1, gt=0)
     lr: float = Field(1e-3, gt=0)
     sigma_lr: Optional[float] = Field(None, gt=0, description="learning rate of sigma (default: lr)")
+    head_lr: Optional[float] = Field(None, gt=0, description="learning rate of the heads (default: lr); "
+                                     "lets full fine-tuning use a small lr for weights and a large one for heads")
     weight_decay: float = Field(0.05, ge=0)
     sigma_weight_decay: Optional[float] = Field(None, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from sve_cli import __version__
-from sve_cli.checkpoint import atomic_path, save_safetensors, write_json
+from sve_cli.writing import atomic_path, save_safetensors, write_json
 from sve_cli.evaluate import Evaluation
 from sve_cli.metrics import CONVENTIONS, combine, equal_width_bins, ood_scores
 

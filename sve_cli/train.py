@@ -25,9 +25,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from sve_cli.bank import save_bank
-from sve_cli.checkpoint import atomic_path, save_safetensors, write_json
+from sve_cli.writing import atomic_path, save_safetensors, write_json
 from sve_cli.data import Encoded, load_splits
-from sve_cli.ensemble import EnsembleConfig, SVEModel, build_ensemble
+from sve_cli.ensemble import SVEModel
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.metrics import HIGHER_IS_BETTER, calibration_metrics
 from sve_cli.pipeline import Pipeline
@@ -91,16 +91,16 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def _param_groups(model: SVEModel, recipe: Recipe) -> list[dict]:
+    """AdamW groups: sigma (`sigma_lr`, `sigma_weight_decay`), heads (`head_lr`), the rest (`lr`)."""
     train = recipe.train
     trainable = model.trainable_parameters()
     sigma = [p for name, p in trainable.items() if name.endswith(".sigma")]
-    other = [p for name, p in trainable.items() if not name.endswith(".sigma")]
-    groups = [{"params": other, "lr": train.lr, "weight_decay": train.weight_decay, "base_lr": train.lr}]
-    if sigma:
-        lr = train.sigma_lr or train.lr
-        decay = train.weight_decay if train.sigma_weight_decay is None else train.sigma_weight_decay
-        groups.append({"params": sigma, "lr": lr, "weight_decay": decay, "base_lr": lr})
-    return groups
+    heads = [p for name, p in trainable.items() if name.startswith("head.")]
+    other = [p for name, p in trainable.items() if not name.endswith(".sigma") and not name.startswith("head.")]
+    sigma_decay = train.weight_decay if train.sigma_weight_decay is None else train.sigma_weight_decay
+    groups = [(other, train.lr, train.weight_decay), (heads, train.head_lr or train.lr, train.weight_decay),
+              (sigma, train.sigma_lr or train.lr, sigma_decay)]
+    return [{"params": params, "lr": lr, "weight_decay": decay, "base_lr": lr} for params, lr, decay in groups if params]
 
 
 @torch.no_grad()

@@ -171,3 +171,11 @@ def sentiment_file(directory: Path, count: int = 96) -> Path:
     path = directory / "sentiment.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def assert_one_error_line(result: Result, fragment: str = "") -> None:
+    """Exit code 2, exactly one non-blank line on stderr, starting 'error: ', no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.code == 2, (result.code, result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0] and "Traceback" not in result.stderr + result.stdout, result.stderr

@@ -3,7 +3,7 @@ import torch
 from safetensors import safe_open
 
 from sve_cli.bank import load_bank, read_bank_metadata, save_bank
-from sve_cli.checkpoint import save_safetensors
+from sve_cli.writing import save_safetensors
 from sve_cli.ensemble import EnsembleConfig, build_ensemble
 from sve_cli.errors import SveError
 

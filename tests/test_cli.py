@@ -4,15 +4,7 @@ import json
 
 import pytest
 
-from conftest import sve_subprocess
-
-
-def _one_error_line(result, fragment):
-    assert result.code == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert fragment in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
+from conftest import assert_one_error_line, sve_subprocess
 
 
 def test_version(sve):
@@ -66,7 +58,7 @@ def test_decompose_then_rerun_reuses(sve, tiny_checkpoints, tmp_path):
 def test_bad_inputs_give_one_clear_line(sve, tiny_checkpoints, tmp_path, make_input, extra, fragment):
     model = make_input(tmp_path, tiny_checkpoints)
     result = sve("decompose", model, "--out", tmp_path / "cache", *extra)
-    _one_error_line(result, fragment)
+    assert_one_error_line(result, fragment)
     assert not (tmp_path / "cache").exists()
 
 
@@ -96,7 +88,7 @@ def test_existing_output_of_another_model_is_refused_and_kept(sve, tiny_checkpoi
     assert sve("decompose", tiny_checkpoints["bert"], "--out", cache).code == 0
     before = {p.name: p.read_bytes() for p in cache.iterdir()}
     result = sve("decompose", tiny_checkpoints["llama"], "--out", cache)
-    _one_error_line(result, "pass --overwrite")
+    assert_one_error_line(result, "pass --overwrite")
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
     assert sve("decompose", tiny_checkpoints["llama"], "--out", cache, "--overwrite").code == 0
     manifest = json.loads((cache / "decomposition.json").read_text())
@@ -105,7 +97,7 @@ def test_existing_output_of_another_model_is_refused_and_kept(sve, tiny_checkpoi
 
 def test_output_that_is_a_file_is_refused(sve, tiny_checkpoints, tmp_path):
     (tmp_path / "file").write_text("keep me")
-    _one_error_line(sve("decompose", tiny_checkpoints["bert"], "--out", tmp_path / "file"), "is a file")
+    assert_one_error_line(sve("decompose", tiny_checkpoints["bert"], "--out", tmp_path / "file"), "is a file")
     assert (tmp_path / "file").read_text() == "keep me"
 
 

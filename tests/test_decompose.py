@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sve_cli.decompose import decompose, load_manifest, plan_decomposition, svd_factors

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
@@ -12,7 +11,7 @@ from sve_cli import metrics
 from sve_cli.train import train
 from sve_cli.recipe import load_recipe
 
-from conftest import sentiment_file
+from conftest import assert_one_error_line, sentiment_file
 
 
 def _run(root, model, data, members, name):
@@ -88,10 +87,7 @@ def test_local_data_file_as_in_distribution(sve, runs, tmp_path):
     (lambda runs, tmp: [runs["sve"], "--ood", "svhn"], "could not be loaded from the Hugging Face Hub"),
 ])
 def test_bad_input_is_one_line(sve, runs, tmp_path, make_args, fragment):
-    result = sve("evaluate", *make_args(runs, tmp_path))
-    assert result.code == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "report written" not in line]
-    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr
+    assert_one_error_line(sve("evaluate", *make_args(runs, tmp_path)), fragment)
 
 
 def _bankless(runs, tmp):

@@ -17,7 +17,7 @@ from sve_cli.pipeline import Pipeline
 from sve_cli.recipe import load_recipe
 from sve_cli.train import train
 
-from conftest import REPO, sentiment_file
+from conftest import assert_one_error_line, sentiment_file
 
 
 def _train(root, name, model, data, task=None, ensemble=None, steps=4):
@@ -150,8 +150,7 @@ def test_refusals(sve, runs, tmp_path):
         (["--format", "safetensors", "--member", "first"], "--member must be a member index or 'mean'"),
     ]
     for args, fragment in cases:
-        result = sve("export", runs["bert"], *args)
-        assert result.code == 2 and fragment in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        assert_one_error_line(sve("export", runs["bert"], *args), fragment)
     assert (out / "keep.txt").read_text() == "x"
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from sve_cli.recipe import load_recipe
 from sve_cli.train import lr_factor, train
 
-from conftest import REPO, sentiment_file, sve_subprocess
+from conftest import REPO, assert_one_error_line, sentiment_file, sve_subprocess
 
 
 def _recipe(tmp_path, model: Path, data: Path, **sections) -> Path:
@@ -70,7 +70,6 @@ def test_every_method_trains_and_its_bank_reloads(text_models, tmp_path, ensembl
 
 
 def test_frozen_parts_and_trainable_counts_per_method(text_models, tmp_path):
-    from sve_cli.data import load_splits
     from sve_cli.pipeline import Pipeline
 
     data = sentiment_file(tmp_path)
@@ -184,8 +183,7 @@ def test_real_minilm_on_tweets_loss_goes_down(tmp_path):
 def test_cli_errors_are_one_line(sve, text_models, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  path: x\ntask:\n  type: regression\n  dataset: y\n")
-    result = sve("train", bad, "--out", tmp_path / "run")
-    assert result.code == 2 and result.stderr.count("\n") == 1 and "task.type" in result.stderr
+    assert_one_error_line(sve("train", bad, "--out", tmp_path / "run"), "task.type")
     recipe = _recipe(tmp_path, text_models["bert"], sentiment_file(tmp_path))
     result = sve("train", recipe, "--out", tmp_path / "fresh", "--resume")
     assert result.code == 2 and "no checkpoint.safetensors" in result.stderr
@@ -194,3 +192,19 @@ def test_cli_errors_are_one_line(sve, text_models, tmp_path):
     result = sve("train", recipe, "--out", tmp_path / "taken")
     assert result.code == 2 and "--overwrite" in result.stderr
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_learning_rate_groups(text_models, tmp_path):
+    from sve_cli.pipeline import Pipeline
+    from sve_cli.train import _param_groups
+
+    path = _recipe(tmp_path, text_models["bert"], sentiment_file(tmp_path), ensemble={"method": "sve", "members": 2},
+                   train={"lr": 1e-3, "sigma_lr": 2e-3, "head_lr": 3e-3, "sigma_weight_decay": 0.0})
+    recipe = load_recipe(path)
+    model = Pipeline(recipe).build_model(["0", "1"])
+    groups = {g["lr"]: g for g in _param_groups(model, recipe)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[1] for p in groups[2e-3]["params"]} == {"sigma"} and groups[2e-3]["weight_decay"] == 0.0
+    assert {names[id(p)] for p in groups[3e-3]["params"]} == {"head.weight", "head.bias"}
+    assert {names[id(p)].rsplit(".", 1)[1] for p in groups[1e-3]["params"]} == {"bias"}
+    assert sum(len(g["params"]) for g in groups.values()) == len(model.trainable_parameters())
