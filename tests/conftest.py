@@ -179,3 +179,27 @@ def assert_one_error_line(result: Result, fragment: str = "") -> None:
     assert result.code == 2, (result.code, result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert fragment in lines[0] and "Traceback" not in result.stderr + result.stdout, result.stderr
+
+
+def write_recipe(path: Path, model: Path, data: Path, **sections: dict) -> Path:
+    """A small text-classification recipe; `sections` override keys per section."""
+    import yaml
+
+    recipe = {"model": {"path": str(model)},
+              "task": {"type": "text_classification", "dataset": str(data), "max_length": 16},
+              "ensemble": {"method": "sve", "members": 2},
+              "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "seed": 0, "eval_every_steps": 2},
+              "eval": {"batch_size": 16}}
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def train_run(root: Path, name: str, model: Path, data: Path, **sections: dict) -> Path:
+    """Train `write_recipe(...)` into `root / name` in this process; returns the run directory."""
+    from sve_cli.recipe import load_recipe
+    from sve_cli.train import train
+
+    train(load_recipe(write_recipe(root / f"{name}.yaml", model, data, **sections)), root / name)
+    return root / name

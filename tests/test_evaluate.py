@@ -3,33 +3,21 @@
 import json
 
 import pytest
-import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
 from sve_cli import metrics
-from sve_cli.train import train
-from sve_cli.recipe import load_recipe
 
-from conftest import assert_one_error_line, sentiment_file
-
-
-def _run(root, model, data, members, name):
-    recipe = {"model": {"path": str(model)},
-              "task": {"type": "text_classification", "dataset": str(data), "max_length": 16},
-              "ensemble": {"method": "sve" if members > 1 else "svf", "members": members},
-              "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-2, "eval_every_steps": 3}}
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    train(load_recipe(path), root / name)
-    return root / name
+from conftest import assert_one_error_line, sentiment_file, train_run
 
 
 @pytest.fixture(scope="module")
 def runs(text_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_runs")
     data = sentiment_file(root, count=120)
-    return {"sve": _run(root, text_models["bert"], data, 3, "sve"), "svf": _run(root, text_models["bert"], data, 1, "svf"),
+    sections = {"train": {"max_steps": 6, "eval_every_steps": 3}}
+    return {"sve": train_run(root, "sve", text_models["bert"], data, ensemble={"members": 3}, **sections),
+            "svf": train_run(root, "svf", text_models["bert"], data, ensemble={"method": "svf", "members": 1}, **sections),
             "root": root}
 
 

@@ -17,31 +17,21 @@ from sve_cli.pipeline import Pipeline
 from sve_cli.recipe import load_recipe
 from sve_cli.train import train
 
-from conftest import assert_one_error_line, sentiment_file
-
-
-def _train(root, name, model, data, task=None, ensemble=None, steps=4):
-    recipe = {"model": {"path": str(model)},
-              "task": {"type": "text_classification", "dataset": str(data), "max_length": 24, **(task or {})},
-              "ensemble": {"method": "sve", "members": 3, **(ensemble or {})},
-              "train": {"max_steps": steps, "batch_size": 8, "lr": 5e-2, "eval_every_steps": steps}}
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    train(load_recipe(path), root / name)
-    return root / name
+from conftest import assert_one_error_line, sentiment_file, train_run
 
 
 @pytest.fixture(scope="module")
 def runs(text_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("export_runs")
+    sections = {"task": {"max_length": 24}, "ensemble": {"members": 3}, "train": {"lr": 5e-2, "eval_every_steps": 4}}
     arc = root / "arc.jsonl"
     arc.write_text("".join(json.dumps({"question": f"Which is a colour? ({i})",
                                        "choices": {"text": ["red", "run", "rock"], "label": ["A", "B", "C"]},
                                        "answerKey": "ABC"[i % 3]}) + "\n" for i in range(48)))
     return {
-        "bert": _train(root, "bert", text_models["bert"], sentiment_file(root)),
-        "llama": _train(root, "llama", text_models["llama"], arc, task={"type": "multiple_choice", "max_length": 48},
-                        ensemble={"bias": False}),
+        "bert": train_run(root, "bert", text_models["bert"], sentiment_file(root), **sections),
+        "llama": train_run(root, "llama", text_models["llama"], arc, task={"type": "multiple_choice", "max_length": 48},
+                           ensemble={"members": 3, "bias": False}, train=sections["train"]),
         "root": root,
     }
 

@@ -16,22 +16,7 @@ from safetensors.torch import load_file
 from sve_cli.recipe import load_recipe
 from sve_cli.train import lr_factor, train
 
-from conftest import REPO, assert_one_error_line, sentiment_file, sve_subprocess
-
-
-def _recipe(tmp_path, model: Path, data: Path, **sections) -> Path:
-    recipe = {
-        "model": {"path": str(model)},
-        "task": {"type": "text_classification", "dataset": str(data), "max_length": 16},
-        "ensemble": {"method": "sve", "members": 2},
-        "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "seed": 0, "eval_every_steps": 2},
-        "eval": {"batch_size": 16},
-    }
-    for section, values in sections.items():
-        recipe[section] = {**recipe.get(section, {}), **values}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from conftest import REPO, assert_one_error_line, sentiment_file, sve_subprocess, write_recipe
 
 
 @pytest.mark.parametrize("ensemble", [
@@ -47,7 +32,7 @@ def test_every_method_trains_and_its_bank_reloads(text_models, tmp_path, ensembl
     from sve_cli.data import load_splits
     from sve_cli.pipeline import Pipeline
 
-    recipe = load_recipe(_recipe(tmp_path, text_models["bert"], sentiment_file(tmp_path), ensemble=ensemble))
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", text_models["bert"], sentiment_file(tmp_path), ensemble=ensemble))
     out = tmp_path / "run"
     state = train(recipe, out)
     assert state["step"] == 4 and state["finished"] and len(state["history"]) == 2
@@ -76,7 +61,7 @@ def test_frozen_parts_and_trainable_counts_per_method(text_models, tmp_path):
     counts = {}
     for ensemble in ({"method": "sve", "members": 4}, {"method": "deep_ensemble", "members": 4},
                      {"method": "lora_ensemble", "members": 4, "lora_rank": 2}):
-        recipe = load_recipe(_recipe(tmp_path, text_models["bert"], data, ensemble=ensemble))
+        recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", text_models["bert"], data, ensemble=ensemble))
         model = Pipeline(recipe).build_model(["0", "1"])
         counts[ensemble["method"]] = sum(p.numel() for p in model.trainable_parameters().values())
     # 12 targets of 32 or 48 outputs: SVE owns k + out per target and member; dense copies own out·in
@@ -97,7 +82,7 @@ def test_multiple_choice_on_a_causal_lm(text_models, tmp_path):
              "answerKey": "A"} for i in range(24)]
     data = tmp_path / "arc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = load_recipe(_recipe(tmp_path, text_models["llama"], data,
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", text_models["llama"], data,
                                  task={"type": "multiple_choice", "max_length": 48},
                                  ensemble={"method": "sve", "members": 2, "bias": False}))
     state = train(recipe, tmp_path / "run")
@@ -121,7 +106,7 @@ def _bank(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(text_models, tmp_path):
-    recipe = _recipe(tmp_path, text_models["bert"], sentiment_file(tmp_path),
+    recipe = write_recipe(tmp_path / "recipe.yaml", text_models["bert"], sentiment_file(tmp_path),
                      train={"max_steps": 12, "eval_every_steps": 4, "checkpoint_every_steps": 1, "batch_size": 8})
     reference = sve_subprocess("train", recipe, "--out", tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr
@@ -149,7 +134,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(text_models, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(text_models, tmp_path):
-    recipe = _recipe(tmp_path, text_models["bert-nodrop"], sentiment_file(tmp_path),
+    recipe = write_recipe(tmp_path / "recipe.yaml", text_models["bert-nodrop"], sentiment_file(tmp_path),
                      train={"max_steps": 3, "eval_every_steps": 3, "batch_size": 8})
     single = sve_subprocess("train", recipe, "--out", tmp_path / "single")
     assert single.returncode == 0, single.stderr
@@ -184,7 +169,7 @@ def test_cli_errors_are_one_line(sve, text_models, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  path: x\ntask:\n  type: regression\n  dataset: y\n")
     assert_one_error_line(sve("train", bad, "--out", tmp_path / "run"), "task.type")
-    recipe = _recipe(tmp_path, text_models["bert"], sentiment_file(tmp_path))
+    recipe = write_recipe(tmp_path / "recipe.yaml", text_models["bert"], sentiment_file(tmp_path))
     result = sve("train", recipe, "--out", tmp_path / "fresh", "--resume")
     assert result.code == 2 and "no checkpoint.safetensors" in result.stderr
     (tmp_path / "taken").mkdir()
@@ -198,7 +183,7 @@ def test_learning_rate_groups(text_models, tmp_path):
     from sve_cli.pipeline import Pipeline
     from sve_cli.train import _param_groups
 
-    path = _recipe(tmp_path, text_models["bert"], sentiment_file(tmp_path), ensemble={"method": "sve", "members": 2},
+    path = write_recipe(tmp_path / "recipe.yaml", text_models["bert"], sentiment_file(tmp_path), ensemble={"method": "sve", "members": 2},
                    train={"lr": 1e-3, "sigma_lr": 2e-3, "head_lr": 3e-3, "sigma_weight_decay": 0.0})
     recipe = load_recipe(path)
     model = Pipeline(recipe).build_model(["0", "1"])
