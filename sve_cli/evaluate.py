@@ -50,10 +50,12 @@ def _unlabelled_examples(table: Table, pipeline: Pipeline, label_names: list[str
     """An OOD set's inputs through the run's preprocessing; its own labels do not matter."""
     task = pipeline.recipe.task
     frame = table.frame.copy()
-    if task.type == "multiple_choice" and task.question is None:
-        raise SveError(f"{where}: OOD sets for ARC-style runs must be ARC-style files; "
-                       "pose classification sets with task.question")
+    if task.type == "multiple_choice" and task.question is None and "question" not in frame.columns:
+        raise SveError(f"{where}: this run answers ARC-style questions; an OOD set for it needs "
+                       "'question' and 'choices' columns too")
     frame[task.label_field] = 0
+    if "answerKey" in frame.columns:  # ARC-style OOD items: any valid key will do
+        frame["answerKey"] = [choices["label"][0] for choices in frame["choices"]]
     fields = {"text_field": task.text_field if task.text_field in frame.columns else "text",
               "image_field": task.image_field if task.image_field in frame.columns else "image"}
     return build_examples(Table(frame, table.label_names, table.is_image),

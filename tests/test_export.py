@@ -194,3 +194,14 @@ def test_real_minilm_member_exports_and_matches(sve, tmp_path):
     bank = sve("export", tmp_path / "run", "--format", "sigma-bank", "--out", tmp_path / "bank.safetensors")
     share = float(bank.stdout.split("% of the base")[0].rsplit(" ", 1)[1])
     assert share < 5.0
+
+
+def test_multiple_choice_run_evaluates_with_arc_style_ood(sve, runs, tmp_path):
+    ood = tmp_path / "ood.jsonl"
+    ood.write_text("".join(json.dumps({"question": f"Which is a planet? ({i})",
+                                       "choices": {"text": ["Mars", "milk", "mud"], "label": ["1", "2", "3"]},
+                                       "answerKey": "1"}) + "\n" for i in range(10)))
+    result = sve("evaluate", runs["llama"], "--ood", ood, "--report", tmp_path / "report")
+    assert result.code == 0, result.stderr
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["data"]["sizes"]["ood.ood"] == 10
+    assert_one_error_line(sve("evaluate", runs["llama"], "--ood", "tweets"), "needs 'question' and 'choices' columns")
