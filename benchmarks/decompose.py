@@ -12,6 +12,7 @@ the target is that sve's peak grows with the largest tensor, not with the checkp
 time ratio sve / svd stays ≤ 1.10.
 
     .venv/bin/python benchmarks/decompose.py            # MiniLM + a synthetic LLaMA-shaped checkpoint
+    .venv/bin/python benchmarks/decompose.py --scaling  # one matrix of 512² … 4096², 11008×4096
 """
 
 from __future__ import annotations
@@ -96,15 +97,47 @@ def sizes(model: str) -> tuple[int, int]:
     return sum(f.stat().st_size for f in files), largest
 
 
+def scaling(scratch: Path, sizes: list[tuple[int, int]]) -> None:
+    """Time and cache size of one square/rectangular target against raw SVD, then LLaMA-2-7B."""
+    from safetensors.torch import save_file
+
+    print("| matrix | raw svd s | sve s | ratio | cache MB |")
+    print("|---|---|---|---|---|")
+    seconds = {}
+    for out_features, in_features in sizes:
+        model = scratch / f"m{out_features}x{in_features}"
+        model.mkdir()
+        weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
+        save_file({"layer.weight": weight}, str(model / "model.safetensors"), metadata={"format": "pt"})
+        (model / "config.json").write_text('{"model_type": "custom"}')
+        raw = run_worker("svd", str(model), scratch / f"raw{out_features}x{in_features}", "*.weight")
+        sve = run_worker("sve", str(model), scratch / f"sve{out_features}x{in_features}", "*.weight")
+        cache = sum(p.stat().st_size for p in (scratch / f"sve{out_features}x{in_features}").iterdir())
+        seconds[(out_features, in_features)] = sve["seconds"]
+        print(f"| {out_features}×{in_features} | {raw['seconds']:.2f} | {sve['seconds']:.2f} "
+              f"| {sve['seconds'] / raw['seconds']:.2f} | {cache / 1e6:.0f} |", flush=True)
+    if (4096, 4096) in seconds and (11008, 4096) in seconds:
+        # 32 blocks × (q, k, v, o at 4096² + gate, up at 11008×4096 + down at 4096×11008, same SVD cost)
+        estimate = 32 * (4 * seconds[(4096, 4096)] + 3 * seconds[(11008, 4096)])
+        cache = 32 * 4 * (4 * 4096 * (4096 + 1 + 4096) + 3 * 4096 * (11008 + 1 + 4096))
+        print(f"\nLLaMA-2-7B estimate on this CPU: {estimate / 3600:.1f} h of decomposition, "
+              f"{cache / 1e9:.1f} GB float32 cache (224 targets)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "MODEL", "OUT"))
     parser.add_argument("--targets")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--blocks", type=int, default=2, help="blocks of the synthetic checkpoint")
+    parser.add_argument("--scaling", action="store_true", help="time 512² … 4096² and 11008×4096 instead")
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker, args.targets)
+        return
+    if args.scaling:
+        with tempfile.TemporaryDirectory() as scratch:
+            scaling(Path(scratch), [(512, 512), (1024, 1024), (2048, 2048), (4096, 4096), (11008, 4096)])
         return
 
     with tempfile.TemporaryDirectory() as scratch:

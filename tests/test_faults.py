@@ -126,3 +126,45 @@ def test_decompose_memory_follows_the_largest_tensor(tmp_path):
     # targets; 70 more (280 MB of checkpoint, 560 MB of factors) must not add to it
     assert peaks[80] - peaks[10] < 3 * largest, peaks
     assert peaks[80] - peaks[1] < 20 * largest, peaks
+
+
+EXPORT_PEAK = """
+import sys
+from pathlib import Path
+from sve_cli.export import export_merged
+export_merged(Path(sys.argv[1]), Path(sys.argv[2]), member=1)
+print([l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")][0].split()[1])
+"""
+
+
+@pytest.mark.slow
+def test_export_memory_follows_the_largest_tensor(tmp_path):
+    """A 24-layer ViT (hidden 256, MLP 1024: largest tensor 1 MB, ~75 MB of weights) against a
+    2-layer one: exporting the big one must not hold its weights in memory."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from sve_cli.recipe import load_recipe
+    from sve_cli.train import train
+
+    peaks = {}
+    for layers in (2, 24):
+        model = tmp_path / f"vit{layers}"
+        torch.manual_seed(0)
+        ViTForImageClassification(ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=256,
+                                            num_hidden_layers=layers, num_attention_heads=4, intermediate_size=1024,
+                                            num_labels=10)).save_pretrained(model)
+        recipe = tmp_path / f"vit{layers}.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "model": {"path": str(model)},
+            "task": {"type": "image_classification", "dataset": "builtin:digits", "max_train_examples": 16,
+                     "max_eval_examples": 8},
+            "ensemble": {"method": "sve", "members": 2}, "train": {"max_steps": 1, "batch_size": 8}}))
+        train(load_recipe(recipe), tmp_path / f"run{layers}")
+        result = subprocess.run([sys.executable, "-c", EXPORT_PEAK, str(tmp_path / f"run{layers}"),
+                                 str(tmp_path / f"export{layers}")], capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        peaks[layers] = int(result.stdout.strip().splitlines()[-1]) * 1024
+    largest = 1024 * 256 * 4
+    weights = sum(p.stat().st_size for p in (tmp_path / "vit24").glob("*.safetensors"))
+    assert weights > 50 * largest
+    assert peaks[24] - peaks[2] < 10 * largest, peaks  # 22 more layers (~70 MB) add almost nothing
