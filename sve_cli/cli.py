@@ -129,8 +129,8 @@ def train(
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not rank0) as progress:
-        with console.status(f"loading {loaded.model.path} and {loaded.task.dataset}…"):
-            task = progress.add_task(f"{loaded.ensemble.method} M={loaded.ensemble.members}", total=None, status="")
+        task = progress.add_task(f"{loaded.ensemble.method} M={loaded.ensemble.members}", total=None,
+                                 status=f"loading {loaded.model.path} and {loaded.task.dataset}…")
 
         def on_step(info: dict) -> None:
             progress.update(task, completed=info["step"], total=info["total"],
