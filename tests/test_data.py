@@ -122,14 +122,16 @@ def test_classification_posed_as_multiple_choice():
                            "D) sports\nE) tech\nAnswer:")
 
 
-def test_held_out_validation_from_train(tmp_path):
-    rows = [{"text": f"t{i}", "label": i % 2} for i in range(100)]
-    path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from sve_cli.data import Table, hold_out
+def test_held_out_validation_from_train(monkeypatch):
+    from sve_cli import data
+    from sve_cli.data import Table
 
-    rest, held = hold_out(Table(pd.DataFrame(rows)), 0.1)
-    assert len(rest.frame) == 90 and len(held.frame) == 10 and not set(rest.frame.text) & set(held.frame.text)
+    rows = pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": [i % 2 for i in range(100)]})
+    hub_like = {"train": Table(rows), "test": Table(rows.iloc[:5])}  # a hub set without validation
+    monkeypatch.setattr(data, "load_source", lambda spec, config=None: hub_like)
+    splits, _ = load_splits(_task(dataset="some/hub-set", validation_split="train:10%"), "where")
+    assert len(splits["train"]) == 90 and len(splits["train:10%"]) == 10 and len(splits["test"]) == 5
+    assert not set(splits["train"].texts) & set(splits["train:10%"].texts)
 
 
 def test_encoding_pads_right_and_images_normalise(minilm_path):
