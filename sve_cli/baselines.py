@@ -2,7 +2,10 @@
 model wrapping, data and training loop (fair comparisons):
 
 - `DenseMembersLinear`: each member owns a full copy of `W` and `b` — `single` (M = 1) and
-  `deep_ensemble` (M copies, independently initialised heads) with `single_mode: full`.
+  `deep_ensemble` (M copies) with `single_mode: full`. Deep-ensemble members start at
+  `W ⊙ (1 + ε_m)`, `ε_m ~ N(0, σ_init²)`, the jitter SVE puts on `S`: with shared batches and no
+  dropout (LLaMA) or a head copied into every member (letter heads), exact copies would receive
+  identical gradients and stay one model.
 - `LoRAMembersLinear`: frozen `W`, each member owns a rank-r adapter `B_m A_m` (`lora_ensemble`).
   peft's `LoraLayer` holds one active adapter per forward; batching M adapters in one pass needs
   the member-major view used here, so the LoRA maths is written out (same init as peft: A
@@ -34,10 +37,14 @@ class _MemberLinear(nn.Module):
 
 
 class DenseMembersLinear(_MemberLinear):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, members: int):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, members: int, jitter: float = 0.0,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.members, (self.out_features, self.in_features) = members, weight.shape
-        self.weight = nn.Parameter(weight.detach().clone()[None].repeat(members, 1, 1))  # [M, out, in]
+        copies = weight.detach().clone()[None].repeat(members, 1, 1)  # [M, out, in]
+        if jitter:
+            copies *= 1 + jitter * torch.randn(copies.shape, generator=generator)
+        self.weight = nn.Parameter(copies)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone()[None].repeat(members, 1))  # [M, out]
 
     def member_weight(self, member: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ def decompose(
     model: str = typer.Argument(..., help="Checkpoint directory, .safetensors/.gguf file, "
                                 "builtin:minilm, builtin:smollm2, or a hub id."),
     out: Optional[Path] = typer.Option(None, "--out", help="Cache directory "
-                                       "[default: $SVE_HOME/decompositions/<model>]."),
+                                       "(default: $SVE_HOME/decompositions/<model>)."),
     targets: Optional[str] = typer.Option(None, "--targets", help="Preset (all, attention, mlp, "
                                           "llama, bert, vit, …) or comma-separated globs; "
                                           "'!glob' excludes."),
@@ -114,7 +114,7 @@ def decompose(
 @app.command(epilog="Example:  sve train recipes/quickstart.yaml --set train.epochs=1")
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory [default: runs/<recipe name>]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<recipe name>)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
@@ -155,7 +155,7 @@ def train(
 @app.command(epilog="Example:  sve evaluate runs/quickstart --ood bbc_news --temperature")
 def evaluate(
     runs: list[Path] = typer.Argument(..., help="One or more run directories (several give a side-by-side table)."),
-    data: Optional[str] = typer.Option(None, "--data", help="In-distribution set [default: the recipe's test split]: "
+    data: Optional[str] = typer.Option(None, "--data", help="In-distribution set (default: the recipe's test split): "
                                        "a local jsonl/csv/parquet file, image folder, builtin:… or hub name."),
     ood: list[str] = typer.Option([], "--ood", help="OOD set: tweets, bbc_news, digits, mnist, svhn, cifar10, … or a path "
                                   "(repeatable)."),
@@ -163,7 +163,7 @@ def evaluate(
     combine: str = typer.Option("probs", "--combine", help="Combine members by mean of probs or of logits."),
     temperature: bool = typer.Option(False, "--temperature", help="Fit one temperature on the validation split; "
                                      "report before and after."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Report directory [default: RUN/report]."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Report directory (default: RUN/report)."),
     save_predictions: bool = typer.Option(False, "--save-predictions", help="Write predictions.safetensors."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="Cap each set's size."),
     bank: Optional[Path] = typer.Option(None, "--bank", help="Evaluate this Σ bank (e.g. an exported one) "
@@ -217,8 +217,8 @@ def export(
     member: str = typer.Option("0", "--member", help="Member index, or 'mean' (Σ and heads averaged: a summary, "
                                "not a trained member)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (safetensors) or file (sigma-bank) "
-                                       "[default: RUN/export-member<m> or RUN/sigma_bank-export.safetensors]."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 [default: the base's]."),
+                                       "(default: RUN/export-member<m> or RUN/sigma_bank-export.safetensors)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the base's)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:

@@ -50,6 +50,12 @@ class EnsembleConfig:
     def uses_decomposition(self) -> bool:
         return self.method in ("sve", "svf")
 
+    @property
+    def copy_jitter(self) -> float:
+        """Relative noise on the deep ensemble's copies of pretrained tensors (weights, copied heads),
+        so its members differ from the start as SVE's do; 0 for every other method."""
+        return self.sigma_init if self.method == "deep_ensemble" and self.members > 1 else 0.0
+
 
 @dataclass
 class Identity:
@@ -168,7 +174,7 @@ def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: Ensemble
                                      config.lora_alpha, generator)
     elif config.method in ("single", "deep_ensemble"):
         def make_layer(target: dict, linear: nn.Linear) -> nn.Module:
-            return DenseMembersLinear(linear.weight, linear.bias, config.members)
+            return DenseMembersLinear(linear.weight, linear.bias, config.members, config.copy_jitter, generator)
     else:
         raise SveError(f"unknown method '{config.method}'")
     return _replace_targets(backbone, targets, make_layer, checkpoint.source), source, source
@@ -216,7 +222,7 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
     if letter_token_ids is not None:
         head = MemberHead(config.members, hidden, len(letter_token_ids), bias=False)
         name = "lm_head.weight" if "lm_head.weight" in checkpoint.files else "model.embed_tokens.weight"
-        head.init_from(checkpoint.read(name).float()[letter_token_ids])
+        head.init_from(checkpoint.read(name).float()[letter_token_ids], jitter=config.copy_jitter, generator=generator)
     else:
         dropout = 0.0
         if representation == "pooler":
@@ -228,7 +234,7 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
             if weight_name not in checkpoint.files:
                 raise SveError(f"{model} has no classifier ('{weight_name}') to initialise the heads from")
             head.init_from(checkpoint.read(weight_name).float(),
-                           checkpoint.read(bias_name).float() if bias_name else None)
+                           checkpoint.read(bias_name).float() if bias_name else None, config.copy_jitter, generator)
         elif head_init == "normal":
             head.init_normal(generator)
         else:

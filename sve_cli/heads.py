@@ -70,13 +70,17 @@ class MemberHead(nn.Module):
             if self.bias is not None:
                 self.bias.zero_()
 
-    def init_from(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Every member starts as a copy of one existing head (`weight [C, d]`, `bias [C]`)."""
+    def init_from(self, weight: torch.Tensor, bias: torch.Tensor | None = None, jitter: float = 0.0,
+                  generator: torch.Generator | None = None) -> None:
+        """Every member starts as a copy of one existing head (`weight [C, d]`, `bias [C]`), its
+        weight times `1 + ε`, `ε ~ N(0, jitter²)` when `jitter` is given."""
         if weight.shape != self.weight.shape[1:]:
             raise SveError(f"cannot initialise a head of shape {list(self.weight.shape[1:])} "
                            f"from a classifier of shape {list(weight.shape)}")
         with torch.no_grad():
             self.weight.copy_(weight[None].expand_as(self.weight))
+            if jitter:
+                self.weight.mul_(1 + jitter * torch.randn(self.weight.shape, generator=generator))
             if self.bias is not None:
                 self.bias.copy_(bias[None].expand_as(self.bias) if bias is not None else 0)
 

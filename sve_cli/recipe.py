@@ -57,7 +57,8 @@ class TaskSection(_Section):
 class EnsembleSection(_Section):
     method: Literal["sve", "svf", "single", "deep_ensemble", "lora_ensemble"] = "sve"
     members: int = Field(4, ge=1, le=256)
-    sigma_init: float = Field(0.01, ge=0)
+    sigma_init: float = Field(0.01, ge=0, description="relative init noise of each member's singular values "
+                              "(sve/svf) or of its copies of the weights and copied heads (deep_ensemble)")
     parameterisation: Literal["clamp", "softplus"] = "clamp"
     targets: str = "all"
     strategy: Literal["auto", "factored", "materialised"] = "auto"

@@ -28,6 +28,19 @@ def test_every_command_help_ends_with_an_example(sve):
         assert len(example) < 120  # the example is the last thing printed
 
 
+def test_every_option_help_is_printed_whole(sve):
+    """Rich reads `[...]` as markup and silently drops it; every help string must reach the screen."""
+    from sve_cli.cli import app
+
+    import typer.main
+
+    for name, command in typer.main.get_command(app).commands.items():
+        shown = " ".join(sve(name, "--help").stdout.replace("│", " ").split())
+        for param in command.params:
+            if param.help:
+                assert " ".join(param.help.split()) in shown, (name, param.name)
+
+
 def test_dry_run_lists_targets_and_writes_nothing(sve, tiny_checkpoints, tmp_path):
     result = sve("decompose", tiny_checkpoints["llama"], "--out", tmp_path / "cache", "--dry-run")
     assert result.code == 0

@@ -125,6 +125,34 @@ def test_only_sigma_bias_and_heads_learn(tiny_checkpoints):
         assert not layer.U.requires_grad and not layer.Vh.requires_grad
 
 
+def test_deep_ensemble_members_start_apart_even_with_a_copied_letter_head(tiny_checkpoints):
+    """Shared batches, no dropout and a letter head copied into every member: exact copies would stay
+    one model, so deep-ensemble copies carry SVE's relative init noise; `single` stays the plain model."""
+    path = tiny_checkpoints["llama"]
+    originals = load_file(path / "model.safetensors")
+    letters = [5, 6, 7]
+
+    def build(method, members, sigma_init):
+        config = EnsembleConfig(method=method, members=members, sigma_init=sigma_init, bias=False)
+        return build_ensemble(str(path), config, letter_token_ids=letters).eval()
+
+    deep = build("deep_ensemble", 3, 0.01)
+    for name, layer in deep.layers.items():
+        relative = layer.weight.detach() / originals[name] - 1  # [M, out, in]
+        assert 0.009 < relative.std() < 0.011 and relative.mean().abs() < 1e-3
+        assert not torch.equal(layer.weight[0], layer.weight[1])
+    head_relative = deep.head.weight.detach() / originals["lm_head.weight"][letters] - 1
+    assert 0.007 < head_relative.std() < 0.013 and not torch.equal(deep.head.weight[0], deep.head.weight[1])
+    with torch.no_grad():
+        logits = deep(**_inputs("llama-cls"))  # [B, M, C]
+    assert (logits[:, 0] - logits[:, 1]).abs().max() > 1e-4
+
+    for method, members in (("single", 1), ("deep_ensemble", 3)):
+        exact = build(method, members, 0.01 if method == "single" else 0.0)
+        for name, layer in exact.layers.items():
+            assert all(torch.equal(layer.weight[m], originals[name]) for m in range(members))
+
+
 def test_decomposition_of_another_model_is_refused(tiny_checkpoints, tmp_path):
     from sve_cli.decompose import decompose, plan_decomposition
 
