@@ -135,13 +135,13 @@ def main() -> None:
 
     recipe, ood, budgets = SETTINGS[args.setting]
     budget = budgets[args.budget]
+    head_lr = load_recipe(REPO / recipe, [f"{k}={v}" for k, v in budget.items()]).train.lr
     results: dict[str, list[dict]] = {}
     for method, method_overrides in METHODS:
         if method not in args.methods:
             continue
         for seed in args.seeds:
             out = args.out / args.setting / f"{method}-seed{seed}"
-            head_lr = load_recipe(REPO / recipe, [f"{k}={v}" for k, v in budget.items()]).train.lr
             rates = {}
             if method in ("single", "deep_ensemble") and DENSE_LR[args.setting]:
                 rates = {"train.lr": DENSE_LR[args.setting]}

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from sve_cli.layer import jittered_copies
+
 
 class _MemberLinear(nn.Module):
     """Shared plumbing: `[M·B, …, in]` -> `[M, B·T, in]` -> `[M·B, …, out]`."""
@@ -41,10 +43,7 @@ class DenseMembersLinear(_MemberLinear):
                  generator: torch.Generator | None = None):
         super().__init__()
         self.members, (self.out_features, self.in_features) = members, weight.shape
-        copies = weight.detach().clone()[None].repeat(members, 1, 1)  # [M, out, in]
-        if jitter:
-            copies *= 1 + jitter * torch.randn(copies.shape, generator=generator)
-        self.weight = nn.Parameter(copies)
+        self.weight = nn.Parameter(jittered_copies(weight, members, jitter, generator))  # [M, out, in]
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone()[None].repeat(members, 1))  # [M, out]
 
     def member_weight(self, member: int) -> torch.Tensor:

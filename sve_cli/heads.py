@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sve_cli.errors import SveError
+from sve_cli.layer import jittered_copies
 
 ARCHITECTURES = {
     "bert": "pooler",
@@ -78,9 +79,7 @@ class MemberHead(nn.Module):
             raise SveError(f"cannot initialise a head of shape {list(self.weight.shape[1:])} "
                            f"from a classifier of shape {list(weight.shape)}")
         with torch.no_grad():
-            self.weight.copy_(weight[None].expand_as(self.weight))
-            if jitter:
-                self.weight.mul_(1 + jitter * torch.randn(self.weight.shape, generator=generator))
+            self.weight.copy_(jittered_copies(weight, self.members, jitter, generator))
             if self.bias is not None:
                 self.bias.copy_(bias[None].expand_as(self.bias) if bias is not None else 0)
 

@@ -41,6 +41,16 @@ def strategy_costs(members: int, tokens: int, out_features: int, in_features: in
     return {"factored": passes * factored, "materialised": passes * materialised}
 
 
+def jittered_copies(tensor: torch.Tensor, members: int, jitter: float,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """`members` copies of `tensor` (`[M, *shape]`), each element times `1 + ε`, `ε ~ N(0, jitter²)`;
+    exact copies (and no random draw) when `jitter` is 0."""
+    copies = tensor.detach().clone()[None].repeat(members, *[1] * tensor.dim())  # [M, *shape]
+    if jitter:
+        copies *= 1 + jitter * torch.randn(copies.shape, generator=generator)
+    return copies
+
+
 class SVELinear(nn.Module):
     """Replaces an `nn.Linear`: shared frozen `U [out,k]`, `Vh [k,in]`; per-member `sigma [M,k]`
     and `bias [M,out]` (None when `bias=False`)."""
