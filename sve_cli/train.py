@@ -71,6 +71,8 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, p
     if existing and not overwrite:
         hint = "--resume to continue it or " if (out / CHECKPOINT).exists() else ""
         raise OutputExistsError(f"{out} already holds a run; pass {hint}--overwrite to replace it")
+    if parallel.world > 1:
+        dist.barrier()  # every rank has looked at `out` before rank 0 writes into it
     if parallel.writer:
         out.mkdir(parents=True, exist_ok=True)
         for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS):

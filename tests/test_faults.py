@@ -123,8 +123,9 @@ def test_decompose_memory_follows_the_largest_tensor(tmp_path):
         peaks[count] = int(result.stdout.strip().splitlines()[-1]) * 1024
     largest = 1024 * 1024 * 4
     # the working set (one tensor in SVD, one being written, LAPACK workspace) is reached by 10
-    # targets; 70 more (280 MB of checkpoint, 560 MB of factors) must not add to it
-    assert peaks[80] - peaks[10] < 3 * largest, peaks
+    # targets; 70 more (280 MB of checkpoint, 560 MB of factors) must not add to it. The slack of
+    # five tensors covers allocator arenas: a loaded run once measured +16 MB from 10 to 80.
+    assert peaks[80] - peaks[10] < 5 * largest, peaks
     assert peaks[80] - peaks[1] < 20 * largest, peaks
 
 
