@@ -46,6 +46,7 @@ def bank_metadata(model: SVEModel, extra: dict[str, object] | None = None) -> di
         "method": identity.method,
         "parameterisation": getattr(next(iter(model.layers.values()), None), "parameterisation", None),
         "head": model.head_kind,
+        "representation": model.representation,
         "tool": f"sve {__version__}",
         **(extra or {}),
     }

@@ -23,16 +23,22 @@ from sve_cli.layer import jittered_copies
 
 
 class _MemberLinear(nn.Module):
-    """Shared plumbing: `[M·B, …, in]` -> `[M, B·T, in]` -> `[M·B, …, out]`."""
+    """Shared plumbing: `[m·B, …, in]` -> `[m, B·T, in]` -> `[m·B, …, out]` for the `active` members."""
 
     members: int
     in_features: int
     out_features: int
+    active: range
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] % self.members:
-            raise ValueError(f"batch {x.shape[0]} is not a multiple of {self.members} members")
-        return x.reshape(self.members, -1, self.in_features)  # [M, B·T, in]
+        members = len(self.active)
+        if x.shape[0] % members:
+            raise ValueError(f"batch {x.shape[0]} is not a multiple of {members} members")
+        return x.reshape(members, -1, self.in_features)  # [m, B·T, in]
+
+    def _chunk(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """The active members' slice of a per-member tensor `[M, …]`."""
+        return None if tensor is None else tensor[self.active.start:self.active.stop]
 
     def _unrows(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -45,15 +51,16 @@ class DenseMembersLinear(_MemberLinear):
         self.members, (self.out_features, self.in_features) = members, weight.shape
         self.weight = nn.Parameter(jittered_copies(weight, members, jitter, generator))  # [M, out, in]
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone()[None].repeat(members, 1))  # [M, out]
+        self.active = range(members)
 
     def member_weight(self, member: int) -> torch.Tensor:
         return self.weight[member]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self._rows(x)
-        if self.bias is None:
-            return self._unrows(torch.bmm(rows, self.weight.transpose(1, 2)), x)
-        return self._unrows(torch.baddbmm(self.bias[:, None, :], rows, self.weight.transpose(1, 2)), x)
+        rows, weight, bias = self._rows(x), self._chunk(self.weight), self._chunk(self.bias)
+        if bias is None:
+            return self._unrows(torch.bmm(rows, weight.transpose(1, 2)), x)
+        return self._unrows(torch.baddbmm(bias[:, None, :], rows, weight.transpose(1, 2)), x)
 
 
 class LoRAMembersLinear(_MemberLinear):
@@ -68,14 +75,16 @@ class LoRAMembersLinear(_MemberLinear):
         self.lora_A = nn.Parameter(lora_a)  # [M, r, in]
         self.lora_B = nn.Parameter(torch.zeros(members, self.out_features, rank))  # [M, out, r]
         self.scale = alpha / rank
+        self.active = range(members)
 
     def member_weight(self, member: int) -> torch.Tensor:
         return self.weight + self.scale * self.lora_B[member] @ self.lora_A[member]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self._rows(x)  # [M, B·T, in]
-        out = rows @ self.weight.T  # [M, B·T, out]
+        rows = self._rows(x)  # [m, B·T, in]
+        out = rows @ self.weight.T  # [m, B·T, out]
         if self.base_bias is not None:
             out = out + self.base_bias
-        update = (rows @ self.lora_A.transpose(1, 2)) @ self.lora_B.transpose(1, 2)  # [M, B·T, out]
+        lora_a, lora_b = self._chunk(self.lora_A), self._chunk(self.lora_B)
+        update = (rows @ lora_a.transpose(1, 2)) @ lora_b.transpose(1, 2)  # [m, B·T, out]
         return self._unrows(out + self.scale * update, x)

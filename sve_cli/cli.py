@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from sve_cli import __version__
-from sve_cli.errors import SveError
+from sve_cli.errors import OutputExistsError, SveError
 
 app = typer.Typer(
     name="sve",
@@ -30,6 +30,33 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out_console = Console()
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+class Precision(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+class Combine(str, Enum):
+    probs = "probs"
+    logits = "logits"
+
+
+class ExportFormat(str, Enum):
+    safetensors = "safetensors"
+    sigma_bank = "sigma-bank"
+
+
+class ExportDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
 
 
 def _human(nbytes: float) -> str:
@@ -58,14 +85,14 @@ def _root(
 def decompose(
     model: str = typer.Argument(..., help="Checkpoint directory, .safetensors/.gguf file, "
                                 "builtin:minilm, builtin:smollm2, or a hub id."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Cache directory "
-                                       "(default: $SVE_HOME/decompositions/<model>)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache directory (default: a folder named "
+                                       "after the model in $SVE_HOME/decompositions)."),
     targets: Optional[str] = typer.Option(None, "--targets", help="Preset (all, attention, mlp, "
                                           "llama, bert, vit, …) or comma-separated globs; "
                                           "'!glob' excludes."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
-    precision: str = typer.Option("float32", "--precision", "--dtype",
-                                  help="SVD precision and stored dtype: float32 or float64."),
+    device: Device = typer.Option(Device.cpu, "--device", help="Where the SVDs run (auto: cuda when present)."),
+    dtype: Precision = typer.Option(Precision.float32, "--dtype", "--precision",
+                                    help="dtype of the factors written (and of the SVD)."),
     max_shard_size: str = typer.Option("1GB", "--max-shard-size", help="Largest factors shard."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a cache of another model, target set or precision."),
@@ -80,7 +107,7 @@ def decompose(
     from sve_cli.decompose import default_output, plan_decomposition
 
     with console.status(f"opening {model}…"):  # a GGUF file is dequantised here, once
-        plan = plan_decomposition(model, targets, precision, parse_size(max_shard_size))
+        plan = plan_decomposition(model, targets, dtype.value, parse_size(max_shard_size))
     out = out or default_output(model, targets)
     if dry_run:
         _print_plan(plan, out)
@@ -96,7 +123,11 @@ def decompose(
             verb = "reused" if reused else "decomposed"
             progress.update(task, advance=work[target.name], description=f"{verb} {target.module}")
 
-        result = run_decompose(plan, out, device=device, overwrite=overwrite, on_target=on_target)
+        def on_wait() -> None:
+            progress.console.print(f"waiting for another sve decompose writing to {out}…")
+
+        result = run_decompose(plan, out, device=device.value, overwrite=overwrite, on_target=on_target,
+                               on_wait=on_wait)
 
     manifest = result.manifest
     table = Table(title=f"decomposition of {model}", show_header=False, title_justify="left")
@@ -118,17 +149,25 @@ def train(
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print parameters, bytes and the estimated peak "
+                                 "memory, and whether it fits; train nothing."),
+    device: Device = typer.Option(Device.auto, "--device", help="With --dry-run: the device to estimate for."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="With --dry-run: the memory to fit in, e.g. "
+                                         "80GB (default: the device's)."),
 ) -> None:
     """Joint M-member fine-tuning from a YAML recipe (SVE and its baselines)."""
     from sve_cli.recipe import load_recipe
     from sve_cli.train import train as run_train
 
     loaded = load_recipe(recipe, overrides)
+    if dry_run:
+        _print_memory_plan(loaded, device, memory)
+        return
     out = out or Path("runs") / recipe.stem
     rank0 = os.environ.get("RANK", "0") == "0"
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not rank0) as progress:
+    with Progress(*columns, console=console, disable=not rank0, transient=True) as progress:
         task = progress.add_task(f"{loaded.ensemble.method} M={loaded.ensemble.members}", total=None,
                                  status=f"loading {loaded.model.path} and {loaded.task.dataset}…")
 
@@ -141,7 +180,8 @@ def train(
             progress.console.print(f"step {line['step']:>5} {line['split']}: acc {line['accuracy']:.4f} "
                                    f"nll {line['nll']:.4f} ece {line['ece']:.4f} brier {line['brier']:.4f}")
 
-        state = run_train(loaded, out, resume=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval)
+        state = run_train(loaded, out, resume=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval,
+                          on_note=lambda text: progress.console.print(text, soft_wrap=True))
     if rank0:
         best = state["history"][[h["step"] for h in state["history"]].index(state["best_step"])]
         table = Table(title=f"run {out}", show_header=False, title_justify="left")
@@ -160,7 +200,8 @@ def evaluate(
     ood: list[str] = typer.Option([], "--ood", help="OOD set: tweets, bbc_news, digits, mnist, svhn, cifar10, … or a path "
                                   "(repeatable)."),
     bins: int = typer.Option(15, "--bins", min=1, help="Equal-width bins for ECE and the reliability diagram."),
-    combine: str = typer.Option("probs", "--combine", help="Combine members by mean of probs or of logits."),
+    combine: Combine = typer.Option(Combine.probs, "--combine", help="Combine members by the mean of their "
+                                    "probabilities or of their logits."),
     temperature: bool = typer.Option(False, "--temperature", help="Fit one temperature on the validation split; "
                                      "report before and after."),
     report: Optional[Path] = typer.Option(None, "--report", help="Report directory (default: RUN/report)."),
@@ -168,13 +209,21 @@ def evaluate(
     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="Cap each set's size."),
     bank: Optional[Path] = typer.Option(None, "--bank", help="Evaluate this Σ bank (e.g. an exported one) "
                                         "instead of the run's own."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report directory."),
 ) -> None:
     """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs."""
     from sve_cli.evaluate import evaluate_run
     from sve_cli.report import ROWS, write_report
+    from sve_cli.writing import visible_entries
 
-    if combine not in ("probs", "logits"):
-        raise SveError(f"--combine must be probs or logits, not '{combine}'")
+    def report_dir(run: Path) -> Path:
+        return (report / run.name if len(runs) > 1 else report) if report else run / "report"
+
+    for run in runs:  # refuse before minutes of evaluation, not after
+        directory = report_dir(run)
+        if directory.exists() and (not directory.is_dir() or visible_entries(directory)) and not overwrite:
+            raise OutputExistsError(f"{directory} already holds a report; pass --overwrite to replace it")
+    how = combine.value
     reports = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
@@ -187,9 +236,9 @@ def evaluate(
                     tasks[name] = progress.add_task(f"{run.name}: {name}", total=total)
                 progress.update(tasks[name], completed=done)
 
-            evaluation = evaluate_run(run, data, ood, bins, combine, temperature, max_examples, on_batch, bank)
-        directory = (report / run.name if len(runs) > 1 else report) if report else run / "report"
-        reports.append(write_report(evaluation, directory, bins, combine, save_predictions))
+            evaluation = evaluate_run(run, data, ood, bins, how, temperature, max_examples, on_batch, bank)
+        directory = report_dir(run)
+        reports.append(write_report(evaluation, directory, bins, how, save_predictions))
         console.print(f"report written to {directory}")
 
     table = Table(title="in-distribution: " + reports[0]["data"]["in_distribution"], title_justify="left")
@@ -212,33 +261,68 @@ def evaluate(
 @app.command(epilog="Example:  sve export runs/quickstart --format safetensors --member 0 --out exported/")
 def export(
     run: Path = typer.Argument(..., help="A trained run directory."),
-    format: str = typer.Option(..., "--format", help="safetensors (a merged member as a plain HF checkpoint) "
-                               "or sigma-bank (the compact bank)."),
+    format: ExportFormat = typer.Option(..., "--format", help="safetensors (a merged member as a plain checkpoint) "
+                                        "or sigma-bank (the compact bank)."),
     member: str = typer.Option("0", "--member", help="Member index, or 'mean' (Σ and heads averaged: a summary, "
                                "not a trained member)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (safetensors) or file (sigma-bank) "
                                        "(default: RUN/export-member<m> or RUN/sigma_bank-export.safetensors)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the base's)."),
+    dtype: Optional[ExportDtype] = typer.Option(None, "--dtype", help="dtype of the weights written "
+                                                "(default: the base checkpoint's)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Export a merged member as a standard checkpoint, or the compact Σ bank."""
     from sve_cli.export import export_bank, export_merged
 
-    if format == "sigma-bank":
+    if format == ExportFormat.sigma_bank:
         result = export_bank(run, out or run / "sigma_bank-export.safetensors", overwrite)
         out_console.print(f"wrote {result['out']}: {_human(result['bytes'])} for {result['members']} members, "
                           f"{100 * result['share']:.2f}% of the base checkpoint ({_human(result['base_bytes'])})")
         return
-    if format != "safetensors":
-        raise SveError(f"unknown --format '{format}' (safetensors or sigma-bank)")
     if member != "mean" and not member.isdigit():
         raise SveError(f"--member must be a member index or 'mean', not '{member}'")
     chosen = member if member == "mean" else int(member)
     with console.status("merging and writing tensors…"):
-        result = export_merged(run, out or run / f"export-member{member}", chosen, dtype, max_shard_size, overwrite)
+        result = export_merged(run, out or run / f"export-member{member}", chosen, dtype and dtype.value,
+                               max_shard_size, overwrite)
     out_console.print(f"wrote {result['out']}: {result['architecture']}, {_human(result['bytes'])} in "
                       f"{result['shards']} shard(s); load it with transformers' {result['architecture']}")
+
+
+def _print_memory_plan(recipe, device: Device, memory: str | None) -> None:
+    import torch
+
+    from sve_cli.memory import device_capacity, plan_training
+    from sve_cli.writing import parse_size
+
+    chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == Device.auto else device.value
+    capacity = parse_size(memory) if memory else device_capacity(chosen)
+    with console.status(f"reading {recipe.model.path} and {recipe.task.dataset}…"):
+        estimate = plan_training(recipe, chosen, capacity)
+    ensemble, train = recipe.ensemble, recipe.train
+    table = Table(title=f"{ensemble.method} M={ensemble.members} on {recipe.model.path}, {chosen}"
+                  f"{' bf16' if train.precision == 'bf16' and chosen == 'cuda' else ' fp32'}", show_header=False,
+                  title_justify="left")
+    table.add_row("trainable parameters", f"{estimate.trainable_parameters:,} "
+                  f"({100 * estimate.trainable_parameters / estimate.base_parameters:.3f}% of the base)")
+    table.add_row("frozen weights", _human(estimate.frozen_weight_bytes))
+    table.add_row("shared factors (U, Vh)", _human(estimate.factor_bytes))
+    table.add_row("trainable + grads + AdamW", _human(estimate.trainable_bytes))
+    table.add_row("activations", f"{_human(estimate.activation_bytes)} (members per pass "
+                  f"{train.members_per_pass or ensemble.members}, gradient checkpointing "
+                  f"{'on' if train.gradient_checkpointing else 'off'})")
+    table.add_row("runtime", _human(estimate.runtime_bytes))
+    table.add_row("estimated peak", _human(estimate.peak_bytes))
+    if capacity is None:
+        table.add_row("fits", "unknown (pass --memory)")
+    else:
+        verdict = "yes" if estimate.fits else "no"
+        table.add_row("fits", f"{verdict}: {_human(capacity)} available, "
+                      f"{100 * (1 - estimate.peak_bytes / capacity):.0f}% headroom (10% wanted)")
+    for suggestion in estimate.suggestions:
+        table.add_row("would fit with", suggestion)
+    out_console.print(table)
 
 
 def _print_plan(plan, out: Path) -> None:
@@ -256,27 +340,24 @@ def _print_plan(plan, out: Path) -> None:
 
 
 def main() -> None:
-    """Console entry point: user errors become one line and exit code 2."""
+    """Console entry point: usage mistakes get typer's usage line, user errors one line; both exit 2."""
     from pydantic import ValidationError
 
     try:
-        app(standalone_mode=False)
-    except SveError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except ValidationError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except click.ClickException as error:
+        code = app(standalone_mode=False, prog_name="sve")
+    except typer.TyperException as error:  # an unknown command or option, a missing or bad value
         error.show()
         sys.exit(error.exit_code)
+    except (SveError, ValidationError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except OSError as error:  # disk full, read-only or missing directory: the environment, not a bug
         where = f" {error.filename}" if error.filename else ""
         console.print(f"[red]error:[/red] cannot read or write{where}: {error.strerror or error}",
                       highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as error:
-        sys.exit(error.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         console.print("[red]interrupted[/red]")
         sys.exit(130)
+    if isinstance(code, int) and code:  # typer.Exit(code) returns its code when not standalone
+        sys.exit(code)

@@ -28,7 +28,8 @@ from safetensors import safe_open
 
 from sve_cli import __version__
 from sve_cli.checkpoint import Checkpoint, open_checkpoint, sve_home, tensor_fingerprint
-from sve_cli.writing import Shard, ShardWriter, plan_shards, write_index, write_json
+from sve_cli.writing import (Shard, ShardWriter, exclusive, fault_point, plan_shards, visible_entries, write_index,
+                             write_json)
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.targets import Target, resolve_targets
 
@@ -65,30 +66,88 @@ def resolve_device(device: str) -> torch.device:
         raise SveError(f"unknown --device '{device}' (use cpu, cuda or auto)") from None
 
 
-def svd_factors(weight: torch.Tensor, dtype: torch.dtype, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Thin SVD `W = U diag(S) Vh` with canonical signs, and its relative reconstruction error.
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}  # relative reconstruction error and orthogonality
 
-    Signs are fixed so that the largest-magnitude entry of each column of U is positive: the
-    factors then do not depend on the LAPACK build or device. The error
-    `||W - U diag(S) Vh||_F / ||W||_F` is estimated on `ERROR_PROBES` seeded Gaussian probes
-    (`||A G||_F² / p` is an unbiased estimate of `||A||_F²`), which costs O(out·in) instead of
-    the O(out·in·k) of rebuilding W.
+
+def _thin_svd(matrix: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`U [out,k]`, `S [k]` (descending), `Vh [k,in]` of `matrix`, by one of three methods:
+
+    - svd:    `torch.linalg.svd` in the matrix's dtype (LAPACK gesdd on CPU; cuSOLVER gesvd on
+              CUDA, not the default gesvdj, whose error reaches 1e-3);
+    - svd64:  the same in float64 (the accurate fallback);
+    - gram64: eigendecomposition of the float64 Gram matrix of the smaller side, the other
+              factor as `W V / S` — a few times faster on a GPU; small singular values lose
+              accuracy through the Gram matrix, which the orthogonality check catches.
     """
-    matrix = weight.to(device=device, dtype=dtype)  # [out, in]
-    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)  # [out,k], [k], [k,in]
+    driver = {"driver": "gesvd"} if matrix.is_cuda else {}
+    if method == "svd":
+        return torch.linalg.svd(matrix, full_matrices=False, **driver)
+    wide = matrix.double()
+    if method == "svd64":
+        return torch.linalg.svd(wide, full_matrices=False, **driver)
+    tall = wide.shape[0] >= wide.shape[1]
+    gram = wide.T @ wide if tall else wide @ wide.T  # [k, k]
+    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
+    S = eigenvalues.flip(0).clamp_min(0).sqrt()  # [k]
+    vectors = vectors.flip(1)
+    if tall:
+        return (wide @ vectors) / S, S, vectors.T  # U [out,k] = W V / S
+    return vectors, S, (vectors.T @ wide) / S[:, None]  # Vh [k,in] = U^T W / S
+
+
+def _errors(matrix: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[float, float]:
+    """Estimated `||W - U S Vh||_F / ||W||_F` and `max(||U^T U - I||, ||Vh Vh^T - I||)_F / sqrt(k)`, on
+    `ERROR_PROBES` seeded Gaussian probes (`||A G||_F² / p` is an unbiased estimate of `||A||_F²`):
+    O((out+in)·(k+in)·p) instead of the O(out·in·k) of rebuilding W."""
+    generator = torch.Generator(device=matrix.device).manual_seed(0)
+    probes = torch.randn(matrix.shape[1], ERROR_PROBES, generator=generator, device=matrix.device, dtype=U.dtype)
+    projected = matrix.to(U.dtype) @ probes  # [out, p]
+    rebuilt = U @ (S[:, None] * (Vh @ probes))  # [out, p]
+    norm = projected.norm()
+    reconstruction = float((projected - rebuilt).norm() / norm) if norm > 0 else 0.0
+    k = S.shape[0]
+    basis = torch.randn(k, ERROR_PROBES, generator=generator, device=matrix.device, dtype=U.dtype)  # [k, p]
+    orthogonality = max(float((U.T @ (U @ basis) - basis).norm() / basis.norm()),
+                        float((Vh @ (Vh.T @ basis) - basis).norm() / basis.norm()))
+    if not (reconstruction == reconstruction and orthogonality == orthogonality):  # NaN from a zero S
+        return float("inf"), float("inf")
+    return reconstruction, orthogonality
+
+
+def svd_methods(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Fastest first, each one more accurate than the last (benchmarks/decompose.py --methods)."""
+    if device.type == "cuda":
+        return ["gram64", "svd64"]
+    return ["svd", "svd64"] if dtype == torch.float32 else ["svd"]
+
+
+def svd_factors(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, methods: list[str] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Thin SVD `W = U diag(S) Vh` in `dtype` with canonical signs, and its relative reconstruction error.
+
+    Each method of `methods` (default: `svd_methods`) is tried in turn until the factors meet
+    `TOLERANCE[dtype]` in reconstruction error and orthogonality of U and Vh; none meeting it is
+    one clear error. Signs are fixed so that the largest-magnitude entry of each column of U is
+    positive: the factors then do not depend on the LAPACK build, the method or the device.
+    """
+    matrix = weight.to(device=device)  # [out, in]
+    tolerance = TOLERANCE[dtype]
+    measured = []
+    for method in methods or svd_methods(device, dtype):
+        U, S, Vh = (factor.to(dtype) for factor in _thin_svd(matrix.to(dtype), method))  # [out,k], [k], [k,in]
+        reconstruction, orthogonality = _errors(matrix, U, S, Vh)
+        if reconstruction <= tolerance and orthogonality <= tolerance:
+            break
+        measured.append(f"{method}: error {reconstruction:.1e}, orthogonality {orthogonality:.1e}")
+    else:
+        raise SveError(f"no SVD of a {list(weight.shape)} weight met the {tolerance:.0e} tolerance "
+                       f"({'; '.join(measured)}); try --dtype float64")
     columns = torch.arange(U.shape[1], device=device)
     signs = torch.sign(U[U.abs().argmax(dim=0), columns])  # [k]
     signs[signs == 0] = 1
     U.mul_(signs)  # in place: no new [out, k] / [k, in] buffers
     Vh.mul_(signs[:, None])
-    generator = torch.Generator(device=device).manual_seed(0)
-    probes = torch.randn(matrix.shape[1], ERROR_PROBES, generator=generator, device=device, dtype=dtype)
-    projected = matrix @ probes  # [out, p]
-    rebuilt = U @ (S[:, None] * (Vh @ probes))  # [out, p]
-    norm = projected.norm()
-    error = float((projected - rebuilt).norm() / norm) if norm > 0 else 0.0
-    return U.cpu(), S.cpu(), Vh.cpu(), error
+    return U.cpu(), S.cpu(), Vh.cpu(), reconstruction
 
 
 @dataclass
@@ -113,7 +172,7 @@ class DecomposePlan:
 def plan_decomposition(model: str, targets: str | None = None, precision: str = "float32",
                        max_shard_size: int = 1_000_000_000) -> DecomposePlan:
     if precision not in PRECISIONS:
-        raise SveError(f"unknown --precision '{precision}' (use float32 or float64)")
+        raise SveError(f"unknown --dtype '{precision}' (use float32 or float64)")
     checkpoint = open_checkpoint(model)
     resolved = resolve_targets(checkpoint, targets)
     element_size = PRECISIONS[precision].itemsize
@@ -178,15 +237,17 @@ def _existing_identity(out: Path) -> str | None:
     return None
 
 
-def _check_output(out: Path, identity: str, overwrite: bool) -> None:
-    """Refuse to clobber anything that is not an unfinished run of this same decomposition."""
+def _check_output(out: Path, identity: str, overwrite: bool) -> bool:
+    """Refuse to clobber anything that is not this decomposition (finished or not); True when
+    `out` holds another decomposition that `--overwrite` replaces. sve's own lock and temporaries
+    (left by a killed run) do not count: a directory holding only those is empty."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file, not a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return
+    if not out.exists() or not visible_entries(out):
+        return False
     existing = _existing_identity(out)
     if existing == identity:
-        return  # resume (or find it complete)
+        return False  # resume (or find it complete)
     if existing is None:
         raise OutputExistsError(
             f"{out} exists and is not an sve decomposition cache; choose another --out"
@@ -196,24 +257,37 @@ def _check_output(out: Path, identity: str, overwrite: bool) -> None:
             f"{out} holds a decomposition of another source, target set or precision; "
             "pass --overwrite to replace it"
         )
-    for stale in (out / MANIFEST, out / INDEX):  # the old cache is invalid from here on
-        stale.unlink(missing_ok=True)
+    return True
 
 
 def decompose(plan: DecomposePlan, out: Path, device: str = "cpu", overwrite: bool = False,
-              on_target: Callable[[Target, bool], None] | None = None) -> DecomposeResult:
+              on_target: Callable[[Target, bool], None] | None = None,
+              on_wait: Callable[[], None] | None = None) -> DecomposeResult:
     """Run (or resume) the decomposition planned by `plan` into `out`.
 
-    `on_target(target, reused)` is called after each target, for progress reporting.
+    `on_target(target, reused)` is called after each target, for progress reporting. Another
+    process decomposing into `out` is waited for (`on_wait()` says so); its finished shards are
+    then reused.
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
     checkpoint, dtype = plan.checkpoint, PRECISIONS[plan.precision]
     fingerprints = {t.name: tensor_fingerprint(checkpoint.read(t.name)) for t in plan.targets}
     identity = _identity(plan.precision, fingerprints)
-    _check_output(out, identity, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_output(out, identity, overwrite)  # before anything is created in `out`
+    with exclusive(out, "decompose", wait=True, on_wait=on_wait):
+        if _check_output(out, identity, overwrite):  # again: the lock's last holder may have changed it
+            for stale in (out / MANIFEST, out / INDEX):  # the old cache is invalid from here on
+                stale.unlink(missing_ok=True)
+        result = _decompose_locked(plan, out, identity, fingerprints, torch_device, dtype, on_target)
+    result.seconds = time.perf_counter() - started
+    return result
 
+
+def _decompose_locked(plan: DecomposePlan, out: Path, identity: str, fingerprints: dict[str, str],
+                      torch_device: torch.device, dtype: torch.dtype,
+                      on_target: Callable[[Target, bool], None] | None) -> DecomposeResult:
+    checkpoint = plan.checkpoint
     result = DecomposeResult(out, {})
     errors: dict[str, float] = {}
     targets = {t.name: t for t in plan.targets}
@@ -249,13 +323,13 @@ def decompose(plan: DecomposePlan, out: Path, device: str = "cpu", overwrite: bo
                   for shard in plan.shards for name in shard.names for factor in ("U", "S", "Vh")}
     write_index(out / INDEX, weight_map, plan.total_size, format="sve-decomposition")
     manifest = _manifest(plan, fingerprints, identity, errors)
+    fault_point("before-manifest")
     write_json(out / MANIFEST, manifest)
     planned = {shard.filename for shard in plan.shards}
     for stale in out.iterdir():  # shards of an earlier plan (e.g. another --max-shard-size)
         if SHARD_NAME.fullmatch(stale.name) and stale.name not in planned:
             stale.unlink()
     result.manifest = manifest
-    result.seconds = time.perf_counter() - started
     return result
 
 
@@ -278,8 +352,9 @@ def _manifest(plan: DecomposePlan, fingerprints: dict[str, str], identity: str,
         "dtype": plan.precision,
         "total_size": plan.total_size,
         "reconstruction_error": (
-            f"relative Frobenius error ||W - U diag(S) Vh|| / ||W||, estimated on "
-            f"{ERROR_PROBES} seeded Gaussian probes"
+            f"relative Frobenius error ||W - U diag(S) Vh|| / ||W||, estimated on {ERROR_PROBES} seeded "
+            f"Gaussian probes; every target met {TOLERANCE[PRECISIONS[plan.precision]]:.0e} in it and in "
+            "the orthogonality of U and Vh"
         ),
         "targets": [
             {

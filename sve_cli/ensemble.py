@@ -7,13 +7,17 @@ from the checkpoint's tensors, and transformers may rename modules on load (ViT 
 is the only reliable key. This also proves the cache belongs to this model.
 
 `SVEModel(**inputs)` repeats the batch member-major to `M·B` rows, runs the backbone once, and
-returns logits `[B, M, C]`.
+returns logits `[B, M, C]`; with `member_major=True` the inputs already hold one batch per member
+(`[M·B, …]`, e.g. each member's own shuffle of the data). `active_members(start, stop)` runs only a
+chunk of the members (`train.members_per_pass`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -21,40 +25,16 @@ from torch import nn
 from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers, tensor_fingerprint
 from sve_cli.decompose import FactorCache, decompose, default_output, plan_decomposition, source_fingerprint
 from sve_cli.errors import SveError
-from sve_cli.heads import MemberHead, features, representation_of
+from sve_cli.heads import MemberHead, features, native_representation, resolve_representation
 from sve_cli.baselines import DenseMembersLinear, LoRAMembersLinear
 from sve_cli.layer import SVELinear
+from sve_cli.recipe import EnsembleConfig
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 CLASSIFIER_NAMES = {"pooler": ("classifier.weight", "classifier.bias"),
                     "cls": ("classifier.weight", "classifier.bias"),
                     "cls_mean": ("classifier.weight", "classifier.bias"),
                     "last_token": ("score.weight", None)}
-
-
-@dataclass
-class EnsembleConfig:
-    method: str = "sve"  # sve | svf | single | deep_ensemble | lora_ensemble
-    members: int = 4
-    sigma_init: float = 0.01
-    parameterisation: str = "clamp"  # or "softplus"
-    strategy: str = "auto"  # or "factored", "materialised"
-    bias: bool = True  # False keeps bias-free layers (LLaMA) bias-free
-    seed: int = 0
-    targets: str | None = None  # preset or globs (for SVE: of a decomposition made on the fly)
-    single_mode: str = "full"  # single / deep_ensemble: "full" targeted layers, or "head" only
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-
-    @property
-    def uses_decomposition(self) -> bool:
-        return self.method in ("sve", "svf")
-
-    @property
-    def copy_jitter(self) -> float:
-        """Relative noise on the deep ensemble's copies of pretrained tensors (weights, copied heads),
-        so its members differ from the start as SVE's do; 0 for every other method."""
-        return self.sigma_init if self.method == "deep_ensemble" and self.members > 1 else 0.0
 
 
 @dataclass
@@ -78,26 +58,82 @@ class SVEModel(nn.Module):
         self.layers = layers  # target parameter name -> its member layer (registered inside backbone)
         self.members, self.representation, self.pad_token_id = members, representation, pad_token_id
         self.identity, self.head_kind = identity, head_kind
+        self.compute_dtype: torch.dtype | None = None  # set by `use_low_precision`
 
-    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each transformer block in the backward pass (non-reentrant: frozen inputs are fine)."""
+        if not getattr(self.backbone, "supports_gradient_checkpointing", False):
+            raise SveError(f"{type(self.backbone).__name__} does not support gradient checkpointing")
+        enable = getattr(self.backbone, "activation_checkpointing_enable", None)  # transformers ≥ 5.2x
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def use_low_precision(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Store every frozen tensor (weights, shared factors) in `dtype` and run the backbone under
+        autocast; what trains (sigma, biases, heads) keeps its float32 master copy."""
+        for module in self.modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                if not parameter.requires_grad:
+                    parameter.data = parameter.data.to(dtype)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and buffer.is_floating_point():
+                    setattr(module, name, buffer.to(dtype))
+        self.compute_dtype = dtype
+
+    @property
+    def active(self) -> range:
+        """The members a forward pass runs (all of them unless `active_members` narrowed it)."""
+        return self.head.active
+
+    @contextlib.contextmanager
+    def active_members(self, start: int, stop: int) -> Iterator[None]:
+        """Run members `start … stop-1` only: every member layer and the head slice their tensors."""
+        previous = self.active
+        for module in (*self.layers.values(), self.head):
+            module.active = range(start, stop)
+        try:
+            yield
+        finally:
+            for module in (*self.layers.values(), self.head):
+                module.active = previous
+
+    def forward(self, member_major: bool = False, **inputs: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, m, C]` of the active members `m`; inputs `[B, …]` (or `[m·B, …]` when
+        `member_major`)."""
+        members = len(self.active)
         batch = next(iter(inputs.values())).shape[0]
-        repeated = {name: value.repeat(self.members, *[1] * (value.dim() - 1))  # [M·B, …] member-major
-                    for name, value in inputs.items() if torch.is_tensor(value) and value.shape[0] == batch}
-        outputs = self.backbone(**repeated)
-        representation = features(self.representation, outputs, repeated.get("input_ids"), self.pad_token_id)
-        return self.head(representation)  # [B, M, C]
+        if not member_major:
+            inputs = {name: value.repeat(members, *[1] * (value.dim() - 1))  # [m·B, …] member-major
+                      for name, value in inputs.items() if torch.is_tensor(value) and value.shape[0] == batch}
+        device = next(iter(inputs.values())).device
+        with torch.autocast(device.type, dtype=self.compute_dtype or torch.float32, enabled=self.compute_dtype is not None):
+            outputs = self.backbone(**inputs)
+        representation = features(self.representation, outputs, inputs.get("input_ids"),
+                                  inputs.get("attention_mask"), self.pad_token_id)
+        return self.head(representation)  # [B, m, C]
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
 
-def _load_backbone(checkpoint: Checkpoint, representation: str) -> nn.Module:
+POOLER_MODELS = ("bert", "vit")  # their AutoModel builds a pooler unless told not to
+
+
+def _load_backbone(checkpoint: Checkpoint, representation: str, dropout: bool, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModel
 
     quiet_transformers()  # e.g. "weights not used" for the classifier we read ourselves
+    options = {}
+    if checkpoint.model_type in POOLER_MODELS and representation != "pooler":
+        options["add_pooling_layer"] = False  # as ViTForImageClassification: no pooler the head does not read
+    if not dropout:  # e.g. hidden_dropout_prob, attention_probs_dropout_prob, attention_dropout
+        options.update({key: 0.0 for key, value in checkpoint.config.items()
+                        if "dropout" in key and isinstance(value, float)})
     try:
-        extra = {"add_pooling_layer": False} if representation == "cls" else {}  # as ViTForImageClassification
-        return AutoModel.from_pretrained(checkpoint.directory, dtype=torch.float32, **extra).eval()
+        return AutoModel.from_pretrained(checkpoint.directory, dtype=torch.float32,
+                                         trust_remote_code=trust_remote_code, **options).eval()
     except (OSError, ValueError) as error:
         raise SveError(f"transformers cannot load {checkpoint.source}: {error}") from None
 
@@ -195,27 +231,28 @@ def ensure_decomposition(model: str, decomposition: Path | None, targets: str | 
 
 def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = None,
                    letter_token_ids: list[int] | None = None, decomposition: Path | None = None,
-                   head_init: str = "normal", pad_token_id: int | None = None) -> SVEModel:
-    """An SVE ensemble of `model` with a classification head of `classes` classes, or (for a
-    causal LM) a letter head scoring `letter_token_ids` with the LM head's own rows.
+                   pad_token_id: int | None = None, seed: int = 0, trust_remote_code: bool = False) -> SVEModel:
+    """An ensemble of `model` (`config.method`, `config.members` members) with a classification
+    head of `classes` classes, or (for a causal LM) a letter head scoring `letter_token_ids` with
+    the LM head's own rows. `seed` fixes every random initialisation.
 
-    `head_init`: "normal" (N(0, 0.01²) per member) or "checkpoint" (copy the checkpoint's own
-    classifier into every member). `pad_token_id` overrides the config's (the tokenizer's pad
+    `config.head_init`: "normal" (N(0, 0.01²) per member) or "checkpoint" (copy the checkpoint's
+    own classifier into every member). `pad_token_id` overrides the config's (the tokenizer's pad
     token decides which position is the last real token).
     """
-    if config.members < 1:
-        raise SveError(f"members must be at least 1 (got {config.members})")
     if (classes is None) == (letter_token_ids is None):
         raise SveError("give either the number of classes or the answer-letter token ids")
     checkpoint = open_checkpoint(model)
     if not (checkpoint.directory / "config.json").exists():
         raise SveError(f"{model} needs a config.json beside its weights to build a model")
-    representation = representation_of(checkpoint.model_type)
-    if letter_token_ids is not None and representation != "last_token":
+    native = native_representation(checkpoint.model_type)
+    if letter_token_ids is not None and native != "last_token":
         raise SveError(f"a letter head needs a causal LM; {model} is a {checkpoint.model_type}")
-    backbone = _load_backbone(checkpoint, representation)
+    representation = "last_token" if letter_token_ids is not None else resolve_representation(
+        config.representation, checkpoint.model_type, checkpoint.directory)
+    backbone = _load_backbone(checkpoint, representation, config.dropout, trust_remote_code)
     backbone.requires_grad_(False)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     layers, fingerprint, source_fingerprint = _attach_method(backbone, checkpoint, config, decomposition, generator)
 
     hidden = backbone.config.hidden_size * (2 if representation == "cls_mean" else 1)
@@ -225,20 +262,21 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
         head.init_from(checkpoint.read(name).float()[letter_token_ids], jitter=config.copy_jitter, generator=generator)
     else:
         dropout = 0.0
-        if representation == "pooler":
+        if representation == "pooler" and config.dropout:
             config_dropout = getattr(backbone.config, "classifier_dropout", None)
             dropout = config_dropout if config_dropout is not None else backbone.config.hidden_dropout_prob
         head = MemberHead(config.members, hidden, classes, bias=representation != "last_token", dropout=dropout)
-        if head_init == "checkpoint":
+        if config.head_init == "checkpoint":
+            if representation != native:
+                raise SveError(f"head_init: checkpoint copies the {checkpoint.model_type} classifier, which reads "
+                               f"'{native}', not '{representation}': set ensemble.representation: {native}")
             weight_name, bias_name = CLASSIFIER_NAMES[representation]
             if weight_name not in checkpoint.files:
                 raise SveError(f"{model} has no classifier ('{weight_name}') to initialise the heads from")
             head.init_from(checkpoint.read(weight_name).float(),
                            checkpoint.read(bias_name).float() if bias_name else None, config.copy_jitter, generator)
-        elif head_init == "normal":
-            head.init_normal(generator)
         else:
-            raise SveError(f"unknown head_init '{head_init}' (normal or checkpoint)")
+            head.init_normal(generator)
 
     identity = Identity(model, checkpoint.model_type, fingerprint, source_fingerprint, list(layers), config.method)
     if pad_token_id is None:

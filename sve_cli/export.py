@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from sve_cli import __version__
@@ -24,6 +23,7 @@ from sve_cli.checkpoint import Checkpoint, open_checkpoint, tensor_fingerprint
 from sve_cli.writing import SAFETENSORS_DTYPES, ShardWriter, parse_size, plan_shards, write_index, write_json
 from sve_cli.decompose import FactorCache, default_output, source_fingerprint
 from sve_cli.errors import OutputExistsError, SveError
+from sve_cli.layer import nonnegative
 from sve_cli.recipe import load_recipe
 from sve_cli.train import BANK, RECIPE
 
@@ -87,7 +87,7 @@ def _merged_weight(bank: RunBank, cache: FactorCache | None, target: str, member
     module, method = target.removesuffix(".weight"), bank.metadata["method"]
     if method in ("sve", "svf"):
         sigma = _member_value(bank, f"{module}.sigma", member)
-        values = F.relu(sigma) if bank.metadata["parameterisation"] == "clamp" else F.softplus(sigma)
+        values = nonnegative(sigma, bank.metadata["parameterisation"])
         U, _, Vh = cache.factors(target)
         return (U.float() * values) @ Vh.float()  # [out, in]
     if method == "lora_ensemble":

@@ -9,6 +9,7 @@ default) or `softplus`. Inputs arrive member-major as `[M·B, …, in]` and are 
 
 `auto` picks the cheaper one per call from that cost model; in eval mode a materialised `W_m`
 is cached and rebuilt only when sigma or bias change (their in-place version counters move).
+`active` (a range of members, set by `SVEModel.active_members`) runs a chunk of the members only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from torch import nn
 
 STRATEGIES = ("auto", "factored", "materialised")
 PARAMETERISATIONS = ("clamp", "softplus")
+
+
+def nonnegative(sigma: torch.Tensor, parameterisation: str) -> torch.Tensor:
+    """f(sigma), the singular values a member uses: relu (`clamp`) or softplus."""
+    return F.relu(sigma) if parameterisation == "clamp" else F.softplus(sigma)
 
 
 def inverse_softplus(values: torch.Tensor) -> torch.Tensor:
@@ -80,6 +86,7 @@ class SVELinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._cache: tuple[tuple, torch.Tensor] | None = None
+        self.active = range(members)
 
     @property
     def rank(self) -> int:
@@ -87,7 +94,13 @@ class SVELinear(nn.Module):
 
     def singular_values(self) -> torch.Tensor:
         """The non-negative singular values each member uses, `[M, k]`."""
-        return F.relu(self.sigma) if self.parameterisation == "clamp" else F.softplus(self.sigma)
+        return nonnegative(self.sigma, self.parameterisation)
+
+    def _active_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Singular values `[m, k]` and biases `[m, out]` of the active members."""
+        chunk = slice(self.active.start, self.active.stop)
+        return (nonnegative(self.sigma[chunk], self.parameterisation),
+                None if self.bias is None else self.bias[chunk])
 
     def member_weight(self, member: int) -> torch.Tensor:
         """`U diag(s_m) Vh`, `[out, in]`: member m's dense weight (for export and tests)."""
@@ -97,7 +110,7 @@ class SVELinear(nn.Module):
         if self.strategy != "auto":
             return self.strategy
         cached = not self.training and self._cache is not None and self._cache[0] == self._cache_key()
-        costs = strategy_costs(self.members, tokens, self.out_features, self.in_features, self.rank,
+        costs = strategy_costs(len(self.active), tokens, self.out_features, self.in_features, self.rank,
                                training=self.training and self.sigma.requires_grad, weights_cached=cached)
         return min(costs, key=costs.get)
 
@@ -105,34 +118,36 @@ class SVELinear(nn.Module):
         bias_version = self.bias._version if self.bias is not None else None
         return (self.sigma._version, self.sigma.data_ptr(), bias_version, self.U.data_ptr())
 
-    def _weights(self) -> torch.Tensor:
-        """`[M, out, in]`, cached in eval mode until sigma changes."""
+    def _weights(self, values: torch.Tensor) -> torch.Tensor:
+        """`[m, out, in]` of the active members (`values` = their singular values), cached for all
+        members in eval mode until sigma changes."""
         if self.training or torch.is_grad_enabled():
-            return (self.U[None] * self.singular_values()[:, None, :]) @ self.Vh  # [M, out, in]
+            return (self.U[None] * values[:, None, :].to(self.U.dtype)) @ self.Vh  # [m, out, in]
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, (self.U[None] * self.singular_values()[:, None, :]) @ self.Vh)
-        return self._cache[1]
+            self._cache = (key, (self.U[None] * self.singular_values()[:, None, :].to(self.U.dtype)) @ self.Vh)
+        return self._cache[1][self.active.start:self.active.stop]
 
     def train(self, mode: bool = True) -> "SVELinear":
         self._cache = None
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        leading = x.shape[:-1]
-        if leading[0] % self.members:
-            raise ValueError(f"batch {leading[0]} is not a multiple of {self.members} members")
-        rows = x.reshape(self.members, -1, self.in_features)  # [M, B·T, in]
+        leading, members = x.shape[:-1], len(self.active)
+        if leading[0] % members:
+            raise ValueError(f"batch {leading[0]} is not a multiple of {members} members")
+        rows = x.reshape(members, -1, self.in_features)  # [m, B·T, in]
+        values, bias = self._active_values()  # [m, k], [m, out]
         if self.choose(rows.shape[1]) == "factored":
-            hidden = rows @ self.Vh.T  # [M, B·T, k]
-            hidden = hidden * self.singular_values()[:, None, :]  # [M, B·T, k]
-            out = hidden @ self.U.T  # [M, B·T, out]
-            if self.bias is not None:
-                out = out + self.bias[:, None, :]
-        elif self.bias is not None:
-            out = torch.baddbmm(self.bias[:, None, :], rows, self._weights().transpose(1, 2))  # [M, B·T, out]
+            hidden = rows @ self.Vh.T  # [m, B·T, k]
+            hidden = hidden * values[:, None, :]  # [m, B·T, k]
+            out = hidden @ self.U.T  # [m, B·T, out]
+            if bias is not None:
+                out = out + bias[:, None, :]
+        elif bias is not None:
+            out = torch.baddbmm(bias[:, None, :], rows, self._weights(values).transpose(1, 2))  # [m, B·T, out]
         else:
-            out = torch.bmm(rows, self._weights().transpose(1, 2))  # [M, B·T, out]
+            out = torch.bmm(rows, self._weights(values).transpose(1, 2))  # [m, B·T, out]
         return out.reshape(*leading, self.out_features)
 
     def extra_repr(self) -> str:

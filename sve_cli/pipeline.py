@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sve_cli.checkpoint import open_checkpoint, quiet_transformers
 from sve_cli.data import Encoded, Examples
-from sve_cli.ensemble import EnsembleConfig, SVEModel, build_ensemble
+from sve_cli.ensemble import SVEModel, build_ensemble
 from sve_cli.errors import SveError
 from sve_cli.recipe import Recipe
 
@@ -44,25 +44,16 @@ class Pipeline:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
         self.letters: list[str] | None = None
 
-    def ensemble_config(self) -> EnsembleConfig:
-        ensemble, train = self.recipe.ensemble, self.recipe.train
-        return EnsembleConfig(method=ensemble.method, members=ensemble.members, sigma_init=ensemble.sigma_init,
-                              parameterisation=ensemble.parameterisation, strategy=ensemble.strategy,
-                              bias=ensemble.bias, seed=train.seed, targets=ensemble.targets,
-                              single_mode=ensemble.single_mode, lora_rank=ensemble.lora_rank,
-                              lora_alpha=ensemble.lora_alpha)
-
     def build_model(self, label_names: list[str]) -> SVEModel:
         recipe = self.recipe
-        decomposition = Path(recipe.model.decomposition) if recipe.model.decomposition else None
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        common = {"decomposition": Path(recipe.model.decomposition) if recipe.model.decomposition else None,
+                  "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer is not None else None,
+                  "seed": recipe.train.seed, "trust_remote_code": recipe.model.trust_remote_code}
         if recipe.task.type == "multiple_choice":
             self.letters = recipe.task.letters[:len(label_names)]
             ids = [letter_token_id(self.tokenizer, letter) for letter in self.letters]
-            return build_ensemble(recipe.model.path, self.ensemble_config(), letter_token_ids=ids,
-                                  decomposition=decomposition, pad_token_id=pad)
-        return build_ensemble(recipe.model.path, self.ensemble_config(), classes=len(label_names),
-                              decomposition=decomposition, head_init=recipe.ensemble.head_init, pad_token_id=pad)
+            return build_ensemble(recipe.model.path, recipe.ensemble, letter_token_ids=ids, **common)
+        return build_ensemble(recipe.model.path, recipe.ensemble, classes=len(label_names), **common)
 
     def encode(self, examples: Examples) -> Encoded:
         task = self.recipe.task

@@ -54,7 +54,9 @@ class TaskSection(_Section):
                                     "e.g. 'Which topic is this article about?'")
 
 
-class EnsembleSection(_Section):
+class EnsembleConfig(_Section):
+    """What the ensemble is: the recipe's `ensemble:` section, and `build_ensemble`'s argument."""
+
     method: Literal["sve", "svf", "single", "deep_ensemble", "lora_ensemble"] = "sve"
     members: int = Field(4, ge=1, le=256)
     sigma_init: float = Field(0.01, ge=0, description="relative init noise of each member's singular values "
@@ -62,7 +64,12 @@ class EnsembleSection(_Section):
     parameterisation: Literal["clamp", "softplus"] = "clamp"
     targets: str = "all"
     strategy: Literal["auto", "factored", "materialised"] = "auto"
-    bias: bool = True
+    bias: bool = Field(True, description="members own a bias on every target (False keeps LLaMA's layers bias-free)")
+    dropout: bool = Field(True, description="keep the checkpoint's dropout while training (false: every "
+                          "dropout probability in its config is set to 0)")
+    representation: Literal["auto", "pooler", "cls", "mean", "max", "last_token"] = Field(
+        "auto", description="what the heads read: auto = the checkpoint's own pooling (sentence-transformers "
+        "config) or the architecture's HF classifier's")
     head_init: Literal["normal", "checkpoint"] = "normal"
     single_mode: Literal["full", "head"] = Field("full", description="single/deep_ensemble: train the "
                                                  "targeted layers fully, or the head only")
@@ -70,10 +77,20 @@ class EnsembleSection(_Section):
     lora_alpha: float = Field(16.0, gt=0)
 
     @model_validator(mode="after")
-    def _members_of_single_models(self) -> "EnsembleSection":
+    def _members_of_single_models(self) -> "EnsembleConfig":
         if self.method in ("svf", "single") and self.members != 1:
             raise ValueError(f"method '{self.method}' trains one model: set members: 1")
         return self
+
+    @property
+    def uses_decomposition(self) -> bool:
+        return self.method in ("sve", "svf")
+
+    @property
+    def copy_jitter(self) -> float:
+        """Relative noise on the deep ensemble's copies of pretrained tensors (weights, copied heads),
+        so its members differ from the start as SVE's do; 0 for every other method."""
+        return self.sigma_init if self.method == "deep_ensemble" and self.members > 1 else 0.0
 
 
 class TrainSection(_Section):
@@ -90,8 +107,16 @@ class TrainSection(_Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on a GPU, frozen factors and "
+                                                "weights stored in bf16, fp32 master copies of what trains")
     seed: int = 0
+    member_batches: Literal["shared", "shuffled", "bootstrap"] = Field(
+        "shared", description="shared: every member sees the same batch; shuffled: each member its own order "
+        "of the data (same step cost); bootstrap: each member its own resample with replacement")
+    members_per_pass: Optional[int] = Field(None, gt=0, description="run the members in chunks of this size "
+                                            "(gradients accumulated; same result, less activation memory)")
+    gradient_checkpointing: bool = Field(False, description="recompute each transformer block in the backward "
+                                         "pass (same result, less activation memory)")
     eval_every_steps: Optional[int] = Field(None, gt=0)
     checkpoint_every_steps: int = Field(50, gt=0)
 
@@ -107,7 +132,7 @@ class EvalSection(_Section):
 class Recipe(_Section):
     model: ModelSection
     task: TaskSection
-    ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 

@@ -12,6 +12,7 @@ are averaged by DDP, validation logits are gathered, and only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,13 +26,13 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from sve_cli.bank import save_bank
-from sve_cli.writing import atomic_path, save_safetensors, write_json
+from sve_cli.writing import atomic_path, exclusive, fault_point, save_safetensors, visible_entries, write_json
 from sve_cli.data import Encoded, load_splits
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.metrics import HIGHER_IS_BETTER, calibration_metrics
 from sve_cli.pipeline import Pipeline
-from sve_cli.recipe import Recipe, recipe_yaml
+from sve_cli.recipe import Recipe, load_recipe, recipe_yaml
 
 RECIPE, BANK, CHECKPOINT, STATE, METRICS = (
     "recipe.yaml", "sigma_bank.safetensors", "checkpoint.safetensors", "trainer_state.json", "metrics.jsonl")
@@ -56,30 +57,31 @@ def _init_parallel() -> Parallel:
     return Parallel(dist.get_rank(), world)
 
 
-def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, parallel: Parallel) -> bool:
-    """Returns True when an existing checkpoint should be resumed."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file")
-    existing = out.exists() and any(out.iterdir())
+def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, parallel: Parallel,
+                     on_note: Callable[[str], None] | None) -> bool:
+    """Returns True when an existing checkpoint should be resumed. Rank 0 holds the run's lock."""
+    existing = out.exists() and bool(visible_entries(out))
+    resuming = False
     if resume:
-        if not (out / CHECKPOINT).exists():
-            raise SveError(f"--resume: {out} has no {CHECKPOINT} to resume from")
-        if (out / RECIPE).read_text(encoding="utf-8") != recipe_yaml(recipe):
+        if not (out / RECIPE).exists():
+            raise SveError(f"--resume: {out} holds no run to resume (no {RECIPE}); start it without --resume")
+        if load_recipe(out / RECIPE) != recipe:  # validated recipes: a new default key changes nothing
             raise SveError(f"--resume: the recipe differs from the one {out} was started with "
                            f"({out / RECIPE}); start a new run with another --out")
-        return True
-    if existing and not overwrite:
-        hint = "--resume to continue it or " if (out / CHECKPOINT).exists() else ""
+        resuming = (out / CHECKPOINT).exists()
+        if not resuming and parallel.writer and on_note:
+            on_note(f"{out} has no {CHECKPOINT} yet (killed before its first checkpoint): starting from step 0")
+    elif existing and not overwrite:
+        hint = "--resume to continue it or " if (out / RECIPE).exists() else ""
         raise OutputExistsError(f"{out} already holds a run; pass {hint}--overwrite to replace it")
     if parallel.world > 1:
         dist.barrier()  # every rank has looked at `out` before rank 0 writes into it
-    if parallel.writer:
-        out.mkdir(parents=True, exist_ok=True)
+    if parallel.writer and not resuming:
         for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS):
             (out / name).unlink(missing_ok=True)
         with atomic_path(out / RECIPE) as temporary:
             temporary.write_text(recipe_yaml(recipe), encoding="utf-8")
-    return False
+    return resuming
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -105,9 +107,15 @@ def _param_groups(model: SVEModel, recipe: Recipe) -> list[dict]:
     return [{"params": params, "lr": lr, "weight_decay": decay, "base_lr": lr} for params, lr, decay in groups if params]
 
 
+def member_chunks(members: int, per_pass: int | None) -> list[tuple[int, int]]:
+    """`[(start, stop), …]`: the members run together in one pass (`train.members_per_pass`)."""
+    size = per_pass or members
+    return [(start, min(start + size, members)) for start in range(0, members, size)]
+
+
 @torch.no_grad()
 def predict(model: SVEModel, data: Encoded, batch_size: int, parallel: Parallel = Parallel(),
-            on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+            on_batch: Callable[[int], None] | None = None, members_per_pass: int | None = None) -> torch.Tensor:
     """Logits `[N, M, C]` of every example; under torchrun each rank does a strided share."""
     was_training = model.training
     model.eval()
@@ -117,7 +125,11 @@ def predict(model: SVEModel, data: Encoded, batch_size: int, parallel: Parallel 
     for start in range(0, len(rows), batch_size):
         indices = rows[start:start + batch_size]
         batch = {k: v.to(device) for k, v in data.batch(indices).items()}
-        outputs.append(model(**batch).float().cpu())
+        chunks = []
+        for first, stop in member_chunks(model.members, members_per_pass):
+            with model.active_members(first, stop):
+                chunks.append(model(**batch).float().cpu())  # [b, m, C]
+        outputs.append(torch.cat(chunks, dim=1))  # [b, M, C]
         on_batch and on_batch(len(indices))
     model.train(was_training)
     logits = torch.cat(outputs) if outputs else torch.empty(0)
@@ -131,6 +143,33 @@ def predict(model: SVEModel, data: Encoded, batch_size: int, parallel: Parallel 
     return merged
 
 
+class MemberOrders:
+    """The order each member sees the training data in, epoch by epoch (`train.member_batches`).
+
+    shared: one seeded permutation per epoch for every member (the default, as before);
+    shuffled: each member its own permutation; bootstrap: each member its own draw of N rows
+    with replacement. All are seeded by (seed, epoch, member), so a resumed run sees the same
+    batches; the step costs the same as with shared batches (the `[M·B]` batch exists anyway).
+    """
+
+    def __init__(self, rows: int, members: int, seed: int, mode: str):
+        self.rows, self.seed, self.mode = rows, seed, mode
+        self.members = 1 if mode == "shared" else members
+        self._epoch, self._orders = -1, []
+
+    def _order(self, epoch: int, member: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + member * 1_000_003)
+        if self.mode == "bootstrap":
+            return torch.randint(self.rows, (self.rows,), generator=generator)
+        return torch.randperm(self.rows, generator=generator)
+
+    def batch(self, epoch: int, offset: int, size: int) -> list[torch.Tensor]:
+        """Rows of batch `offset` of `epoch`, one tensor per member (one in all for shared)."""
+        if epoch != self._epoch:
+            self._epoch, self._orders = epoch, [self._order(epoch, m) for m in range(self.members)]
+        return [order[offset * size:(offset + 1) * size] for order in self._orders]
+
+
 def _save_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
     names = {id(p): n for n, p in model.trainable_parameters().items()}
     tensors = {f"param.{n}": p.detach() for n, p in model.trainable_parameters().items()}
@@ -139,6 +178,7 @@ def _save_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimize
             for key, value in optimizer.state.get(parameter, {}).items():
                 tensors[f"optim.{names[id(parameter)]}.{key}"] = value.detach().reshape(value.shape)
     tensors["rng.torch"] = torch.get_rng_state()
+    fault_point("checkpoint-write")
     save_safetensors(out / CHECKPOINT, tensors, {"sve.trainer_state": json.dumps(state)})
     write_json(out / STATE, state)
 
@@ -165,10 +205,25 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
 
 
 def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = False,
-          on_step: Callable[[dict], None] | None = None, on_eval: Callable[[dict], None] | None = None) -> dict:
-    """Train `recipe` into the run directory `out`; returns the final trainer state."""
+          on_step: Callable[[dict], None] | None = None, on_eval: Callable[[dict], None] | None = None,
+          on_note: Callable[[str], None] | None = None) -> dict:
+    """Train `recipe` into the run directory `out`; returns the final trainer state.
+
+    Another `sve train` writing into `out` is refused at once (its lock is held); `on_note(text)`
+    receives remarks worth a line (e.g. a resume that starts from step 0).
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file")
     parallel = _init_parallel()
-    resuming = _prepare_run_dir(out, recipe, resume, overwrite, parallel)
+    lock = exclusive(out, "train", wait=False) if parallel.writer else contextlib.nullcontext()
+    with lock:
+        return _train(recipe, out, resume, overwrite, parallel, on_step, on_eval, on_note)
+
+
+def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: Parallel,
+           on_step: Callable[[dict], None] | None, on_eval: Callable[[dict], None] | None,
+           on_note: Callable[[str], None] | None) -> dict:
+    resuming = _prepare_run_dir(out, recipe, resume, overwrite, parallel, on_note)
     train_cfg = recipe.train
     torch.manual_seed(train_cfg.seed)
 
@@ -177,6 +232,10 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
     splits, label_names = load_splits(recipe.task, str(recipe.task.dataset))
     model = pipeline.build_model(label_names)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if train_cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if train_cfg.precision == "bf16" and device.type == "cuda":
+        model.use_low_precision(torch.bfloat16)
     model.to(device)
     data = {name: pipeline.encode(examples) for name, examples in splits.items()}
     train_data, eval_data = data[recipe.task.train_split], data[recipe.eval.split]
@@ -202,33 +261,38 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
     bank_extra = {"label_names": label_names, "task": recipe.task.type, "letters": pipeline.letters}
 
     metric, higher = recipe.eval.metric, HIGHER_IS_BETTER[recipe.eval.metric]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=train_cfg.precision == "bf16" and device.type == "cuda")
+    chunks = member_chunks(trained.members, train_cfg.members_per_pass)
+    orders = MemberOrders(len(train_data), trained.members, train_cfg.seed, train_cfg.member_batches)
+    shared = train_cfg.member_batches == "shared"
     model.train()
-    started, tokens_seen = time.perf_counter(), 0
+    started, tokens_seen = time.perf_counter(), 0.0
     while state["step"] < total:
         step = state["step"]
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, total, warmup, train_cfg.schedule)
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, correct, rows_seen = 0.0, 0, 0
+        loss_sum, correct, rows_seen = 0.0, 0.0, 0
         for micro in range(train_cfg.gradient_accumulation):
-            batch_number = step * train_cfg.gradient_accumulation + micro
-            epoch, offset = divmod(batch_number, batches_per_epoch)
-            order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(train_cfg.seed * 100_003 + epoch))
-            rows = order[offset * train_cfg.batch_size:(offset + 1) * train_cfg.batch_size]
-            rows = rows[parallel.rank::parallel.world]
-            batch = {k: v.to(device) for k, v in train_data.batch(rows).items()}
-            labels = train_data.labels[rows].to(device)
-            with autocast:
-                logits = model(**batch)  # [b, M, C]
-            members, classes = logits.shape[1:]
-            loss = torch.nn.functional.cross_entropy(  # mean over rows and members
-                logits.float().reshape(-1, classes), labels.repeat_interleave(members))
-            (loss / train_cfg.gradient_accumulation).backward()
-            loss_sum += float(loss.detach()) / train_cfg.gradient_accumulation
-            correct += int((logits.float().softmax(-1).mean(1).argmax(-1) == labels).sum())
-            rows_seen += len(rows)
-            tokens_seen += train_data.tokens(rows)
+            epoch, offset = divmod(step * train_cfg.gradient_accumulation + micro, batches_per_epoch)
+            member_rows = [rows[parallel.rank::parallel.world]  # each member's rows of this batch
+                           for rows in orders.batch(epoch, offset, train_cfg.batch_size)]
+            for start, stop in chunks:
+                # one batch that the model repeats for every member, or each member's own rows, member-major
+                rows = member_rows[0] if shared else torch.cat(member_rows[start:stop])  # [b] or [m·b]
+                batch = {k: v.to(device) for k, v in train_data.batch(rows).items()}
+                with trained.active_members(start, stop):  # also around backward: checkpointing recomputes
+                    logits = model(member_major=not shared, **batch)  # [b, m, C]
+                    members, classes = logits.shape[1:]
+                    labels = train_data.labels[rows].to(device).reshape(-1, len(member_rows[0])).T  # [b, 1] or [b, m]
+                    labels = labels.expand(-1, members)  # [b, m]
+                    loss = torch.nn.functional.cross_entropy(  # mean over rows and this chunk's members
+                        logits.float().reshape(-1, classes), labels.reshape(-1))
+                    share = members / trained.members / train_cfg.gradient_accumulation
+                    (loss * share).backward()
+                loss_sum += float(loss.detach()) * share
+                correct += float((logits.argmax(-1) == labels).float().mean(1).sum()) * members / trained.members
+            rows_seen += len(member_rows[0])
+            tokens_seen += sum(train_data.tokens(rows) for rows in member_rows) / len(member_rows)
         if train_cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(trained.trainable_parameters().values(), train_cfg.grad_clip)
         optimizer.step()
@@ -239,7 +303,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
                              "epoch": step / steps_per_epoch})
 
         if step % eval_every == 0 or step == total:
-            logits = predict(trained, eval_data, recipe.eval.batch_size, parallel)
+            logits = predict(trained, eval_data, recipe.eval.batch_size, parallel,
+                             members_per_pass=train_cfg.members_per_pass)
             numbers = calibration_metrics(logits, eval_data.labels, recipe.eval.bins, recipe.eval.combine)
             line = {"step": step, "epoch": round(step / steps_per_epoch, 4), "split": recipe.eval.split,
                     "train_loss": loss_sum, **numbers}

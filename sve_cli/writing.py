@@ -1,16 +1,25 @@
-"""Writing files safely: atomic replacement, deterministic safetensors, streamed HF shards.
+"""Writing files safely: atomic replacement, deterministic safetensors, streamed HF shards, locks.
 
-Every file goes to a temporary sibling, is fsynced and renamed over its final name, so a reader
-never sees half a file and a crash never destroys the previous version.
+Every file goes to a temporary sibling (`.NAME.tmp-PID`), is fsynced and renamed over its final
+name, so a reader never sees half a file and a crash never destroys the previous version. A
+directory that sve writes into is held by an exclusive lock (`.sve.lock`, `flock`: released by the
+kernel even when the process is SIGKILLed), so two commands never write the same output at once;
+once the lock is held, temporaries left by a killed process are removed.
+
+`fault_point(name)` lets the tests kill the process at an exact moment (`SVE_KILL_AT=name[:n]`
+SIGKILLs it the n-th time that point is reached); it does nothing otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
 import re
+import shutil
+import signal
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +31,64 @@ from sve_cli.errors import SveError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+LOCK_NAME = ".sve.lock"
+TEMPORARY = re.compile(r"\..+\.(tmp|old)-\d+")  # `.NAME.tmp-PID` files and `.NAME.old-PID` directories
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here when `SVE_KILL_AT` names this point (tests of crash safety)."""
+    wanted = os.environ.get("SVE_KILL_AT")
+    if not wanted:
+        return
+    point, _, count = wanted.partition(":")
+    if point == name:
+        _fault_counts[name] = _fault_counts.get(name, 0) + 1
+        if _fault_counts[name] == int(count or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def is_bookkeeping(path: Path) -> bool:
+    """The lock file, or a temporary left by an interrupted write: never part of an output."""
+    return path.name == LOCK_NAME or bool(TEMPORARY.fullmatch(path.name))
+
+
+def visible_entries(directory: Path) -> list[Path]:
+    """What a directory holds besides sve's lock and temporaries."""
+    return [path for path in directory.iterdir() if not is_bookkeeping(path)]
+
+
+class LockedError(SveError):
+    """Another sve process holds the output."""
+
+
+@contextlib.contextmanager
+def exclusive(directory: Path, what: str, wait: bool, on_wait=None) -> Iterator[None]:
+    """Hold `directory/.sve.lock` for the block; then remove temporaries of interrupted writes.
+
+    `wait=False` refuses at once (one line) when another process holds it; `wait=True` blocks,
+    calling `on_wait()` first, so the second process finds the first one's finished work.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK_NAME, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise LockedError(f"{directory} is in use by another sve {what}; wait for it to finish "
+                                  "or choose another output") from None
+            on_wait and on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        for leftover in directory.iterdir():  # nobody else writes here now: leftovers are dead
+            if TEMPORARY.fullmatch(leftover.name):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 def parse_size(text: str | int) -> int:
@@ -47,6 +114,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o666 & ~_UMASK)  # some writers create 0600 files
+        fault_point("before-rename")
         os.replace(temporary, path)
         _fsync_directory(path.parent)
     finally:
@@ -177,6 +245,7 @@ class ShardWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._handle = open(self._temporary, "wb")
         self._handle.write(_header(self._layout, self._metadata))
+        fault_point("shard-begun")
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, dtype, shape = self._layout[self._written]
@@ -204,6 +273,7 @@ class ShardWriter:
         finally:
             handle.close()
         os.chmod(self._temporary, 0o666 & ~_UMASK)
+        fault_point("before-rename")
         os.replace(self._temporary, self._path)
         _fsync_directory(self._path.parent)
 

@@ -19,21 +19,23 @@ def test_every_command_help_ends_with_an_example(sve):
 
     import typer.main
 
-    for name in typer.main.get_command(app).commands:
+    for name, command in typer.main.get_command(app).commands.items():
         result = sve(name, "--help")
         assert result.code == 0
         collapsed = " ".join(result.stdout.split())  # rich wraps long lines
-        example = collapsed.rsplit("Example:", 1)[-1]
-        assert "Example:" in collapsed and example.startswith(f" sve {name} ") and "--" not in example.split("sve")[0]
-        assert len(example) < 120  # the example is the last thing printed
+        epilog = " ".join(command.epilog.split())
+        assert epilog.startswith(f"Example: sve {name} ")
+        assert collapsed.endswith(epilog), collapsed[-200:]  # the worked example is the last thing printed
 
 
-def test_every_option_help_is_printed_whole(sve):
-    """Rich reads `[...]` as markup and silently drops it; every help string must reach the screen."""
+def test_every_option_help_is_printed_whole(sve, monkeypatch):
+    """Rich reads `[...]` as markup and silently drops it; every help string must reach the screen
+    (on a terminal wide enough that no cell wraps into its neighbour)."""
     from sve_cli.cli import app
 
     import typer.main
 
+    monkeypatch.setenv("COLUMNS", "250")
     for name, command in typer.main.get_command(app).commands.items():
         shown = " ".join(sve(name, "--help").stdout.replace("│", " ").split())
         for param in command.params:
@@ -63,7 +65,6 @@ def test_decompose_then_rerun_reuses(sve, tiny_checkpoints, tmp_path):
     (lambda tmp, ck: _unknown_arch(tmp, ck), [], "no target preset for model_type 'mystery'"),
     (lambda tmp, ck: ck["llama"], ["--targets", "*.nope.weight"], "matches no tensor"),
     (lambda tmp, ck: ck["llama"], ["--targets", "*.post_attention_layernorm.weight"], "only 2-D"),
-    (lambda tmp, ck: ck["llama"], ["--precision", "int4"], "unknown --precision"),
     (lambda tmp, ck: ck["llama"], ["--max-shard-size", "big"], "cannot read size"),
     (lambda tmp, ck: "builtin:nothing", [], "unknown built-in model"),
     (lambda tmp, ck: "org/model-that-is-not-here", [], "could not be fetched"),
@@ -124,3 +125,37 @@ def test_real_minilm_end_to_end_in_a_subprocess(tmp_path):
     assert max(t["rel_error"] for t in manifest["targets"]) < 1e-5
     bad = sve_subprocess("decompose", tmp_path / "nowhere")
     assert bad.returncode == 2 and bad.stderr.startswith("error: no such file") and "Traceback" not in bad.stderr
+
+
+COMMANDS = {"decompose": ["builtin:minilm"], "train": ["recipe.yaml"], "evaluate": ["run"], "export": ["run", "--format", "safetensors"]}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["evalute"], "No such command 'evalute'"),
+    (["--frobnicate"], "No such option: --frobnicate"),
+    *[([name, *args, "--frobnicate"], "No such option: --frobnicate") for name, args in COMMANDS.items()],
+    *[([name], "Missing argument") for name in COMMANDS],
+    (["export", "run"], "Missing option '--format'"),
+    (["evaluate", "run", "--bins", "abc"], "Invalid value for '--bins'"),
+    (["evaluate", "run", "--bins", "0"], "Invalid value for '--bins'"),
+    (["evaluate", "run", "--combine", "median"], "Invalid value for '--combine'"),
+    (["decompose", "builtin:minilm", "--device", "tpu9", "--dry-run"], "Invalid value for '--device'"),
+    (["decompose", "builtin:minilm", "--dtype", "int4"], "Invalid value for '--dtype'"),
+    (["export", "run", "--format", "zip"], "Invalid value for '--format'"),
+    (["export", "run", "--format", "safetensors", "--dtype", "int8"], "Invalid value for '--dtype'"),
+    (["train", "recipe.yaml", "--set"], "requires an argument"),
+])
+def test_usage_mistakes_print_typers_usage_line_and_exit_2(sve, args, message):
+    """Every mistake in the command line itself: typer's short usage message on stderr, exit 2."""
+    result = sve(*args)
+    assert result.code == 2, (result.code, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    if args[-1] != "--set":  # click reports an option missing its value without the usage lines
+        assert result.stderr.startswith("Usage: sve") and "Try 'sve" in result.stderr, result.stderr
+    assert "Error: " in result.stderr and message in " ".join(result.stderr.split()), result.stderr
+
+
+def test_usage_mistake_in_a_real_process_has_no_traceback():
+    result = sve_subprocess("train")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("Usage: sve train") and "Missing argument" in result.stderr

@@ -86,6 +86,51 @@ def test_error_estimate_tracks_the_exact_error():
     assert abs(estimate - exact) < 0.05 * exact
 
 
+def _ill_conditioned(out: int = 96, inner: int = 64) -> torch.Tensor:
+    """Singular values from 1 down to 1e-9 (and three exact zeros): the Gram matrix squares them."""
+    generator = torch.Generator().manual_seed(2)
+    left = torch.linalg.qr(torch.randn(out, inner, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(inner, inner, generator=generator, dtype=torch.float64))[0]
+    values = torch.logspace(0, -9, inner, dtype=torch.float64)
+    values[-3:] = 0
+    return (left * values) @ right.T
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_every_method_meets_the_tolerance_or_is_replaced(dtype, tolerance):
+    from sve_cli.decompose import _errors, _thin_svd
+
+    well = torch.randn(80, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    for method in ("svd", "svd64", "gram64"):
+        U, S, Vh = (f.to(dtype) for f in _thin_svd(well, method))
+        assert max(_errors(well, U, S, Vh)) < tolerance, method
+        torch.testing.assert_close(S, torch.linalg.svdvals(well.double()).to(dtype), rtol=tolerance * 10, atol=0)
+    # through the Gram matrix, singular values below sqrt(eps)·S_max lose their vectors: the check sees it
+    bad = _ill_conditioned().to(dtype)
+    assert max(_errors(bad, *(f.to(dtype) for f in _thin_svd(bad, "gram64")))) > tolerance
+    U, S, Vh, error = svd_factors(bad, dtype, torch.device("cpu"), methods=["gram64", "svd64"])
+    assert error < tolerance and max(_errors(bad, U, S, Vh)) < tolerance  # redone by the accurate path
+
+
+def test_an_inaccurate_svd_is_never_written_silently(monkeypatch):
+    """A solver returning 1e-3 errors (cuSOLVER's default gesvdj did) is replaced, or refused."""
+    from sve_cli import decompose as module
+
+    real = module._thin_svd
+
+    def sloppy(matrix, method):
+        U, S, Vh = real(matrix, method)
+        noise = torch.randn(U.shape, generator=torch.Generator().manual_seed(0), dtype=U.dtype)
+        return (U + 1e-3 * noise, S, Vh) if method == "svd" else (U, S, Vh)
+
+    monkeypatch.setattr(module, "_thin_svd", sloppy)
+    weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    U, S, Vh, error = svd_factors(weight, torch.float32, torch.device("cpu"))  # svd, then svd64
+    assert error < 1e-5 and float((U * S @ Vh - weight).norm() / weight.norm()) < 1e-5
+    with pytest.raises(SveError, match="no SVD of a \\[64, 48\\] weight met the 1e-05 tolerance"):
+        svd_factors(weight, torch.float32, torch.device("cpu"), methods=["svd"])
+
+
 def test_rerun_reuses_finished_shards_and_redoes_a_missing_one(tiny_checkpoints, tmp_path):
     cache = tmp_path / "cache"
     first = _run(tiny_checkpoints["llama"], cache, max_shard_size=30_000)
@@ -99,7 +144,7 @@ def test_rerun_reuses_finished_shards_and_redoes_a_missing_one(tiny_checkpoints,
     (cache / f".{victim.name}.tmp-12345").write_bytes(b"half-written")  # never trusted
     third = _run(tiny_checkpoints["llama"], cache, max_shard_size=30_000)
     assert 0 < len(third.computed) < len(first.computed)
-    (cache / f".{victim.name}.tmp-12345").unlink()
+    assert not (cache / f".{victim.name}.tmp-12345").exists()  # a dead process's leftover, cleaned up
     assert _cache_files(cache) == reference
 
 
@@ -135,7 +180,7 @@ def test_foreign_directory_is_never_clobbered(tiny_checkpoints, tmp_path):
 
 
 def test_unknown_precision_and_device(tiny_checkpoints, tmp_path):
-    with pytest.raises(SveError, match="--precision"):
+    with pytest.raises(SveError, match="--dtype"):
         plan_decomposition(str(tiny_checkpoints["bert"]), precision="float8")
     if not torch.cuda.is_available():
         with pytest.raises(SveError, match="no CUDA device"):

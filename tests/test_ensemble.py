@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from sve_cli.checkpoint import tensor_fingerprint
-from sve_cli.ensemble import EnsembleConfig, build_ensemble
+from sve_cli.ensemble import build_ensemble
+from sve_cli.recipe import EnsembleConfig
 from sve_cli.errors import SveError
 
 KINDS = {"bert": "BertForSequenceClassification", "llama-cls": "LlamaForSequenceClassification",
@@ -33,8 +34,8 @@ def _reference(kind, path):
 def test_zero_noise_members_equal_the_plain_model(tiny_checkpoints, kind, strategy):
     path = tiny_checkpoints[kind]
     reference = _reference(kind, path)
-    config = EnsembleConfig(members=3, sigma_init=0.0, strategy=strategy)
-    ensemble = build_ensemble(str(path), config, classes=3 if kind != "vit" else 10, head_init="checkpoint").eval()
+    config = EnsembleConfig(members=3, sigma_init=0.0, strategy=strategy, head_init="checkpoint")
+    ensemble = build_ensemble(str(path), config, classes=3 if kind != "vit" else 10).eval()
     inputs = _inputs(kind)
     with torch.no_grad():
         expected = reference(**inputs).logits  # [B, C]
@@ -82,8 +83,8 @@ def test_trained_like_members_equal_plain_models_with_merged_weights(tiny_checkp
     path = tiny_checkpoints[kind]
     outputs = {}
     for strategy in ("factored", "materialised"):
-        config = EnsembleConfig(members=3, strategy=strategy, seed=5, bias=kind != "llama-cls")
-        ensemble = build_ensemble(str(path), config, classes=3 if kind != "vit" else 10).eval()
+        config = EnsembleConfig(members=3, strategy=strategy, bias=kind != "llama-cls")
+        ensemble = build_ensemble(str(path), config, classes=3 if kind != "vit" else 10, seed=5).eval()
         generator = torch.Generator().manual_seed(11)
         with torch.no_grad():
             for layer in ensemble.layers.values():
@@ -163,12 +164,12 @@ def test_decomposition_of_another_model_is_refused(tiny_checkpoints, tmp_path):
 
 
 def test_bad_ensemble_requests(tiny_checkpoints):
-    with pytest.raises(SveError, match="members must be at least 1"):
-        build_ensemble(str(tiny_checkpoints["bert"]), EnsembleConfig(members=0), classes=3)
+    with pytest.raises(ValueError, match="members"):
+        EnsembleConfig(members=0)
     with pytest.raises(SveError, match="letter head needs a causal LM"):
         build_ensemble(str(tiny_checkpoints["bert"]), EnsembleConfig(members=2), letter_token_ids=[5, 6])
     with pytest.raises(SveError, match="no classifier"):
-        build_ensemble(str(tiny_checkpoints["llama"]), EnsembleConfig(members=2), classes=3, head_init="checkpoint")
+        build_ensemble(str(tiny_checkpoints["llama"]), EnsembleConfig(members=2, head_init="checkpoint"), classes=3)
 
 
 @pytest.mark.slow
@@ -181,8 +182,8 @@ def test_real_minilm_members_equal_bert_for_sequence_classification(minilm_path,
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     inputs = dict(tokenizer(["what a wonderful day", "the train was late again, as always"],
                             padding=True, return_tensors="pt"))
-    ensemble = build_ensemble(str(tmp_path / "minilm-cls"), EnsembleConfig(members=4, sigma_init=0.0),
-                              classes=3, head_init="checkpoint").eval()
+    ensemble = build_ensemble(str(tmp_path / "minilm-cls"), EnsembleConfig(members=4, sigma_init=0.0, head_init="checkpoint"),
+                              classes=3).eval()
     with torch.no_grad():
         expected = model(**inputs).logits
         logits = ensemble(**inputs)

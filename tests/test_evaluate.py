@@ -71,7 +71,6 @@ def test_local_data_file_as_in_distribution(sve, runs, tmp_path):
     (lambda runs, tmp: [tmp], "is not a run directory"),
     (lambda runs, tmp: [_bankless(runs, tmp)], "has no sigma_bank.safetensors"),
     (lambda runs, tmp: [runs["sve"], "--data", _empty(tmp)], "the data set is empty"),
-    (lambda runs, tmp: [runs["sve"], "--combine", "median"], "--combine must be probs or logits"),
     (lambda runs, tmp: [runs["sve"], "--ood", "svhn"], "could not be loaded from the Hugging Face Hub"),
 ])
 def test_bad_input_is_one_line(sve, runs, tmp_path, make_args, fragment):

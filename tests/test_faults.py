@@ -1,5 +1,6 @@
-"""Faults at scale: SIGKILL at random moments, restart, same result; readers never see a partial
-file. And memory: decompose's peak RSS follows the largest tensor, not the checkpoint."""
+"""Faults: SIGKILL at exact moments (fault points) and at seeded random moments, restart, same
+result; readers never see a partial file; concurrent commands on one output; and memory:
+decompose's and export's peak RSS follow the largest tensor, not the checkpoint."""
 
 import json
 import os
@@ -18,14 +19,15 @@ from safetensors.torch import save_file
 
 from conftest import REPO, sentiment_file, sve_subprocess
 
-KILLS = int(os.environ.get("SVE_KILLS", "20"))
+KILLS = int(os.environ.get("SVE_KILLS", "12"))
+KILLED = -signal.SIGKILL
 
 
 def _assert_no_partial_files(directory: Path) -> None:
     """Every visible file is whole: safetensors parse and read, JSON parses."""
-    for path in directory.iterdir():
-        if ".tmp-" in path.name:
-            continue  # temporaries are never read by sve
+    from sve_cli.writing import visible_entries
+
+    for path in visible_entries(directory):
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():
@@ -35,67 +37,201 @@ def _assert_no_partial_files(directory: Path) -> None:
                 json.loads(line)
 
 
-def _kill_repeatedly(command_for, directory: Path, seed: int) -> int:
-    """Start, SIGKILL after a random delay, check the files, restart — KILLS times."""
+def _files(directory: Path) -> dict[str, bytes]:
+    from sve_cli.writing import visible_entries
+
+    return {p.name: p.read_bytes() for p in visible_entries(directory)}
+
+
+def _run(command: list[str], kill_at: str | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "SVE_KILL_AT"}
+    if kill_at:
+        env["SVE_KILL_AT"] = kill_at
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, **kwargs)
+
+
+def _kill_repeatedly(command_for, directory: Path, seed: int, delays: tuple[float, float]) -> list[int]:
+    """Start, SIGKILL after a seeded random delay, check the files, restart — KILLS times. Every
+    attempt must either finish (0) or die by the kill: an error exit (e.g. 2) fails the test."""
     rng = random.Random(seed)
-    completed = 0
-    for _ in range(KILLS):
-        process = subprocess.Popen(command_for(directory), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, 5.0))
-        if process.poll() is None:
+    codes = []
+    for attempt in range(KILLS):
+        process = subprocess.Popen(command_for(directory), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            process.wait(timeout=rng.uniform(*delays))
+        except subprocess.TimeoutExpired:
             os.kill(process.pid, signal.SIGKILL)
-        elif process.returncode == 0:
-            completed += 1
-        process.wait()
+        stderr = process.communicate()[1]
+        assert process.returncode in (0, KILLED), (attempt, process.returncode, stderr[-2000:])
+        codes.append(process.returncode)
         if directory.exists():
             _assert_no_partial_files(directory)
-    return completed
+    return codes
 
 
-def _files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in directory.iterdir() if ".tmp-" not in p.name}
-
-
-@pytest.mark.slow
-def test_decompose_survives_random_sigkills(tmp_path):
-    model = tmp_path / "model"
+@pytest.fixture(scope="module")
+def llama_like(tmp_path_factory) -> Path:
+    """24 targets of 384×384 in 2 MB shards: many shards, each a few SVDs."""
+    model = tmp_path_factory.mktemp("faults") / "model"
     model.mkdir()
     generator = torch.Generator().manual_seed(0)
     save_file({f"model.layers.{i}.self_attn.q_proj.weight": torch.randn(384, 384, generator=generator)
                for i in range(24)}, str(model / "model.safetensors"), metadata={"format": "pt"})
     (model / "config.json").write_text('{"model_type": "llama"}')
-    options = ["--targets", "*.q_proj.weight", "--max-shard-size", "2MB"]
-    assert sve_subprocess("decompose", model, "--out", tmp_path / "reference", *options).returncode == 0
+    return model
 
-    def command(out):
-        return [sys.executable, "-m", "sve_cli", "decompose", str(model), "--out", str(out), *options]
 
-    _kill_repeatedly(command, tmp_path / "killed", seed=1)
-    final = sve_subprocess("decompose", model, "--out", tmp_path / "killed", *options)
-    assert final.returncode == 0, final.stderr
-    assert _files(tmp_path / "killed") == _files(tmp_path / "reference")
+OPTIONS = ["--targets", "*.q_proj.weight", "--max-shard-size", "2MB"]
+
+
+def _decompose_command(model: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sve_cli", "decompose", str(model), "--out", str(out), *OPTIONS, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_cache(llama_like, tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("reference") / "cache"
+    assert _run(_decompose_command(llama_like, out)).returncode == 0
+    return _files(out)
 
 
 @pytest.mark.slow
-def test_train_survives_random_sigkills(text_models, tmp_path):
+@pytest.mark.parametrize("point", ["shard-begun", "shard-begun:3", "before-rename", "before-rename:4",
+                                   "before-manifest"])
+def test_decompose_killed_at_an_exact_moment_resumes_to_the_same_cache(llama_like, reference_cache, tmp_path, point):
+    """shard-begun: a temporary exists, nothing committed; before-rename: a finished shard (or the
+    index) not yet renamed; before-manifest: every shard and the index written, decomposition.json not."""
+    out = tmp_path / "cache"
+    killed = _run(_decompose_command(llama_like, out), kill_at=point)
+    assert killed.returncode == KILLED, killed.stderr[-2000:]
+    _assert_no_partial_files(out)
+    assert not (out / "decomposition.json").exists()
+    again = _run(_decompose_command(llama_like, out))
+    assert again.returncode == 0, again.stderr
+    assert _files(out) == reference_cache
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # leftovers were cleaned up
+
+
+@pytest.mark.slow
+def test_overwrite_always_recovers_a_killed_cache(llama_like, tiny_checkpoints, reference_cache, tmp_path):
+    out = tmp_path / "cache"
+    assert _run(_decompose_command(llama_like, out), kill_at="shard-begun").returncode == KILLED
+    assert {p.name for p in out.iterdir()} - {".sve.lock"} and not _files(out)  # only a temporary is left
+    other = _run([sys.executable, "-m", "sve_cli", "decompose", str(tiny_checkpoints["bert"]), "--out", str(out),
+                  "--overwrite"])
+    assert other.returncode == 0, other.stderr
+    assert _run(_decompose_command(llama_like, out)).returncode == 2  # another model's cache now: refused
+    assert _run(_decompose_command(llama_like, out, "--overwrite")).returncode == 0
+    assert _files(out) == reference_cache
+
+
+@pytest.mark.slow
+def test_decompose_killed_in_its_first_100_ms(llama_like, reference_cache, tmp_path):
+    out = tmp_path / "cache"
+    process = subprocess.Popen(_decompose_command(llama_like, out), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    time.sleep(0.1)
+    process.kill()
+    assert process.wait() == KILLED
+    assert _run(_decompose_command(llama_like, out)).returncode == 0
+    assert _files(out) == reference_cache
+
+
+@pytest.mark.slow
+def test_decompose_survives_seeded_random_sigkills(llama_like, reference_cache, tmp_path):
+    codes = _kill_repeatedly(lambda out: _decompose_command(llama_like, out), tmp_path / "killed", seed=1,
+                             delays=(0.3, 4.0))
+    assert KILLED in codes  # the schedule did kill runs, not only watch them finish
+    final = _run(_decompose_command(llama_like, tmp_path / "killed"))
+    assert final.returncode == 0, final.stderr
+    assert _files(tmp_path / "killed") == reference_cache
+
+
+@pytest.mark.slow
+def test_second_decompose_waits_for_the_first_then_reuses_its_work(llama_like, reference_cache, tmp_path):
+    from sve_cli.writing import exclusive
+
+    out = tmp_path / "cache"
+    with exclusive(out, "decompose", wait=False):  # "the first process" holds the cache
+        second = subprocess.Popen(_decompose_command(llama_like, out), cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        line = second.stderr.readline()  # blocks until the second process says it waits
+        assert "waiting for another sve decompose" in line, line
+        assert second.poll() is None and not _files(out)  # it waits, and wrote nothing
+    stdout, stderr = second.communicate(timeout=300)
+    assert second.returncode == 0, stderr
+    assert _files(out) == reference_cache
+
+
+def _train_recipe(text_models, tmp_path: Path, **train) -> Path:
     recipe = {"model": {"path": str(text_models["bert"])},
               "task": {"type": "text_classification", "dataset": str(sentiment_file(tmp_path)), "max_length": 16},
               "ensemble": {"method": "sve", "members": 2},
-              "train": {"max_steps": 60, "batch_size": 8, "lr": 1e-2, "eval_every_steps": 20, "checkpoint_every_steps": 3}}
+              "train": {"max_steps": 24, "batch_size": 8, "lr": 1e-2, "eval_every_steps": 8,
+                        "checkpoint_every_steps": 3, **train}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    assert sve_subprocess("train", path, "--out", tmp_path / "reference").returncode == 0
+    return path
+
+
+def _train_command(recipe: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sve_cli", "train", str(recipe), "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["checkpoint-write", "checkpoint-write:4", "before-rename:2"])
+def test_train_killed_at_an_exact_moment_resumes_to_the_same_bank(text_models, tmp_path, point):
+    recipe = _train_recipe(text_models, tmp_path)
+    assert _run(_train_command(recipe, tmp_path / "reference")).returncode == 0
+    out = tmp_path / "killed"
+    assert _run(_train_command(recipe, out), kill_at=point).returncode == KILLED
+    _assert_no_partial_files(out)
+    first_checkpoint = (out / "checkpoint.safetensors").exists()
+    assert first_checkpoint == (point == "checkpoint-write:4")  # killed before / after its first checkpoint
+    refused = _run(_train_command(recipe, out))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = _run(_train_command(recipe, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert ("starting from step 0" in " ".join(resumed.stderr.split())) == (not first_checkpoint)
+    reference, killed = _files(tmp_path / "reference"), _files(out)
+    for name in ("sigma_bank.safetensors", "metrics.jsonl", "recipe.yaml"):
+        assert killed[name] == reference[name], name
+
+
+@pytest.mark.slow
+def test_train_survives_seeded_random_sigkills(text_models, tmp_path):
+    recipe = _train_recipe(text_models, tmp_path, max_steps=60, eval_every_steps=20)
+    assert _run(_train_command(recipe, tmp_path / "reference")).returncode == 0
 
     def command(out):
-        flag = "--resume" if (out / "checkpoint.safetensors").exists() else "--overwrite"
-        return [sys.executable, "-m", "sve_cli", "train", str(path), "--out", str(out), flag]
+        return _train_command(recipe, out, "--resume" if (out / "recipe.yaml").exists() else "--overwrite")
 
-    _kill_repeatedly(command, tmp_path / "killed", seed=2)
-    final = sve_subprocess(*command(tmp_path / "killed")[3:])
+    codes = _kill_repeatedly(command, tmp_path / "killed", seed=2, delays=(0.5, 6.0))
+    assert KILLED in codes
+    final = _run(command(tmp_path / "killed"))
     assert final.returncode == 0, final.stderr
     reference, killed = _files(tmp_path / "reference"), _files(tmp_path / "killed")
     for name in ("sigma_bank.safetensors", "metrics.jsonl", "recipe.yaml"):
         assert killed[name] == reference[name], name
+
+
+def test_second_train_into_the_same_run_is_refused_in_one_line(sve, text_models, tmp_path):
+    from conftest import assert_one_error_line
+    from sve_cli.writing import exclusive
+
+    recipe = _train_recipe(text_models, tmp_path)
+    with exclusive(tmp_path / "run", "train", wait=False):  # "the first process" is training
+        result = sve("train", recipe, "--out", tmp_path / "run")
+    assert_one_error_line(result, "is in use by another sve train")
+    assert not _files(tmp_path / "run")
+
+
+def test_resume_of_a_directory_without_a_run_is_refused(sve, text_models, tmp_path):
+    from conftest import assert_one_error_line
+
+    recipe = _train_recipe(text_models, tmp_path)
+    assert_one_error_line(sve("train", recipe, "--out", tmp_path / "nothing", "--resume"), "holds no run to resume")
 
 
 PEAK = """
