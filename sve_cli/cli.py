@@ -286,8 +286,9 @@ def export(
     with console.status("merging and writing tensors…"):
         result = export_merged(run, out or run / f"export-member{member}", chosen, dtype and dtype.value,
                                max_shard_size, overwrite)
+    library = "sentence-transformers" if result["architecture"] == "SentenceTransformer" else "transformers"
     out_console.print(f"wrote {result['out']}: {result['architecture']}, {_human(result['bytes'])} in "
-                      f"{result['shards']} shard(s); load it with transformers' {result['architecture']}")
+                      f"{result['shards']} shard(s); load it with {library}' {result['architecture']}")
 
 
 def _print_memory_plan(recipe, device: Device, memory: str | None) -> None:

@@ -5,10 +5,16 @@ cache and the bank — the model is never built in memory: every targeted weight
 `U diag(f(sigma_m)) Vh` (f = relu or softplus), its bias `b_m`, and member m's head becomes the
 architecture's own classifier (or the LM-head rows of the answer letters). Plain `transformers`
 loads the result with no `sve` import and reproduces member m's logits.
+
+A member whose head reads another representation than the architecture's classifier (MiniLM's
+mean pooling) is written as a sentence-transformers folder instead: the merged backbone
+(`AutoModel`), its `Pooling` module and a `Dense` module (identity activation) holding the head,
+so `SentenceTransformer(folder).encode(texts)` returns the member's logits.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,9 +26,11 @@ from safetensors import safe_open
 from sve_cli import __version__
 from sve_cli.bank import read_bank_metadata
 from sve_cli.checkpoint import Checkpoint, open_checkpoint, tensor_fingerprint
-from sve_cli.writing import SAFETENSORS_DTYPES, ShardWriter, parse_size, plan_shards, write_index, write_json
+from sve_cli.writing import (SAFETENSORS_DTYPES, ShardWriter, atomic_path, parse_size, plan_shards, save_safetensors,
+                             write_index, write_json)
 from sve_cli.decompose import FactorCache, default_output, source_fingerprint
 from sve_cli.errors import OutputExistsError, SveError
+from sve_cli.heads import native_representation
 from sve_cli.layer import nonnegative
 from sve_cli.recipe import load_recipe
 from sve_cli.train import BANK, RECIPE
@@ -37,6 +45,10 @@ CLASSIFIERS = {
 }
 CAUSAL = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
           "qwen3": "Qwen3ForCausalLM"}
+BACKBONES = {"bert": "BertModel", "llama": "LlamaModel", "mistral": "MistralModel", "qwen2": "Qwen2Model",
+             "qwen3": "Qwen3Model"}  # what sentence-transformers' Transformer module loads
+ST_POOLING = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
+              "last_token": "pooling_mode_lasttoken"}
 HEAD_PREFIXES = ("classifier.", "score.", "lm_head.", "cls.")  # never part of the exported backbone
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -99,26 +111,39 @@ def _merged_weight(bank: RunBank, cache: FactorCache | None, target: str, member
     return _member_value(bank, f"{module}.weight", member)
 
 
+def sentence_transformers_layout(bank: RunBank) -> bool:
+    """True when the member's head reads another representation than the architecture's classifier."""
+    native = native_representation(bank.base.model_type)
+    return bank.metadata["head"] != "letters" and bank.metadata.get("representation", native) != native
+
+
 def _plan_tensors(bank: RunBank, member: int | str) -> tuple[dict[str, tuple], dict[str, object], str]:
     """Output name -> (shape, source); plus config changes and the output class."""
     base, metadata = bank.base, bank.metadata
     model_type = base.model_type
     letters = metadata["head"] == "letters"
-    if letters:
+    pooled = sentence_transformers_layout(bank)
+    if pooled:  # the backbone alone, unprefixed as AutoModel saves it; the head goes into 2_Dense
+        architecture, prefix = BACKBONES.get(model_type), CLASSIFIERS.get(model_type, (None, "model"))[1]
+    elif letters:
         architecture, prefix = CAUSAL.get(model_type), "model"
     elif model_type in CLASSIFIERS:
         architecture, prefix = CLASSIFIERS[model_type][:2]
     else:
         architecture = None
     if architecture is None:
-        raise SveError(f"exporting a {model_type} {'causal LM' if letters else 'classifier'} is not supported")
+        what = f"{metadata.get('representation')}-pooled encoder" if pooled else "causal LM" if letters else "classifier"
+        raise SveError(f"exporting a {model_type} {what} is not supported")
     targets = set(metadata["targets"])
     dropped = HEAD_PREFIXES + (("pooler.",) if model_type in ("vit", "dinov2") else ())  # their classifiers add none
     plan: dict[str, tuple] = {}
     for name in base.names:
         if name.startswith(dropped) or name.removeprefix(f"{prefix}.").startswith(dropped):
             continue
-        out_name = name if name.startswith(f"{prefix}.") else f"{prefix}.{name}"
+        if pooled:
+            out_name = name.removeprefix(f"{prefix}.")
+        else:
+            out_name = name if name.startswith(f"{prefix}.") else f"{prefix}.{name}"
         plan[out_name] = (base.shape(name), ("target", name) if name in targets else ("copy", name))
         module = name.removesuffix(".weight")
         if name in targets and f"{module}.bias" in bank.bank.keys():
@@ -128,6 +153,8 @@ def _plan_tensors(bank: RunBank, member: int | str) -> tuple[dict[str, tuple], d
                                "train with ensemble.bias: false to export this model")
             plan[out_name.removesuffix(".weight") + ".bias"] = (base.shape(bias_name), ("bias", bias_name))
     config_update: dict[str, object] = {"architectures": [architecture]}
+    if pooled:
+        return plan, config_update, architecture
     if letters:
         embed = "lm_head.weight" if "lm_head.weight" in base.files else f"{prefix}.embed_tokens.weight"
         plan["lm_head.weight"] = (base.shape(embed), ("letters", embed))
@@ -227,11 +254,33 @@ def export_merged(run: Path, out: Path, member: int | str = 0, dtype: str | None
             if (bank.base.directory / name).exists():
                 shutil.copy2(bank.base.directory / name, staging / name)
         shutil.copy2(Path(run) / RECIPE, staging / "sve_recipe.yaml")
+        if sentence_transformers_layout(bank):
+            _sentence_transformers_modules(bank, member, staging, out_dtype)
+            architecture = "SentenceTransformer"
         (staging / "README.md").write_text(_model_card(bank, member, architecture), encoding="utf-8")
         _replace_directory(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"out": out, "architecture": architecture, "shards": len(shards), "bytes": sum(size for _, size in sizes)}
+
+
+def _sentence_transformers_modules(bank: RunBank, member: int | str, staging: Path, dtype: torch.dtype) -> None:
+    """modules.json, the pooling config, and a Dense module that holds member m's head."""
+    weight = _member_value(bank, "head.weight", member)  # [C, d]
+    modules = [("", "sentence_transformers.models.Transformer"), ("1_Pooling", "sentence_transformers.models.Pooling"),
+               ("2_Dense", "sentence_transformers.models.Dense")]
+    (staging / "modules.json").write_text(json.dumps(
+        [{"idx": i, "name": str(i), "path": path, "type": kind} for i, (path, kind) in enumerate(modules)], indent=2))
+    write_json(staging / "sentence_bert_config.json", {"max_seq_length": bank.recipe.task.max_length,
+                                                       "do_lower_case": False})
+    mode = ST_POOLING[bank.metadata["representation"]]
+    write_json(staging / "1_Pooling" / "config.json", {"word_embedding_dimension": weight.shape[1],
+                                                       **{key: key == mode for key in ST_POOLING.values()}})
+    write_json(staging / "2_Dense" / "config.json", {"in_features": weight.shape[1], "out_features": weight.shape[0],
+                                                     "bias": True, "activation_function": "torch.nn.modules.linear.Identity"})
+    bias = _member_value(bank, "head.bias", member) if "head.bias" in bank.bank.keys() else torch.zeros(weight.shape[0])
+    save_safetensors(staging / "2_Dense" / "model.safetensors",
+                     {"linear.weight": weight.to(dtype).contiguous(), "linear.bias": bias.to(dtype).contiguous()}, {})
 
 
 def _replace_directory(staging: Path, out: Path) -> None:
@@ -249,9 +298,13 @@ def _model_card(bank: RunBank, member: int | str, architecture: str) -> str:
     metadata, recipe = bank.metadata, bank.recipe
     which = ("the mean of all members' singular values, biases and heads — a single-model summary, "
              "not any trained member" if member == "mean" else f"member {member} of {metadata['members']}")
+    library = "sentence-transformers" if architecture == "SentenceTransformer" else "transformers"
+    usage = ("`SentenceTransformer(folder).encode(texts)` returns the logits (its last module, a Dense layer, "
+             f"is the member's head over the {metadata.get('representation')}-pooled tokens)"
+             if library == "sentence-transformers" else f"`{architecture}`")
     return f"""---
 base_model: {recipe.model.path}
-library_name: transformers
+library_name: {library}
 tags:
 - sve
 - singular-value-ensemble
@@ -262,8 +315,8 @@ tags:
 
 This checkpoint is {which} of a {metadata['method']} ensemble trained by `sve` {__version__}
 on `{recipe.task.dataset}` ({recipe.task.type}). Every targeted weight is `U diag(s_m) Vh` with the
-base model's frozen singular vectors; it loads with plain `transformers` (`{architecture}`), no `sve`
-import needed. Labels: {', '.join(metadata['label_names'])}.
+base model's frozen singular vectors; it loads with plain `{library}` ({usage}), no `sve`
+import needed. Labels, in the order of the logits: {', '.join(metadata['label_names'])}.
 
 A single member does not carry the ensemble's uncertainty estimates: use `sve evaluate` on the run,
 or the Σ bank (`sve export --format sigma-bank`), for those. The recipe that produced it is
@@ -276,8 +329,6 @@ def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
     bank = RunBank.open(run)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
-    from sve_cli.writing import atomic_path
-
     with atomic_path(out) as temporary:
         shutil.copyfile(Path(run) / BANK, temporary)
     base_bytes = sum(f.stat().st_size for f in set(bank.base.files.values()))

@@ -10,10 +10,12 @@
   rows) and per transformer block: `ACTIVATIONS` elements, plus `2k` per SVE target on the factored
   path or a materialised `[m, out, in]` weight on the other; with gradient checkpointing only each
   block's input is kept, and one block is recomputed at a time; and the backward pass's own
-  buffers, `BACKWARD_BLOCKS` blocks' worth. The constants were fitted (2026-11-26) to the peak RSS
-  of CPU runs of a 4-block LLaMA (hidden 256) and BERT (hidden 256, dropout 0.1, which keeps
-  attention probabilities and masks), each with and without the two memory options: every estimate
-  fell within 20% (tests/test_memory.py); benchmarks/llm_memory.py compares them on a GPU.
+  buffers, `BACKWARD_BLOCKS` blocks' worth. Two constants depend on the device (2026-11-26): on
+  CPU they were fitted to the peak RSS of runs of a 4-block LLaMA and BERT (hidden 256; BERT's
+  dropout keeps attention probabilities and masks; freed memory stays in the process), every
+  estimate within 20% (tests/test_memory.py); on an H100 to `max_memory_allocated` of 1- and
+  2-block LLaMA-2-7B-shaped runs (flash attention, a caching allocator that reuses freed blocks),
+  every estimate within +8% (benchmarks/llm_memory.py, docs/results.md).
 - the runtime: the interpreter and libraries (CPU, measured in this process) or the CUDA context.
 
 The CPU peak is also bounded below by building the model, when the whole float32 backbone and
@@ -33,7 +35,8 @@ from sve_cli.targets import Target, resolve_targets
 
 # elements kept per token per block, as multiples of hidden (h) and intermediate (i) sizes
 ACTIVATIONS = {"decoder": (10.0, 3.0), "encoder": (14.4, 3.2)}
-BACKWARD_BLOCKS = 3.0  # gradients and temporaries of the block being differentiated
+KEPT_SHARE = {"cpu": 1.0, "cuda": 0.8}  # of those, what the device's attention and kernels really keep
+BACKWARD_BLOCKS = {"cpu": 3.0, "cuda": 0.3}  # gradients and temporaries of the block being differentiated
 DECODERS = ("llama", "mistral", "qwen2", "qwen3")
 NOT_IN_BACKBONE = ("lm_head.", "classifier.", "score.", "cls.")
 CUDA_CONTEXT = 600_000_000  # bytes the CUDA runtime and its kernels hold outside PyTorch's allocator
@@ -92,7 +95,7 @@ def _trainable(recipe: Recipe, targets: list[Target], checkpoint: Checkpoint, cl
 
 
 def _activation_bytes(recipe: Recipe, targets: list[Target], config: dict, model_type: str, tokens: int,
-                      members: int, element: int) -> int:
+                      members: int, element: int, device: str) -> int:
     """Bytes kept for backward in one pass of `tokens` rows (`members` members at once)."""
     hidden = int(config.get("hidden_size", 0))
     intermediate = int(config.get("intermediate_size", 4 * hidden))
@@ -110,10 +113,10 @@ def _activation_bytes(recipe: Recipe, targets: list[Target], config: dict, model
             else:
                 per_block_extra += members * target.out_features * target.in_features
     block = per_token * tokens + per_block_extra
-    backward = BACKWARD_BLOCKS * block
+    kept, backward = KEPT_SHARE[device] * block, BACKWARD_BLOCKS[device] * block
     if recipe.train.gradient_checkpointing:  # block inputs kept, one block's activations rebuilt at a time
-        return int(element * (blocks * hidden * tokens + block + backward))
-    return int(element * (blocks * block + backward))
+        return int(element * (blocks * hidden * tokens + kept + backward))
+    return int(element * (blocks * kept + backward))
 
 
 def _process_rss() -> int:
@@ -152,7 +155,8 @@ def estimate_memory(recipe: Recipe, classes: int, device: str = "cpu", capacity:
     rows = train.batch_size // world
     tokens = members_per_pass * rows * (recipe.task.max_length if recipe.task.type != "image_classification"
                                         else _patches(config, recipe))
-    activations = _activation_bytes(recipe, targets, config, model_type, tokens, members_per_pass, element)
+    activations = _activation_bytes(recipe, targets, config, model_type, tokens, members_per_pass, element,
+                                    "cuda" if device == "cuda" else "cpu")
     runtime = CUDA_CONTEXT if device == "cuda" else _process_rss()
     build = 4 * (sum(backbone.values()) + factors) + runtime if device == "cpu" else 0
     estimate = MemoryEstimate(device, trainable, base_parameters, element * frozen, element * factors,

@@ -228,3 +228,42 @@ def test_stale_default_cache_is_refreshed(tiny_checkpoints, tmp_path):
     layer = second.layers["bert.encoder.layer.0.attention.self.query.weight"]
     torch.testing.assert_close(layer.U @ torch.diag(layer.sigma[0].detach()) @ layer.Vh,
                                tensors["bert.encoder.layer.0.attention.self.query.weight"], rtol=0.05, atol=0.05)
+
+
+def test_representation_follows_the_checkpoints_own_pooling(tiny_checkpoints, minilm_path, tmp_path):
+    """all-MiniLM-L6-v2 says it is mean-pooled (modules.json + 1_Pooling/config.json); a plain BERT
+    classifier checkpoint is read through its pooler; a recipe may name another representation."""
+    import json
+
+    from sve_cli.heads import resolve_representation, sentence_transformers_pooling
+
+    assert resolve_representation("auto", "bert", minilm_path) == "mean"
+    assert resolve_representation("auto", "bert", tiny_checkpoints["bert"]) == "pooler"
+    assert resolve_representation("cls", "bert", minilm_path) == "cls"
+    assert resolve_representation("auto", "llama", tiny_checkpoints["llama-cls"]) == "last_token"
+    with pytest.raises(SveError, match="does not apply to a vit"):
+        resolve_representation("pooler", "vit", tiny_checkpoints["vit"])
+    folder = tmp_path / "st"
+    (folder / "pool").mkdir(parents=True)
+    (folder / "modules.json").write_text(json.dumps([{"path": "pool", "type": "sentence_transformers.models.Pooling"}]))
+    for config, expected in (({"pooling_mode": "cls"}, "cls"), ({"pooling_mode": ["max"]}, "max"),
+                             ({"pooling_mode_lasttoken": True}, "last_token"),
+                             ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, "mean")):
+        (folder / "pool" / "config.json").write_text(json.dumps(config))
+        assert sentence_transformers_pooling(folder) == expected
+    (folder / "pool" / "config.json").write_text(json.dumps({"pooling_mode": "weightedmean"}))
+    with pytest.raises(SveError, match="pooling \\['weightedmean'\\] is not supported"):
+        sentence_transformers_pooling(folder)
+
+
+@pytest.mark.parametrize("kind", ["mean", "max", "cls"])
+def test_pooled_representations_ignore_padding(tiny_checkpoints, kind):
+    """A padded row gives the same logits as the row alone: pooling never reads padding."""
+    ensemble = build_ensemble(str(tiny_checkpoints["bert"]), EnsembleConfig(members=2, representation=kind),
+                              classes=3).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0], [5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        padded = ensemble(input_ids=ids, attention_mask=(ids != 0).long())
+        alone = ensemble(input_ids=ids[:1, :4], attention_mask=torch.ones(1, 4, dtype=torch.long))
+    torch.testing.assert_close(padded[:1], alone, rtol=1e-5, atol=1e-6)
+    assert ensemble.representation == kind

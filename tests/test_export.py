@@ -65,6 +65,45 @@ PLAIN = textwrap.dedent("""
 """)
 
 
+SENTENCE_TRANSFORMERS = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import save_file
+    from sentence_transformers import SentenceTransformer
+    directory, out_file, *texts = sys.argv[1:]
+    model = SentenceTransformer(directory, device="cpu")
+    logits = model.encode(texts, convert_to_tensor=True)
+    assert not any(name.startswith("sve_cli") for name in sys.modules), "sve was imported"
+    save_file({"logits": logits.contiguous()}, out_file)
+""")
+
+
+def _sentence_transformers_logits(directory, texts, tmp_path):
+    script = tmp_path / "st.py"
+    script.write_text(SENTENCE_TRANSFORMERS)
+    result = subprocess.run([sys.executable, str(script), str(directory), str(tmp_path / "st.safetensors"), *texts],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return load_file(tmp_path / "st.safetensors")["logits"]
+
+
+def test_mean_pooled_member_exports_as_a_sentence_transformer(sve, text_models, tmp_path):
+    run = train_run(tmp_path, "mean", text_models["bert"], sentiment_file(tmp_path), ensemble={"members": 2,
+                    "representation": "mean"}, train={"lr": 5e-2})
+    texts = ["the film was great", "the meal was truly awful and cold"]
+    logits, _, _ = _member_logits(run, texts)
+    out = tmp_path / "member1"
+    result = sve("export", run, "--format", "safetensors", "--member", "1", "--out", out)
+    assert result.code == 0, result.stderr
+    assert "sentence-transformers' SentenceTransformer" in " ".join(result.stdout.split())
+    modules = json.loads((out / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[1] for m in modules] == ["Transformer", "Pooling", "Dense"]
+    assert json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+    assert "library_name: sentence-transformers" in (out / "README.md").read_text()
+    plain = _sentence_transformers_logits(out, texts, tmp_path)
+    torch.testing.assert_close(plain, logits[:, 1], rtol=1e-4, atol=1e-4)
+
+
 def _plain_logits(directory, inputs, kind, tmp_path):
     save_file({k: v.contiguous() for k, v in inputs.items()}, str(tmp_path / "inputs.safetensors"))
     script = tmp_path / "plain.py"
@@ -188,7 +227,10 @@ def test_real_minilm_member_exports_and_matches(sve, tmp_path):
     out = tmp_path / "export"
     result = sve("export", tmp_path / "run", "--format", "safetensors", "--member", "1", "--out", out)
     assert result.code == 0, result.stderr
-    plain = _plain_logits(out, inputs, "AutoModelForSequenceClassification", tmp_path)
+    # all-MiniLM-L6-v2 is mean-pooled (its 1_Pooling/config.json): the head reads that, and the
+    # member exports as a sentence-transformers folder
+    assert (out / "modules.json").exists()
+    plain = _sentence_transformers_logits(out, texts, tmp_path)
     torch.testing.assert_close(plain, logits[:, 1], rtol=1e-4, atol=1e-4)
     bank = sve("export", tmp_path / "run", "--format", "sigma-bank", "--out", tmp_path / "bank.safetensors")
     share = float(bank.stdout.split("% of the base")[0].rsplit(" ", 1)[1])
