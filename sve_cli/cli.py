@@ -53,6 +53,12 @@ class ExportFormat(str, Enum):
     sigma_bank = "sigma-bank"
 
 
+class Score(str, Enum):
+    entropy = "entropy"
+    msp = "msp"
+    mutual_information = "mutual_information"
+
+
 class ExportDtype(str, Enum):
     float32 = "float32"
     float16 = "float16"
@@ -213,7 +219,7 @@ def evaluate(
 ) -> None:
     """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs."""
     from sve_cli.evaluate import evaluate_run
-    from sve_cli.report import ROWS, write_report
+    from sve_cli.report import ROWS, write_report, write_thresholds
     from sve_cli.writing import visible_entries
 
     def report_dir(run: Path) -> Path:
@@ -240,6 +246,8 @@ def evaluate(
         directory = report_dir(run)
         reports.append(write_report(evaluation, directory, bins, how, save_predictions))
         console.print(f"report written to {directory}")
+        if bank is None:  # thresholds belong to the run's own bank
+            console.print(f"abstention thresholds (fitted on validation) written to {write_thresholds(evaluation, how)}")
 
     table = Table(title="in-distribution: " + reports[0]["data"]["in_distribution"], title_justify="left")
     table.add_column("metric")
@@ -251,6 +259,11 @@ def evaluate(
     if temperature:
         table.add_row("T (fitted)", *[f"{r['temperature_scaling']['temperature']:.3f}" for r in reports])
         table.add_row("ECE after T (%)", *[f"{100 * r['temperature_scaling']['after']['ece']:.2f}" for r in reports])
+    for score in ("msp", "entropy", "mutual_information"):
+        table.add_row(f"AURC {score}", *[f"{r['selective'][score]['aurc']:.4f}" if score in r["selective"] else "—"
+                                         for r in reports])
+    table.add_row("acc. at 90% coverage (%, entropy)",
+                  *[f"{100 * r['selective']['entropy']['accuracy_at_coverage']['0.9']:.2f}" for r in reports])
     for name in reports[0]["ood"]:
         for score in ("msp", "entropy", "mutual_information"):
             table.add_row(f"OOD {name} AUROC {score} (%)",
@@ -289,6 +302,53 @@ def export(
     library = "sentence-transformers" if result["architecture"] == "SentenceTransformer" else "transformers"
     out_console.print(f"wrote {result['out']}: {result['architecture']}, {_human(result['bytes'])} in "
                       f"{result['shards']} shard(s); load it with {library}' {result['architecture']}")
+
+
+@app.command(epilog="Example:  sve predict runs/quickstart --data new_tweets.jsonl --abstain-coverage 0.9")
+def predict(
+    source: Path = typer.Argument(..., help="A run directory, or a Σ bank file (it carries its recipe)."),
+    data: str = typer.Option(..., "--data", help="Inputs: a jsonl/csv/parquet file, image folder, builtin:… or hub "
+                             "name; labels are optional."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file: .jsonl (default), .csv or .parquet "
+                                       "(default: predictions.jsonl beside the run or bank)."),
+    member: Optional[int] = typer.Option(None, "--member", min=0, help="Predict with this member alone."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Inputs per forward pass."),
+    score: Score = typer.Option(Score.entropy, "--score", help="Uncertainty score that decides abstention."),
+    abstain_coverage: Optional[float] = typer.Option(None, "--abstain-coverage", min=0.5, max=0.995,
+                                                     help="Answer this share of inputs, by the threshold fitted "
+                                                     "on validation (sve evaluate)."),
+    abstain_risk: Optional[float] = typer.Option(None, "--abstain-risk", min=0.0, max=1.0,
+                                                 help="Answer as many inputs as keep the validation error rate "
+                                                 "at most this."),
+    abstain_threshold: Optional[float] = typer.Option(None, "--abstain-threshold",
+                                                      help="Abstain when the score exceeds this value."),
+    bank: Optional[Path] = typer.Option(None, "--bank", help="With a run directory: use this Σ bank."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Label new inputs with probabilities and uncertainty; abstain where the ensemble is unsure."""
+    from sve_cli.predict import (abstain_threshold as choose_threshold, answered_accuracy, coverage_of,
+                                 open_predictor, predict_rows, write_predictions)
+
+    if sum(option is not None for option in (abstain_coverage, abstain_risk, abstain_threshold)) > 1:
+        raise SveError("give at most one of --abstain-coverage, --abstain-risk and --abstain-threshold")
+    out = out or (source if source.is_dir() else source.parent) / "predictions.jsonl"
+    if out.exists() and not overwrite:  # before minutes of loading, not after
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    with console.status(f"loading {source}…"):
+        predictor = open_predictor(source, bank)
+    threshold, where = choose_threshold(predictor, score.value, abstain_coverage, abstain_risk, abstain_threshold)
+    columns = (TextColumn("[bold]{task.description}"), TextColumn("{task.completed} rows"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("predicting", total=None)
+        rows = predict_rows(predictor, data, member, batch_size, score.value, threshold,
+                            on_rows=lambda count: progress.advance(task, count))
+        summary = write_predictions(rows, out, overwrite)
+    line = f"wrote {out}: {summary['rows']} rows"
+    if threshold is not None:
+        line += f", answered {100 * coverage_of(summary):.1f}% (abstained on {summary['abstained']})"
+    if (accuracy := answered_accuracy(summary)) is not None:
+        line += f", accuracy on the answered labelled rows {100 * accuracy:.2f}%"
+    out_console.print(f"{line}; {where}", soft_wrap=True, highlight=False)
 
 
 def _print_memory_plan(recipe, device: Device, memory: str | None) -> None:

@@ -279,6 +279,54 @@ def build_examples(table: Table, task: TaskSection, label_names: list[str], wher
     return Examples(labels, texts=texts, pairs=pairs)
 
 
+def unlabelled_examples(table: Table, task: TaskSection, label_names: list[str],
+                        where: str) -> tuple[Examples, torch.Tensor | None]:
+    """Inputs through the run's preprocessing whether or not they carry labels (OOD sets, `sve
+    predict`): the examples (labels set to 0), and the labels when the table has valid ones."""
+    frame = table.frame.copy()
+    if task.type == "multiple_choice" and task.question is None and "question" not in frame.columns:
+        raise SveError(f"{where}: this run answers ARC-style questions; its inputs need "
+                       "'question' and 'choices' columns too")
+    labels = None
+    if task.label_field in frame.columns and task.type != "multiple_choice" and frame[task.label_field].notna().all():
+        labels = _labels(frame[task.label_field], label_names, where)
+    frame[task.label_field] = 0
+    if "answerKey" in frame.columns:  # ARC-style items: any valid key will do
+        frame["answerKey"] = [choices["label"][0] for choices in frame["choices"]]
+    fields = {"text_field": task.text_field if task.text_field in frame.columns else "text",
+              "image_field": task.image_field if task.image_field in frame.columns else "image"}
+    examples = build_examples(Table(frame, table.label_names, table.is_image), task.model_copy(update=fields),
+                              label_names, where)
+    return examples, labels
+
+
+def iter_chunks(spec: str, config: str | None, rows: int):
+    """The rows of a data source, `rows` at a time (`Table`s): local jsonl/csv/parquet files are
+    read chunk by chunk, so memory does not grow with the file; other sources are loaded whole
+    (their test split, or their only one) and cut into chunks."""
+    path = Path(spec).expanduser()
+    suffix = path.suffix.lower()
+    try:
+        if path.is_file() and suffix in (".jsonl", ".csv"):
+            reader = (pd.read_json(path, lines=True, chunksize=rows) if suffix == ".jsonl"
+                      else pd.read_csv(path, chunksize=rows))
+            with reader:
+                yield from (Table(frame.reset_index(drop=True)) for frame in reader)
+            return
+        if path.is_file() and suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+                yield Table(batch.to_pandas())
+            return
+    except (ValueError, UnicodeDecodeError, OSError) as error:
+        raise SveError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    source = load_source(spec, config)
+    table = source if isinstance(source, Table) else source.get("test") or next(iter(source.values()))
+    for start in range(0, len(table.frame), rows):
+        yield Table(table.frame.iloc[start:start + rows].reset_index(drop=True), table.label_names, table.is_image)
+
+
 def class_names(table: Table, task: TaskSection) -> list[str]:
     """Label names: the recipe's, the source's, or the sorted distinct labels of the table."""
     if task.label_names:

@@ -15,11 +15,12 @@ from typing import Callable
 import torch
 
 from sve_cli.bank import load_bank, read_bank_metadata
-from sve_cli.data import BUILTIN_DATA, Examples, Table, build_examples, load_source, load_splits
+from sve_cli.data import BUILTIN_DATA, Examples, Table, build_examples, load_source, load_splits, unlabelled_examples
 from sve_cli.errors import SveError
 from sve_cli.metrics import calibration_metrics, fit_temperature, ood_metrics
 from sve_cli.pipeline import Pipeline
 from sve_cli.recipe import load_recipe
+from sve_cli.selective import file_fingerprint, fit_thresholds, selective_metrics
 from sve_cli.train import BANK, RECIPE, predict
 
 # common public OOD names -> (hub id, config, split); they need a network
@@ -44,22 +45,9 @@ class Evaluation:
     temperature: dict | None = None
     sizes: dict[str, int] = field(default_factory=dict)
     data_name: str = ""
-
-
-def _unlabelled_examples(table: Table, pipeline: Pipeline, label_names: list[str], where: str) -> Examples:
-    """An OOD set's inputs through the run's preprocessing; its own labels do not matter."""
-    task = pipeline.recipe.task
-    frame = table.frame.copy()
-    if task.type == "multiple_choice" and task.question is None and "question" not in frame.columns:
-        raise SveError(f"{where}: this run answers ARC-style questions; an OOD set for it needs "
-                       "'question' and 'choices' columns too")
-    frame[task.label_field] = 0
-    if "answerKey" in frame.columns:  # ARC-style OOD items: any valid key will do
-        frame["answerKey"] = [choices["label"][0] for choices in frame["choices"]]
-    fields = {"text_field": task.text_field if task.text_field in frame.columns else "text",
-              "image_field": task.image_field if task.image_field in frame.columns else "image"}
-    return build_examples(Table(frame, table.label_names, table.is_image),
-                          task.model_copy(update=fields), label_names, where)
+    selective: dict = field(default_factory=dict)  # per score: AURC, accuracy at coverage (in-distribution)
+    thresholds: dict = field(default_factory=dict)  # per score: fitted on validation (selective.fit_thresholds)
+    bank_fingerprint: str = ""
 
 
 def _ood_table(name: str, limit: int | None) -> tuple[Table, str]:
@@ -123,19 +111,24 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
     logits = run_set("in-distribution", examples)
     result = Evaluation(run, metadata, examples.labels, logits,
                         calibration_metrics(logits, examples.labels, bins, combine_how),
-                        sizes={"in_distribution": len(examples)}, data_name=data_name)
+                        sizes={"in_distribution": len(examples)}, data_name=data_name,
+                        selective=selective_metrics(logits, examples.labels, combine_how),
+                        bank_fingerprint=file_fingerprint(bank))
 
+    # the validation split: abstention thresholds, and the temperature when asked
+    splits, _ = load_splits(recipe.task, str(run / RECIPE))
+    validation = splits[recipe.task.validation_split]
+    validation_logits = run_set("validation", validation)
+    result.sizes["validation"] = len(validation)
+    result.thresholds = fit_thresholds(validation_logits, validation.labels, combine_how)
     if temperature:
-        splits, _ = load_splits(recipe.task, str(run / RECIPE))
-        validation = splits[recipe.task.validation_split]
-        fitted = fit_temperature(run_set("validation", validation), validation.labels, combine_how)
+        fitted = fit_temperature(validation_logits, validation.labels, combine_how)
         result.temperature = {"temperature": fitted, "fitted_on": recipe.task.validation_split,
                               "after": calibration_metrics(logits / fitted, examples.labels, bins, combine_how)}
-        result.sizes["temperature_fit"] = len(validation)
 
     for name in ood:
         table, short = _ood_table(name, limit)
-        ood_examples = _unlabelled_examples(table, pipeline, label_names, f"OOD set '{short}'")
+        ood_examples, _ = unlabelled_examples(table, pipeline.recipe.task, label_names, f"OOD set '{short}'")
         result.ood_logits[short] = run_set(f"OOD {short}", ood_examples)
         result.ood[short] = ood_metrics(logits, result.ood_logits[short], combine_how)
         result.sizes[f"ood.{short}"] = len(ood_examples)

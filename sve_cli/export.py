@@ -26,12 +26,13 @@ from safetensors import safe_open
 from sve_cli import __version__
 from sve_cli.bank import read_bank_metadata
 from sve_cli.checkpoint import Checkpoint, open_checkpoint, tensor_fingerprint
-from sve_cli.writing import (SAFETENSORS_DTYPES, ShardWriter, atomic_path, parse_size, plan_shards, save_safetensors,
-                             write_index, write_json)
+from sve_cli.writing import (SAFETENSORS_DTYPES, ShardWriter, parse_size, plan_shards, save_safetensors, write_index,
+                             write_json)
 from sve_cli.decompose import FactorCache, default_output, source_fingerprint
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.heads import native_representation
 from sve_cli.layer import nonnegative
+from sve_cli.selective import file_fingerprint
 from sve_cli.recipe import load_recipe
 from sve_cli.train import BANK, RECIPE
 
@@ -325,12 +326,22 @@ or the Σ bank (`sve export --format sigma-bank`), for those. The recipe that pr
 
 
 def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
-    """Copy the run's Σ bank to `out` (atomically) and compare its size with the base checkpoint."""
+    """Write the run's Σ bank to `out` (atomically), with its resolved recipe and, when `sve
+    evaluate` fitted them for this bank, the abstention thresholds in its metadata: with the base
+    model it is all `sve predict` needs. Returns its size next to the base checkpoint's."""
     bank = RunBank.open(run)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
-    with atomic_path(out) as temporary:
-        shutil.copyfile(Path(run) / BANK, temporary)
+    with safe_open(str(Path(run) / BANK), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = dict(handle.metadata() or {})
+    metadata.setdefault("sve.recipe", json.dumps(bank.recipe.model_dump(mode="json")))
+    thresholds = Path(run) / "thresholds.json"
+    if thresholds.exists():
+        fitted = json.loads(thresholds.read_text(encoding="utf-8"))
+        if fitted.get("bank") == file_fingerprint(Path(run) / BANK):
+            metadata["sve.thresholds"] = json.dumps(fitted)
+    save_safetensors(out, tensors, metadata)
     base_bytes = sum(f.stat().st_size for f in set(bank.base.files.values()))
     return {"out": out, "bytes": out.stat().st_size, "base_bytes": base_bytes,
             "share": out.stat().st_size / base_bytes, "members": bank.metadata["members"]}

@@ -22,6 +22,9 @@ CONVENTIONS = {
            "member entropies (ensembles only); AUROC, AUPR (average precision), FPR at 95% TPR",
     "disagreement": "fraction of examples where a member's argmax differs from the ensemble's, mean over members",
     "temperature": "one temperature dividing every member's logits, fitted by NLL on the validation split",
+    "selective": "the examples with the lowest score (msp, entropy or mutual_information) are answered first; "
+                 "risk = error rate among the answered; AURC = mean risk over all coverages 1/N … N/N; "
+                 "accuracy at coverage c answers the ceil(c·N) surest",
 }
 
 

@@ -1,6 +1,8 @@
 """Evaluation reports: `report.json` (every number), `report.md` (the same numbers for a person),
-`reliability.png`, one OOD score histogram per set, and optionally `predictions.safetensors`
-(every member's logits) so anyone can recompute any number. All written atomically.
+`reliability.png`, `risk_coverage.png`, one OOD score histogram per set, and optionally
+`predictions.safetensors` (every member's logits) so anyone can recompute any number; and the
+abstention thresholds fitted on validation, `RUN/thresholds.json`, that `sve predict` applies.
+All written atomically.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from sve_cli import __version__
 from sve_cli.writing import atomic_path, save_safetensors, write_json
 from sve_cli.evaluate import Evaluation
 from sve_cli.metrics import CONVENTIONS, combine, equal_width_bins, ood_scores
+from sve_cli.selective import risk_coverage
 
 ROWS = [("accuracy", "Acc", 100), ("nll", "NLL", 1), ("brier", "Brier", 1), ("ece", "ECE", 100),
         ("adaptive_ece", "aECE", 100), ("mce", "MCE", 100), ("disagreement", "disagreement", 100)]
+THRESHOLDS = "thresholds.json"
 
 
 def report_dict(evaluation: Evaluation, bins: int, how: str) -> dict:
@@ -34,6 +38,7 @@ def report_dict(evaluation: Evaluation, bins: int, how: str) -> dict:
         "conventions": {**CONVENTIONS, "bins": bins, "combine": how},
         "metrics": evaluation.metrics,
         "temperature_scaling": evaluation.temperature,
+        "selective": evaluation.selective,
         "ood": evaluation.ood,
     }
 
@@ -57,6 +62,12 @@ def markdown(report: dict) -> str:
                   "| metric | before | after |", "| --- | --- | --- |"]
         lines += [f"| {label} | {_fmt(metrics[key], scale)} | {_fmt(scaling['after'][key], scale)} |"
                   for key, label, scale in ROWS[:6]]
+    lines += ["", "Selective prediction (answer the surest share, abstain on the rest; AURC: lower is better):", "",
+              "| score | AURC | " + " | ".join(f"acc. at {100 * float(c):.0f}% coverage (%)"
+                                              for c in next(iter(report["selective"].values()))["accuracy_at_coverage"])
+              + " |", "| --- | --- |" + " --- |" * len(next(iter(report["selective"].values()))["accuracy_at_coverage"])]
+    lines += [f"| {score} | {v['aurc']:.4f} | " + " | ".join(f"{100 * a:.2f}" for a in v["accuracy_at_coverage"].values())
+              + " |" for score, v in report["selective"].items()]
     for name, scores in report["ood"].items():
         lines += ["", f"OOD set `{name}` ({report['data']['sizes'][f'ood.{name}']} examples):", "",
                   "| score | AUROC (%) | AUPR (%) | FPR@95%TPR (%) |", "| --- | --- | --- | --- |"]
@@ -98,6 +109,26 @@ def reliability_png(path: Path, probs: torch.Tensor, labels: torch.Tensor, bins:
     _save_figure(figure, path)
 
 
+def risk_coverage_png(path: Path, logits: torch.Tensor, labels: torch.Tensor, how: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    correct = combine(logits, how).argmax(-1) == labels
+    figure, axis = plt.subplots(figsize=(5, 4), dpi=100)
+    for name, scores in ood_scores(logits, how).items():
+        coverage, risk = risk_coverage(scores, correct)
+        axis.plot(coverage.numpy(), risk.numpy(), label=f"{name} (AURC {float(risk.mean()):.4f})")
+    axis.axhline(1 - float(correct.double().mean()), color="grey", linestyle="--", label="no abstention")
+    axis.set_xlabel("coverage (share of inputs answered)")
+    axis.set_ylabel("risk (error rate among answered)")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
 def histogram_png(path: Path, in_scores: dict, out_scores: dict, name: str) -> None:
     import matplotlib
 
@@ -132,6 +163,8 @@ def write_report(evaluation: Evaluation, directory: Path, bins: int, how: str, s
     probs = combine(evaluation.logits, how)
     reliability_png(directory / "reliability.png", probs, evaluation.labels, bins, evaluation.metrics["ece"],
                     f"{Path(evaluation.run).name}: {report['model']['method']} M={report['model']['members']}")
+    risk_coverage_png(directory / "risk_coverage.png", evaluation.logits, evaluation.labels, how,
+                      f"{Path(evaluation.run).name}: risk–coverage")
     in_scores = ood_scores(evaluation.logits, how)
     for name, logits in evaluation.ood_logits.items():
         histogram_png(directory / f"ood_{name}.png", in_scores, ood_scores(logits, how), name)
@@ -141,3 +174,15 @@ def write_report(evaluation: Evaluation, directory: Path, bins: int, how: str, s
         save_safetensors(directory / "predictions.safetensors", tensors,
                          {"sve.label_names": json.dumps(report["data"]["label_names"]), "sve.combine": how})
     return report
+
+
+def write_thresholds(evaluation: Evaluation, how: str) -> Path:
+    """`RUN/thresholds.json`: the abstention thresholds fitted on validation, tied to the bank they
+    were fitted for (its sha256), for `sve predict --abstain-coverage` / `--abstain-risk`."""
+    path = Path(evaluation.run) / THRESHOLDS
+    write_json(path, {"tool": f"sve {__version__}", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "bank": evaluation.bank_fingerprint, "fitted_on": "validation",
+                      "examples": evaluation.sizes["validation"], "combine": how,
+                      "rule": "accept an input when its score is at most the threshold (higher score = less sure)",
+                      "scores": evaluation.thresholds})
+    return path

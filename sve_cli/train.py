@@ -258,7 +258,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
              "finished": False, "label_names": label_names}
     if resuming:
         state = _load_checkpoint(out, trained, optimizer)
-    bank_extra = {"label_names": label_names, "task": recipe.task.type, "letters": pipeline.letters}
+    bank_extra = {"label_names": label_names, "task": recipe.task.type, "letters": pipeline.letters,
+                  "recipe": recipe.model_dump(mode="json")}  # a bank alone can be predicted with
 
     metric, higher = recipe.eval.metric, HIGHER_IS_BETTER[recipe.eval.metric]
     chunks = member_chunks(trained.members, train_cfg.members_per_pass)

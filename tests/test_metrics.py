@@ -1,5 +1,7 @@
 """Every metric against an independent implementation on the same numbers."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,31 @@ def test_temperature_recovers_a_known_temperature():
 def test_disagreement():
     logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [3.0, 0.0]]])  # members vote 0, 1, 0; ensemble 0
     assert metrics.disagreement(logits, metrics.combine(logits)) == pytest.approx(1 / 3)
+
+
+def test_selective_metrics_against_a_longhand_implementation():
+    """AURC, accuracy at coverage and the fitted thresholds, recomputed with plain Python loops."""
+    from sve_cli.metrics import combine, ood_scores
+    from sve_cli.selective import fit_thresholds, selective_metrics
+
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(203, 3, 4, generator=generator) * 2
+    labels = torch.randint(0, 4, (203,), generator=generator)
+    correct = (combine(logits).argmax(-1) == labels).tolist()
+    measured, fitted = selective_metrics(logits, labels), fit_thresholds(logits, labels)
+    for name, scores in ood_scores(logits).items():
+        order = sorted(range(len(correct)), key=lambda i: (float(scores[i]), i))
+        risks, errors = [], 0
+        for accepted, index in enumerate(order, start=1):
+            errors += not correct[index]
+            risks.append(errors / accepted)
+        assert measured[name]["aurc"] == pytest.approx(sum(risks) / len(risks), abs=1e-12)
+        for coverage, value in measured[name]["accuracy_at_coverage"].items():
+            keep = math.ceil(float(coverage) * len(order))
+            assert value == pytest.approx(sum(correct[i] for i in order[:keep]) / keep, abs=1e-12)
+        for coverage, threshold in fitted[name]["coverage"].items():
+            answered = sum(float(s) <= threshold for s in scores)
+            assert abs(answered - math.ceil(float(coverage) * len(order))) <= 1
+        for risk, entry in fitted[name]["risk"].items():
+            answered = [i for i in order if float(scores[i]) <= entry["threshold"]]
+            assert sum(not correct[i] for i in answered) / len(answered) <= float(risk) + 1e-12

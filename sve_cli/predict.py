@@ -1,0 +1,218 @@
+"""`sve predict`: new inputs through a trained ensemble — label, probabilities, uncertainty, and
+whether to abstain.
+
+The ensemble comes from a run directory (its recipe and best bank, or another bank with `bank=`)
+or from a Σ bank file alone: banks carry the resolved recipe in their metadata, and an exported
+bank also the run's abstention thresholds, so the base model and one small file are enough.
+Inputs are read, predicted and written chunk by chunk (memory does not grow with the input); the
+output (jsonl, csv or parquet, by extension) goes to a temporary name and is renamed when whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pandas as pd
+import torch
+
+from sve_cli.bank import load_bank, read_bank_metadata
+from sve_cli.data import iter_chunks, unlabelled_examples
+from sve_cli.errors import OutputExistsError, SveError
+from sve_cli.metrics import combine, entropy
+from sve_cli.pipeline import Pipeline
+from sve_cli.recipe import Recipe, load_recipe
+from sve_cli.selective import THRESHOLD_COVERAGES, file_fingerprint
+from sve_cli.train import BANK, RECIPE, predict
+from sve_cli.writing import atomic_path
+
+SCORES = ("entropy", "msp", "mutual_information")
+FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+CHUNK_ROWS = 1024
+
+
+@dataclass
+class Predictor:
+    pipeline: Pipeline
+    model: torch.nn.Module
+    label_names: list[str]
+    bank: Path
+    thresholds: dict | None  # thresholds.json's content (or the bank's embedded copy), when present
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.pipeline.recipe
+
+
+def open_predictor(source: Path, bank: Path | None = None) -> Predictor:
+    """A run directory (with its own bank or `bank`), or a Σ bank file that carries its recipe."""
+    source = Path(source)
+    if source.is_dir():
+        if not (source / RECIPE).exists():
+            raise SveError(f"{source} is not a run directory (no {RECIPE})")
+        bank = Path(bank) if bank else source / BANK
+        if not bank.exists():
+            raise SveError(f"{source} has no {BANK}: the run has not finished an evaluation yet"
+                           if bank == source / BANK else f"bank {bank} does not exist")
+        recipe = load_recipe(source / RECIPE)
+        metadata = read_bank_metadata(bank)
+        thresholds = _run_thresholds(source / "thresholds.json", bank)
+    elif source.is_file():
+        bank, metadata = source, read_bank_metadata(source)
+        if "recipe" not in metadata:
+            raise SveError(f"{source} does not carry its recipe (banks of sve ≥ 0.2 do); pass the run directory")
+        recipe = Recipe.model_validate(metadata["recipe"])
+        if recipe.model.decomposition and not Path(recipe.model.decomposition).exists():  # another machine
+            recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"decomposition": None})})
+        thresholds = metadata.get("thresholds")
+    else:
+        raise SveError(f"{source} is neither a run directory nor a Σ bank file")
+    pipeline = Pipeline(recipe)
+    label_names = list(metadata["label_names"])
+    model = pipeline.build_model(label_names)
+    load_bank(model, bank)
+    return Predictor(pipeline, model.eval(), label_names, bank, thresholds)
+
+
+def _run_thresholds(path: Path, bank: Path) -> dict | None:
+    if not path.exists():
+        return None
+    thresholds = json.loads(path.read_text(encoding="utf-8"))
+    if thresholds.get("bank") != file_fingerprint(bank):
+        raise SveError(f"{path} was fitted for another bank than {bank}; run `sve evaluate` on the run again")
+    return thresholds
+
+
+def abstain_threshold(predictor: Predictor, score: str, coverage: float | None, risk: float | None,
+                      threshold: float | None) -> tuple[float | None, str]:
+    """The score above which to abstain, and a sentence saying where it comes from."""
+    if threshold is not None:
+        return threshold, f"abstaining when {score} > {threshold:g} (given)"
+    if coverage is None and risk is None:
+        return None, "no abstention threshold (every input is answered)"
+    fitted = predictor.thresholds
+    if fitted is None or score not in fitted["scores"]:
+        raise SveError(f"no fitted {score} thresholds for this ensemble: run `sve evaluate` on the run first "
+                       "(it fits them on the validation split), or pass --abstain-threshold")
+    where = f"fitted on {fitted['examples']} validation examples by `sve evaluate` ({fitted['created'][:10]})"
+    if coverage is not None:
+        key = f"{coverage:g}"
+        if key not in fitted["scores"][score]["coverage"]:
+            raise SveError(f"--abstain-coverage {coverage:g} is not a fitted level (0.5 … 0.99 in steps of "
+                           f"0.01, and {THRESHOLD_COVERAGES[-1]})")
+        value = fitted["scores"][score]["coverage"][key]
+        return value, f"abstaining when {score} > {value:.6g}: the {100 * coverage:g}% coverage threshold, {where}"
+    entry = fitted["scores"][score]["risk"].get(f"{risk:g}")
+    if entry is None:
+        known = ", ".join(fitted["scores"][score]["risk"]) or "none"
+        raise SveError(f"--abstain-risk {risk:g}: no fitted threshold reaches that risk on validation "
+                       f"(fitted risks: {known})")
+    return entry["threshold"], (f"abstaining when {score} > {entry['threshold']:.6g}: validation risk ≤ "
+                                f"{100 * risk:g}% at {100 * entry['coverage']:.1f}% coverage, {where}")
+
+
+def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size: int, score: str,
+                 threshold: float | None, on_rows: Callable[[int], None] | None = None) -> Iterator[list[dict]]:
+    """One list of output rows per chunk of the input."""
+    task, names = predictor.recipe.task, predictor.label_names
+    members = predictor.model.members
+    if member is not None and not 0 <= member < members:
+        raise SveError(f"--member {member} is out of range: the ensemble has {members} member(s)")
+    if score == "mutual_information" and (members == 1 or member is not None):
+        raise SveError("--score mutual_information needs the whole ensemble (more than one member)")
+    first = 0
+    for table in iter_chunks(data, task.config, CHUNK_ROWS):
+        if len(table.frame) == 0:
+            continue
+        examples, labels = unlabelled_examples(table, task, names, data)
+        logits = predict(predictor.model, predictor.pipeline.encode(examples), batch_size,
+                         members_per_pass=predictor.recipe.train.members_per_pass)  # [n, M, C]
+        if member is not None:
+            logits = logits[:, member:member + 1]
+        probs = combine(logits, predictor.recipe.eval.combine)  # [n, C]
+        member_probs = logits.double().softmax(-1)  # [n, m, C]
+        uncertainty = entropy(probs)
+        information = (uncertainty - entropy(member_probs).mean(1)).clamp_min(0)
+        confidence = probs.max(-1).values
+        chosen = {"entropy": uncertainty, "msp": 1 - confidence, "mutual_information": information}[score]
+        ids = table.frame["id"].tolist() if "id" in table.frame.columns else range(first, first + len(probs))
+        rows = []
+        for index, row_id in enumerate(ids):
+            row = {"id": row_id.item() if hasattr(row_id, "item") else row_id,
+                   "prediction": names[int(probs[index].argmax())],
+                   "probabilities": {name: float(p) for name, p in zip(names, probs[index])},
+                   "confidence": float(confidence[index]), "entropy": float(uncertainty[index]),
+                   "mutual_information": float(information[index]) if logits.shape[1] > 1 else None,
+                   "members": [names[int(c)] for c in member_probs[index].argmax(-1)]}
+            if threshold is not None:
+                row["abstain"] = bool(chosen[index] > threshold)
+            if labels is not None:
+                row["label"] = names[int(labels[index])]
+            rows.append(row)
+        first += len(rows)
+        on_rows and on_rows(len(rows))
+        yield rows
+
+
+def _flat(row: dict) -> dict:
+    """A row for a table format: one column per class probability, members joined."""
+    flat = {key: value for key, value in row.items() if key not in ("probabilities", "members")}
+    flat.update({f"p_{name}": p for name, p in row["probabilities"].items()})
+    flat["members"] = ",".join(row["members"])
+    return flat
+
+
+def _tally(summary: dict, rows: list[dict]) -> None:
+    for row in rows:
+        summary["rows"] += 1
+        summary["abstained"] += int(row.get("abstain", False))
+        if "label" in row and not row.get("abstain", False):
+            summary["answered_labelled"] += 1
+            summary["answered_correct"] += int(row["label"] == row["prediction"])
+
+
+def write_predictions(chunks: Iterator[list[dict]], out: Path, overwrite: bool) -> dict:
+    """Stream the rows into `out` (format by extension) atomically; returns a summary."""
+    kind = FORMATS.get(out.suffix.lower())
+    if kind is None:
+        raise SveError(f"--out {out}: use a .jsonl, .csv or .parquet file")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    summary = {"rows": 0, "abstained": 0, "answered_correct": 0, "answered_labelled": 0}
+    with atomic_path(out) as temporary:
+        if kind == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            writer = None
+            for rows in chunks:
+                _tally(summary, rows)
+                batch = pa.Table.from_pylist([_flat(row) for row in rows])
+                writer = writer or pq.ParquetWriter(str(temporary), batch.schema)
+                writer.write_table(batch.cast(writer.schema))
+            if writer is not None:
+                writer.close()
+        else:
+            with open(temporary, "w", encoding="utf-8", newline="") as handle:
+                for rows in chunks:
+                    header = summary["rows"] == 0
+                    _tally(summary, rows)
+                    if kind == "jsonl":
+                        handle.writelines(json.dumps(row) + "\n" for row in rows)
+                    else:
+                        pd.DataFrame([_flat(row) for row in rows]).to_csv(handle, header=header, index=False)
+        if summary["rows"] == 0:
+            raise SveError("the input holds no rows: nothing to predict")
+    return summary
+
+
+def answered_accuracy(summary: dict) -> float | None:
+    labelled = summary["answered_labelled"]
+    return summary["answered_correct"] / labelled if labelled else None
+
+
+def coverage_of(summary: dict) -> float:
+    return 1 - summary["abstained"] / summary["rows"] if summary["rows"] else math.nan
