@@ -35,8 +35,12 @@ VARIANTS = {  # name -> (what changes, overrides on top of the reference budget)
     "bootstrap": ("mean, each member its own bootstrap resample", {"train.member_batches": "bootstrap"}),
     "shuffled-init0.001": ("shuffled, sigma_init 0.001", {"train.member_batches": "shuffled", "ensemble.sigma_init": 0.001}),
     "shuffled-init0.1": ("shuffled, sigma_init 0.1", {"train.member_batches": "shuffled", "ensemble.sigma_init": 0.1}),
+    "shuffled-nodropout": ("shuffled, backbone dropout off", {"train.member_batches": "shuffled", "ensemble.dropout": False}),
+    "shuffled-nodropout-lr3e-3": ("shuffled, dropout off, lr 3e-3",
+                                  {"train.member_batches": "shuffled", "ensemble.dropout": False, "train.lr": 3e-3}),
     "svf-pooler": ("SVF (M=1), pooler", {**SVF, "ensemble.representation": "pooler"}),
     "svf-mean": ("SVF (M=1), mean", SVF),
+    "svf-nodropout": ("SVF (M=1), mean, dropout off", {**SVF, "ensemble.dropout": False}),
 }
 COLUMNS = [("accuracy", "Acc (%)", 100), ("ece", "ECE (%)", 100), ("nll", "NLL", 1), ("disagreement", "disagr. (%)", 100)]
 

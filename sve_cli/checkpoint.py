@@ -292,3 +292,8 @@ def tensor_fingerprint(tensor: torch.Tensor) -> str:
     digest = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode())
     digest.update(tensor.contiguous().view(torch.uint8).numpy())
     return "sha256:" + digest.hexdigest()
+
+
+def source_fingerprint(fingerprints: dict[str, str]) -> str:
+    payload = json.dumps(sorted(fingerprints.items()))
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()

@@ -110,7 +110,8 @@ def decompose(
     """
     from sve_cli.writing import parse_size
     from sve_cli.decompose import decompose as run_decompose
-    from sve_cli.decompose import default_output, plan_decomposition
+    from sve_cli.decompose import plan_decomposition
+    from sve_cli.factors import default_output
 
     with console.status(f"opening {model}…"):  # a GGUF file is dequantised here, once
         plan = plan_decomposition(model, targets, dtype.value, parse_size(max_shard_size))

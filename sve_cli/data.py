@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from sve_cli.checkpoint import package_data
 from sve_cli.errors import SveError
+from sve_cli.images import image_tensor, read_image_folder
 from sve_cli.recipe import TaskSection
 
 SPLIT_SEED = 0
 BUILTIN_DATA = ("tweets", "bbc_news", "digits", "mnist")
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 
 
 @dataclass
@@ -82,25 +81,10 @@ def _read_text(path: Path) -> str:
         return data.decode("latin-1").strip()
 
 
-def _image_folder(root: Path) -> Table:
-    from PIL import Image
-
-    names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    rows = []
-    for label, name in enumerate(names):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                try:
-                    with Image.open(path) as image:
-                        rows.append((np.asarray(image.convert("L"), dtype=np.float32) / 255.0, label))
-                except OSError as error:
-                    raise SveError(f"cannot read image {path}: {error}") from None
-    return Table(pd.DataFrame(rows, columns=["image", "label"]), names, True)
-
-
 def _local(path: Path) -> Table:
     if path.is_dir():
-        return _image_folder(path)
+        names, images, labels = read_image_folder(path)
+        return Table(pd.DataFrame({"image": images, "label": labels}), names, True)
     kind = TABLE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise SveError(f"{path}: unsupported data file (use .jsonl, .csv, .parquet or an image folder)")
@@ -234,29 +218,6 @@ def _multiple_choice(frame: pd.DataFrame, task: TaskSection, names: list[str] | 
     return prompts, torch.tensor(labels, dtype=torch.long), task.letters[:width]
 
 
-def _image_tensor(image, where: str) -> torch.Tensor:
-    """A PIL image, HF's {"bytes": …} form or an array -> `[C, H, W]` float in [0, 1]."""
-    from PIL import Image
-
-    if isinstance(image, dict) and image.get("bytes") is not None:
-        import io
-
-        image = Image.open(io.BytesIO(image["bytes"]))
-    if isinstance(image, Image.Image):
-        grey = image.mode in ("L", "1", "I", "F")
-        array = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
-    else:
-        array = np.asarray(image, dtype=np.float32)
-    tensor = torch.as_tensor(array)
-    if tensor.dim() == 3 and tensor.shape[-1] in (1, 3, 4):
-        tensor = tensor.permute(2, 0, 1)[:3]  # HWC -> CHW, alpha dropped
-    elif tensor.dim() == 2:
-        tensor = tensor[None]
-    if tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
-        raise SveError(f"{where}: an image has shape {list(array.shape)}; expected H×W, H×W×3 or 3×H×W")
-    return tensor
-
-
 def build_examples(table: Table, task: TaskSection, label_names: list[str], where: str) -> Examples:
     frame = table.frame
     if len(frame) == 0:
@@ -264,7 +225,7 @@ def build_examples(table: Table, task: TaskSection, label_names: list[str], wher
     if task.type == "image_classification":
         if not table.is_image and task.image_field not in frame.columns:
             raise SveError(f"{where}: this run classifies images, but the data has no '{task.image_field}' column")
-        images = [_image_tensor(image, where) for image in _column(frame, task.image_field, "image_field", where)]
+        images = [image_tensor(image, where) for image in _column(frame, task.image_field, "image_field", where)]
         labels = _labels(_column(frame, task.label_field, "label_field", where), label_names, where)
         return Examples(labels, images=images)
     if table.is_image:
@@ -279,16 +240,17 @@ def build_examples(table: Table, task: TaskSection, label_names: list[str], wher
     return Examples(labels, texts=texts, pairs=pairs)
 
 
-def unlabelled_examples(table: Table, task: TaskSection, label_names: list[str],
-                        where: str) -> tuple[Examples, torch.Tensor | None]:
+def unlabelled_examples(table: Table, task: TaskSection, label_names: list[str], where: str,
+                        keep_labels: bool = True) -> tuple[Examples, torch.Tensor | None]:
     """Inputs through the run's preprocessing whether or not they carry labels (OOD sets, `sve
-    predict`): the examples (labels set to 0), and the labels when the table has valid ones."""
+    predict`): the examples (labels set to 0), and, with `keep_labels`, the table's labels when it
+    has a label column (they must be the run's)."""
     frame = table.frame.copy()
     if task.type == "multiple_choice" and task.question is None and "question" not in frame.columns:
         raise SveError(f"{where}: this run answers ARC-style questions; its inputs need "
                        "'question' and 'choices' columns too")
     labels = None
-    if task.label_field in frame.columns and task.type != "multiple_choice" and frame[task.label_field].notna().all():
+    if keep_labels and task.label_field in frame.columns and task.type != "multiple_choice":
         labels = _labels(frame[task.label_field], label_names, where)
     frame[task.label_field] = 0
     if "answerKey" in frame.columns:  # ARC-style items: any valid key will do
@@ -367,37 +329,16 @@ def load_splits(task: TaskSection, where: str) -> tuple[dict[str, Examples], lis
     return splits, label_names
 
 
-def preprocess_images(images: list[torch.Tensor], size: int | None, channels: int,
-                      mean: list[float], std: list[float]) -> torch.Tensor:
-    """Resize each image (bilinear, antialiased), match the model's channels, normalise -> `[N, C, H, W]`."""
-    processed = []
-    for image in images:
-        if image.shape[0] != channels:
-            if image.shape[0] != 1:
-                raise SveError(f"images have {image.shape[0]} channels, the model expects {channels}")
-            image = image.expand(channels, -1, -1)  # grey -> RGB
-        if size is not None and tuple(image.shape[-2:]) != (size, size):
-            image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True,
-                                  align_corners=False)[0]
-        processed.append(image)
-    if len({tuple(image.shape) for image in processed}) > 1:
-        raise SveError("images differ in size; set task.image_size to resize them")
-    stacked = torch.stack(processed)  # [N, C, H, W]
-    return (stacked - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-
-
 class Encoded:
     """A split turned into model inputs; `batch(indices)` pads to the batch's longest row."""
 
     def __init__(self, examples: Examples, tokenizer=None, max_length: int = 128, truncate_left: bool = False,
-                 image_size: int | None = None, channels: int = 1, mean: float | list[float] = 0.5,
-                 std: float | list[float] = 0.5):
+                 pixels: torch.Tensor | None = None):
         self.labels = examples.labels  # [N]
-        self.images = None
+        self.images = pixels  # [N, C, H, W], preprocessed (sve_cli.images)
         if examples.images is not None:
-            mean = mean if isinstance(mean, list) else [mean] * channels
-            std = std if isinstance(std, list) else [std] * channels
-            self.images = preprocess_images(examples.images, image_size, channels, mean, std)  # [N, C, H, W]
+            if pixels is None:
+                raise SveError("images need pixel values from the model's image processor")
             return
         if tokenizer is None:
             raise SveError("text data needs a tokenizer; this model has none")

@@ -1,10 +1,5 @@
-"""`sve decompose`: thin SVD of every targeted weight into a resumable U/S/Vh cache.
-
-Layout of the cache directory (DESIGN.md):
-
-    factors-00001-of-0000N.safetensors   {param}.U [out,k], {param}.S [k], {param}.Vh [k,in]
-    factors.safetensors.index.json       HF-style weight_map + metadata.total_size
-    decomposition.json                   source, fingerprints, targets, errors, tool version
+"""`sve decompose`: thin SVD of every targeted weight into a resumable U/S/Vh cache (its layout
+and reader: `sve_cli.factors`).
 
 Shards are planned from shapes before any SVD runs, so a rerun plans the same files. Each shard is
 written atomically (temporary name, then rename) and carries the decomposition's identity in its
@@ -17,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,32 +21,15 @@ import torch
 from safetensors import safe_open
 
 from sve_cli import __version__
-from sve_cli.checkpoint import Checkpoint, open_checkpoint, sve_home, tensor_fingerprint
+from sve_cli.checkpoint import Checkpoint, open_checkpoint, source_fingerprint, tensor_fingerprint
+from sve_cli.factors import INDEX, MANIFEST, SHARD_NAME
 from sve_cli.writing import (Shard, ShardWriter, exclusive, fault_point, plan_shards, visible_entries, write_index,
                              write_json)
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.targets import Target, resolve_targets
 
-MANIFEST = "decomposition.json"
-INDEX = "factors.safetensors.index.json"
-SHARD_NAME = re.compile(r"factors-\d{5}-of-\d{5}\.safetensors")
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 ERROR_PROBES = 16  # Gaussian probes for the reconstruction-error estimate
-
-
-def default_output(spec: str, targets: str | None = None) -> Path:
-    """`$SVE_HOME/decompositions/<name>[-<path hash>][-<targets>]`: where `train` looks too.
-
-    Local checkpoints get a hash of their absolute path, so two folders that share a name do not
-    share a cache; built-in models and hub ids are named as given.
-    """
-    name = Path(spec.removeprefix("builtin:").rstrip("/")).name or spec
-    if not spec.startswith("builtin:") and Path(spec).exists():
-        name = f"{name}-{hashlib.sha256(str(Path(spec).resolve()).encode()).hexdigest()[:8]}"
-    if targets and targets != "all":
-        suffix = targets if re.fullmatch(r"[\w-]+", targets) else hashlib.sha256(targets.encode()).hexdigest()[:8]
-        name = f"{name}-{suffix}"
-    return sve_home() / "decompositions" / re.sub(r"[^\w.-]", "_", name)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -207,11 +184,6 @@ def _layout(targets: list[Target], dtype: torch.dtype) -> list[tuple[str, torch.
 
 def _identity(precision: str, fingerprints: dict[str, str]) -> str:
     payload = json.dumps({"precision": precision, "targets": sorted(fingerprints.items())})
-    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
-
-
-def source_fingerprint(fingerprints: dict[str, str]) -> str:
-    payload = json.dumps(sorted(fingerprints.items()))
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -371,27 +343,3 @@ def _manifest(plan: DecomposePlan, fingerprints: dict[str, str], identity: str,
     }
 
 
-def load_manifest(cache: Path) -> dict:
-    """The manifest of a complete decomposition cache, or one clear error."""
-    path = Path(cache) / MANIFEST
-    if not path.exists():
-        raise SveError(f"{cache} is not a complete decomposition cache (no {MANIFEST})")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-class FactorCache:
-    """Read access to a complete decomposition cache, one target at a time."""
-
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self.manifest = load_manifest(self.directory)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
-
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(U [out,k], S [k], Vh [k,in])` of the target parameter `name`."""
-        shard = next(t["shard"] for t in self.manifest["targets"] if t["name"] == name)
-        with safe_open(str(self.directory / shard), framework="pt") as handle:  # mapped for this read only
-            return tuple(handle.get_tensor(f"{name}.{factor}") for factor in ("U", "S", "Vh"))

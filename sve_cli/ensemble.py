@@ -22,8 +22,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers, tensor_fingerprint
-from sve_cli.decompose import FactorCache, decompose, default_output, plan_decomposition, source_fingerprint
+from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers, source_fingerprint, tensor_fingerprint
+from sve_cli.decompose import decompose, plan_decomposition
+from sve_cli.factors import FactorCache, default_output
 from sve_cli.errors import SveError
 from sve_cli.heads import MemberHead, features, native_representation, resolve_representation
 from sve_cli.baselines import DenseMembersLinear, LoRAMembersLinear

@@ -19,9 +19,9 @@ from sve_cli.data import BUILTIN_DATA, Examples, Table, build_examples, load_sou
 from sve_cli.errors import SveError
 from sve_cli.metrics import calibration_metrics, fit_temperature, ood_metrics
 from sve_cli.pipeline import Pipeline
-from sve_cli.recipe import load_recipe
+from sve_cli.inference import predict
+from sve_cli.rundir import RECIPE, open_run
 from sve_cli.selective import file_fingerprint, fit_thresholds, selective_metrics
-from sve_cli.train import BANK, RECIPE, predict
 
 # common public OOD names -> (hub id, config, split); they need a network
 HUB_OOD = {
@@ -75,13 +75,7 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
     """Predict, score and compare one run (with its own bank, or `bank`, e.g. an exported one).
     `on_batch(set_name, done, total)` reports progress."""
     run = Path(run)
-    if not (run / RECIPE).exists():
-        raise SveError(f"{run} is not a run directory (no {RECIPE}); train one with `sve train`")
-    bank = Path(bank) if bank else run / BANK
-    if not bank.exists():
-        raise SveError(f"{run} has no {BANK}: the run has not finished an evaluation yet"
-                       if bank == run / BANK else f"bank {bank} does not exist")
-    recipe = load_recipe(run / RECIPE)
+    recipe, bank = open_run(run, bank)
     metadata = read_bank_metadata(bank)
     label_names = list(metadata["label_names"])
     pipeline = Pipeline(recipe)
@@ -128,7 +122,7 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
 
     for name in ood:
         table, short = _ood_table(name, limit)
-        ood_examples, _ = unlabelled_examples(table, pipeline.recipe.task, label_names, f"OOD set '{short}'")
+        ood_examples, _ = unlabelled_examples(table, recipe.task, label_names, f"OOD set '{short}'", keep_labels=False)
         result.ood_logits[short] = run_set(f"OOD {short}", ood_examples)
         result.ood[short] = ood_metrics(logits, result.ood_logits[short], combine_how)
         result.sizes[f"ood.{short}"] = len(ood_examples)

@@ -25,16 +25,15 @@ from safetensors import safe_open
 
 from sve_cli import __version__
 from sve_cli.bank import read_bank_metadata
-from sve_cli.checkpoint import Checkpoint, open_checkpoint, tensor_fingerprint
+from sve_cli.checkpoint import Checkpoint, open_checkpoint, source_fingerprint, tensor_fingerprint
 from sve_cli.writing import (SAFETENSORS_DTYPES, ShardWriter, parse_size, plan_shards, save_safetensors, write_index,
                              write_json)
-from sve_cli.decompose import FactorCache, default_output, source_fingerprint
+from sve_cli.factors import FactorCache, default_output
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.heads import native_representation
 from sve_cli.layer import nonnegative
 from sve_cli.selective import file_fingerprint
-from sve_cli.recipe import load_recipe
-from sve_cli.train import BANK, RECIPE
+from sve_cli.rundir import BANK, RECIPE, THRESHOLDS, open_run
 
 # model_type -> (classification class, base-model prefix, head weight, head bias)
 CLASSIFIERS = {
@@ -70,12 +69,7 @@ class RunBank:
     @classmethod
     def open(cls, run: Path, bank: Path | None = None) -> "RunBank":
         run = Path(run)
-        if not (run / RECIPE).exists():
-            raise SveError(f"{run} is not a run directory (no {RECIPE})")
-        bank = bank or run / BANK
-        if not bank.exists():
-            raise SveError(f"{run} has no {BANK}: the run has not finished an evaluation yet")
-        recipe = load_recipe(run / RECIPE)
+        recipe, bank = open_run(run, bank)
         metadata = read_bank_metadata(bank)
         base = open_checkpoint(recipe.model.path)
         targets = metadata["targets"]
@@ -336,7 +330,7 @@ def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         metadata = dict(handle.metadata() or {})
     metadata.setdefault("sve.recipe", json.dumps(bank.recipe.model_dump(mode="json")))
-    thresholds = Path(run) / "thresholds.json"
+    thresholds = Path(run) / THRESHOLDS
     if thresholds.exists():
         fitted = json.loads(thresholds.read_text(encoding="utf-8"))
         if fitted.get("bank") == file_fingerprint(Path(run) / BANK):

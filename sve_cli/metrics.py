@@ -150,49 +150,35 @@ def ood_scores(logits: torch.Tensor, how: str = "probs") -> dict[str, torch.Tens
     return scores
 
 
+def _labelled(in_scores: torch.Tensor, out_scores: torch.Tensor):
+    """scikit-learn's inputs: OOD is the positive class (1), a higher score means more OOD."""
+    import numpy as np
+
+    scores = torch.cat([in_scores, out_scores]).double().numpy()
+    return np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))], scores
+
+
 def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
-    """P(score_ood > score_id) + ½ P(tie): the Mann–Whitney form of the ROC area."""
-    scores = torch.cat([in_scores, out_scores]).double()
-    ranks = _average_ranks(scores)
-    positives = len(out_scores)
-    rank_sum = ranks[len(in_scores):].sum()
-    return float((rank_sum - positives * (positives + 1) / 2) / (positives * len(in_scores)))
+    """Area under the ROC curve: P(score_ood > score_id) + ½ P(tie)."""
+    from sklearn.metrics import roc_auc_score
 
-
-def _average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """1-based ranks, ties sharing their average rank."""
-    order = values.argsort(stable=True)
-    sorted_values = values[order]
-    ranks = torch.empty_like(values)
-    start = 0
-    boundaries = torch.nonzero(sorted_values[1:] != sorted_values[:-1]).flatten().tolist() + [len(values) - 1]
-    for end in boundaries:
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
+    return float(roc_auc_score(*_labelled(in_scores, out_scores)))
 
 
 def aupr(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
-    """Average precision with OOD as the positive class (step-wise, as scikit-learn's)."""
-    scores = torch.cat([in_scores, out_scores]).double()
-    positive = torch.cat([torch.zeros(len(in_scores)), torch.ones(len(out_scores))]).double()
-    thresholds, inverse = torch.unique(scores, sorted=True, return_inverse=True)
-    positives_at = torch.zeros(len(thresholds), dtype=torch.float64).index_add_(0, inverse, positive)
-    counts_at = torch.zeros(len(thresholds), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(positive))
-    true_positives = positives_at.flip(0).cumsum(0)  # score >= threshold, from the highest down
-    predicted = counts_at.flip(0).cumsum(0)
-    precision = true_positives / predicted
-    recall = true_positives / positive.sum()
-    previous_recall = torch.cat([torch.zeros(1, dtype=torch.float64), recall[:-1]])
-    return float(((recall - previous_recall) * precision).sum())
+    """Average precision with OOD as the positive class."""
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(*_labelled(in_scores, out_scores)))
 
 
 def fpr_at_tpr(in_scores: torch.Tensor, out_scores: torch.Tensor, tpr: float = 0.95) -> float:
-    """Fraction of ID examples flagged at the lowest threshold that flags ≥ `tpr` of the OOD ones."""
-    sorted_out = out_scores.double().sort(descending=True).values
-    needed = max(1, int(torch.ceil(torch.tensor(tpr * len(sorted_out)))))
-    threshold = sorted_out[needed - 1]
-    return float((in_scores.double() >= threshold).double().mean())
+    """Fraction of ID examples flagged at the highest threshold that flags ≥ `tpr` of the OOD ones."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    false_positive, true_positive, _ = roc_curve(*_labelled(in_scores, out_scores), drop_intermediate=False)
+    return float(false_positive[np.argmax(true_positive >= tpr - 1e-12)])
 
 
 def ood_metrics(in_logits: torch.Tensor, out_logits: torch.Tensor, how: str = "probs") -> dict[str, dict[str, float]]:

@@ -6,13 +6,13 @@ was trained with.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sve_cli.checkpoint import open_checkpoint, quiet_transformers
 from sve_cli.data import Encoded, Examples
 from sve_cli.ensemble import SVEModel, build_ensemble
 from sve_cli.errors import SveError
+from sve_cli.images import pixel_values
 from sve_cli.recipe import Recipe
 
 
@@ -60,9 +60,6 @@ class Pipeline:
         if task.type == "image_classification":
             if examples.images is None:
                 raise SveError("this run classifies images, but the data holds text")
-            processor = self.checkpoint.directory / "preprocessor_config.json"
-            statistics = json.loads(processor.read_text()) if processor.exists() else {}
-            return Encoded(examples, image_size=task.image_size or self.config.get("image_size"),
-                           channels=self.config.get("num_channels", 1),
-                           mean=statistics.get("image_mean", 0.5), std=statistics.get("image_std", 0.5))
+            return Encoded(examples, pixels=pixel_values(examples.images, self.checkpoint.directory, self.config,
+                                                         task.image_size))
         return Encoded(examples, self.tokenizer, task.max_length, truncate_left=task.type == "multiple_choice")

@@ -24,9 +24,10 @@ from sve_cli.data import iter_chunks, unlabelled_examples
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.metrics import combine, entropy
 from sve_cli.pipeline import Pipeline
-from sve_cli.recipe import Recipe, load_recipe
+from sve_cli.inference import predict
+from sve_cli.recipe import Recipe
+from sve_cli.rundir import THRESHOLDS, open_run
 from sve_cli.selective import THRESHOLD_COVERAGES, file_fingerprint
-from sve_cli.train import BANK, RECIPE, predict
 from sve_cli.writing import atomic_path
 
 SCORES = ("entropy", "msp", "mutual_information")
@@ -51,15 +52,9 @@ def open_predictor(source: Path, bank: Path | None = None) -> Predictor:
     """A run directory (with its own bank or `bank`), or a Σ bank file that carries its recipe."""
     source = Path(source)
     if source.is_dir():
-        if not (source / RECIPE).exists():
-            raise SveError(f"{source} is not a run directory (no {RECIPE})")
-        bank = Path(bank) if bank else source / BANK
-        if not bank.exists():
-            raise SveError(f"{source} has no {BANK}: the run has not finished an evaluation yet"
-                           if bank == source / BANK else f"bank {bank} does not exist")
-        recipe = load_recipe(source / RECIPE)
+        recipe, bank = open_run(source, bank)
         metadata = read_bank_metadata(bank)
-        thresholds = _run_thresholds(source / "thresholds.json", bank)
+        thresholds = _run_thresholds(source / THRESHOLDS, bank)
     elif source.is_file():
         bank, metadata = source, read_bank_metadata(source)
         if "recipe" not in metadata:

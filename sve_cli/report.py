@@ -17,11 +17,11 @@ from sve_cli import __version__
 from sve_cli.writing import atomic_path, save_safetensors, write_json
 from sve_cli.evaluate import Evaluation
 from sve_cli.metrics import CONVENTIONS, combine, equal_width_bins, ood_scores
+from sve_cli.rundir import THRESHOLDS
 from sve_cli.selective import risk_coverage
 
 ROWS = [("accuracy", "Acc", 100), ("nll", "NLL", 1), ("brier", "Brier", 1), ("ece", "ECE", 100),
         ("adaptive_ece", "aECE", 100), ("mce", "MCE", 100), ("disagreement", "disagreement", 100)]
-THRESHOLDS = "thresholds.json"
 
 
 def report_dict(evaluation: Evaluation, bins: int, how: str) -> dict:

@@ -1,9 +1,6 @@
 """`sve train`: joint M-member fine-tuning from a recipe. Reads top to bottom like a script.
 
-Run directory (DESIGN.md): `recipe.yaml` (resolved), `sigma_bank.safetensors` (the best bank by
-the validation metric), `checkpoint.safetensors` (latest trainable state + optimizer + RNG, for
-`--resume`), `trainer_state.json` (the same state, readable), `metrics.jsonl` (one line per
-evaluation). Every file is written atomically; a run killed at any moment and resumed ends with
+The run directory's files are listed in `sve_cli.rundir`. Every file is written atomically; a run killed at any moment and resumed ends with
 the same result as an uninterrupted one (CPU, fixed seed).
 
 Data parallel: under `torchrun`, each rank takes an equal slice of every global batch, gradients
@@ -17,7 +14,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,26 +22,16 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from sve_cli.bank import save_bank
-from sve_cli.writing import atomic_path, exclusive, fault_point, save_safetensors, visible_entries, write_json
-from sve_cli.data import Encoded, load_splits
+from sve_cli.data import load_splits
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import OutputExistsError, SveError
+from sve_cli.inference import Parallel, member_chunks, predict
 from sve_cli.metrics import HIGHER_IS_BETTER, calibration_metrics
 from sve_cli.pipeline import Pipeline
 from sve_cli.recipe import Recipe, load_recipe, recipe_yaml
+from sve_cli.rundir import BANK, CHECKPOINT, METRICS, RECIPE, STATE
+from sve_cli.writing import atomic_path, exclusive, fault_point, save_safetensors, visible_entries, write_json
 
-RECIPE, BANK, CHECKPOINT, STATE, METRICS = (
-    "recipe.yaml", "sigma_bank.safetensors", "checkpoint.safetensors", "trainer_state.json", "metrics.jsonl")
-
-
-@dataclass
-class Parallel:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def writer(self) -> bool:
-        return self.rank == 0
 
 
 def _init_parallel() -> Parallel:
@@ -105,42 +91,6 @@ def _param_groups(model: SVEModel, recipe: Recipe) -> list[dict]:
     groups = [(other, train.lr, train.weight_decay), (heads, train.head_lr or train.lr, train.weight_decay),
               (sigma, train.sigma_lr or train.lr, sigma_decay)]
     return [{"params": params, "lr": lr, "weight_decay": decay, "base_lr": lr} for params, lr, decay in groups if params]
-
-
-def member_chunks(members: int, per_pass: int | None) -> list[tuple[int, int]]:
-    """`[(start, stop), …]`: the members run together in one pass (`train.members_per_pass`)."""
-    size = per_pass or members
-    return [(start, min(start + size, members)) for start in range(0, members, size)]
-
-
-@torch.no_grad()
-def predict(model: SVEModel, data: Encoded, batch_size: int, parallel: Parallel = Parallel(),
-            on_batch: Callable[[int], None] | None = None, members_per_pass: int | None = None) -> torch.Tensor:
-    """Logits `[N, M, C]` of every example; under torchrun each rank does a strided share."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rows = torch.arange(parallel.rank, len(data), parallel.world)
-    outputs = []
-    for start in range(0, len(rows), batch_size):
-        indices = rows[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in data.batch(indices).items()}
-        chunks = []
-        for first, stop in member_chunks(model.members, members_per_pass):
-            with model.active_members(first, stop):
-                chunks.append(model(**batch).float().cpu())  # [b, m, C]
-        outputs.append(torch.cat(chunks, dim=1))  # [b, M, C]
-        on_batch and on_batch(len(indices))
-    model.train(was_training)
-    logits = torch.cat(outputs) if outputs else torch.empty(0)
-    if parallel.world == 1:
-        return logits
-    gathered = [None] * parallel.world
-    dist.all_gather_object(gathered, logits)
-    merged = torch.empty(len(data), *gathered[0].shape[1:])
-    for rank, part in enumerate(gathered):
-        merged[rank::parallel.world] = part
-    return merged
 
 
 class MemberOrders:

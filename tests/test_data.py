@@ -143,8 +143,51 @@ def test_encoding_pads_right_and_images_normalise(minilm_path):
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 7)
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0, 0]
     assert batch["input_ids"][0, 3:].eq(tokenizer.pad_token_id).all()
-    images = Encoded(Examples(torch.tensor([0]), images=[torch.ones(1, 28, 28)]), image_size=8, channels=1)
+
+
+
+def test_images_without_a_processor_are_resized_and_normalised(tmp_path):
+    from sve_cli.images import pixel_values
+
+    pixels = pixel_values([torch.ones(1, 28, 28)], tmp_path, {"num_channels": 1}, image_size=8)
+    images = Encoded(Examples(torch.tensor([0]), images=[torch.ones(1, 28, 28)]), pixels=pixels)
     assert images.batch(torch.tensor([0]))["pixel_values"].shape == (1, 1, 8, 8)
     assert torch.allclose(images.images, torch.ones(1, 1, 8, 8))  # (1 - 0.5) / 0.5
-    with pytest.raises(SveError, match="3 channels, the model expects 1"):
-        Encoded(Examples(torch.tensor([0]), images=[torch.ones(3, 8, 8)]), channels=1)
+    rgb = pixel_values([torch.rand(1, 8, 8)], tmp_path, {"num_channels": 3, "image_size": 8}, None)
+    assert rgb.shape == (1, 3, 8, 8) and torch.equal(rgb[0, 0], rgb[0, 2])  # grey repeated into RGB
+    with pytest.raises(SveError, match="images differ in size"):
+        pixel_values([torch.ones(1, 8, 8), torch.ones(1, 6, 6)], tmp_path, {"num_channels": 1}, None)
+
+
+@pytest.mark.parametrize("processor_kind", ["vit", "dinov2"])
+def test_images_go_through_the_checkpoints_own_processor(tiny_checkpoints, tmp_path, processor_kind):
+    """With a preprocessor_config.json our pixel values are the processor's on the same PIL images."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, BitImageProcessor, ViTImageProcessor
+
+    from sve_cli.data import Table, build_examples
+    from sve_cli.images import pixel_values
+    from sve_cli.recipe import TaskSection
+
+    if processor_kind == "vit":  # resize to 8×8, mean/std of ImageNet
+        processor = ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.485], image_std=[0.229])
+    else:  # DINOv2's recipe: resize the shortest edge, then centre crop
+        processor = BitImageProcessor(size={"shortest_edge": 10}, crop_size={"height": 8, "width": 8},
+                                      image_mean=[0.485], image_std=[0.229], do_convert_rgb=False)
+    model = tmp_path / "vit"
+    model.mkdir()
+    for file in tiny_checkpoints["vit"].iterdir():
+        (model / file.name).write_bytes(file.read_bytes())
+    processor.save_pretrained(model)
+    generator = torch.Generator().manual_seed(0)
+    pictures = [Image.fromarray((torch.rand(12, 16, generator=generator) * 255).to(torch.uint8).numpy(), mode="L")
+                for _ in range(3)]
+    task = TaskSection(type="image_classification", dataset="x")
+    examples = build_examples(Table(pd.DataFrame({"image": pictures, "label": [0, 1, 2]}), None, True), task,
+                              ["a", "b", "c"], "test")
+    import json
+
+    ours = pixel_values(examples.images, model, json.loads((model / "config.json").read_text()), None)
+    theirs = AutoImageProcessor.from_pretrained(model)([p for p in pictures], return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape == (3, 1, 8, 8)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-5)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sve_cli.decompose import decompose, load_manifest, plan_decomposition, svd_factors
+from sve_cli.decompose import decompose, plan_decomposition, svd_factors
+from sve_cli.factors import load_manifest
 from sve_cli.errors import OutputExistsError, SveError
 
 from conftest import sve_subprocess

@@ -46,7 +46,7 @@ def test_zero_noise_members_equal_the_plain_model(tiny_checkpoints, kind, strate
 
 def _member_reference(kind, path, ensemble, member):
     """A plain HF model whose targeted weights are U diag(relu(s_m)) Vh and biases b_m."""
-    from sve_cli.decompose import FactorCache
+    from sve_cli.factors import FactorCache
 
     reference = _reference(kind, path)
     cache = FactorCache(next(iter(_caches(ensemble))))
@@ -73,7 +73,7 @@ def _member_reference(kind, path, ensemble, member):
 
 
 def _caches(ensemble):
-    from sve_cli.decompose import default_output
+    from sve_cli.factors import default_output
 
     yield default_output(ensemble.identity.base_model)  # where build_ensemble decomposed it
 

@@ -245,4 +245,4 @@ def test_multiple_choice_run_evaluates_with_arc_style_ood(sve, runs, tmp_path):
     result = sve("evaluate", runs["llama"], "--ood", ood, "--report", tmp_path / "report")
     assert result.code == 0, result.stderr
     assert json.loads((tmp_path / "report" / "report.json").read_text())["data"]["sizes"]["ood.ood"] == 10
-    assert_one_error_line(sve("evaluate", runs["llama"], "--ood", "tweets"), "needs 'question' and 'choices' columns")
+    assert_one_error_line(sve("evaluate", runs["llama"], "--ood", "tweets"), "need 'question' and 'choices' columns")

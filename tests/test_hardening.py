@@ -121,17 +121,18 @@ def test_broken_data_files(content, fragment, tmp_path):
 def test_images_of_other_modes_are_converted_or_refused(tmp_path):
     from PIL import Image
 
-    from sve_cli.data import _image_folder
+    from sve_cli.images import read_image_folder
 
     for mode, label in (("RGBA", "a"), ("P", "b"), ("CMYK", "c")):
         (tmp_path / label).mkdir()
         Image.new(mode, (8, 8)).save(tmp_path / label / f"x.{'png' if mode != 'CMYK' else 'jpg'}")
     (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(SveError, match="cannot read image"):
-        _image_folder(tmp_path)
+        read_image_folder(tmp_path)
     (tmp_path / "a" / "broken.png").unlink()
-    table = _image_folder(tmp_path)
-    assert [image.shape for image in table.frame["image"]] == [(8, 8)] * 3
+    names, images, labels = read_image_folder(tmp_path)
+    assert names == ["a", "b", "c"] and labels == [0, 1, 2]
+    assert [tuple(image.shape) for image in images] == [(3, 8, 8)] * 3  # RGBA, P and CMYK become RGB
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

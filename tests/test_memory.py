@@ -65,7 +65,7 @@ def test_gradient_checkpointing_recomputes_the_blocks(text_models, tmp_path):
 def test_members_per_pass_predicts_the_same_logits(text_models, tmp_path):
     from sve_cli.data import load_splits
     from sve_cli.pipeline import Pipeline
-    from sve_cli.train import predict
+    from sve_cli.inference import predict
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", text_models["bert"], sentiment_file(tmp_path),
                                       ensemble={"members": 5}))

@@ -46,7 +46,7 @@ def test_every_method_trains_and_its_bank_reloads(text_models, tmp_path, ensembl
     model = pipeline.build_model(names)
     metadata = load_bank(model, out / "sigma_bank.safetensors")
     assert metadata["method"] == ensemble["method"] and metadata["label_names"] == ["0", "1"]
-    from sve_cli.train import predict
+    from sve_cli.inference import predict
     from sve_cli.metrics import calibration_metrics
 
     logits = predict(model, pipeline.encode(splits["validation"]), 16)

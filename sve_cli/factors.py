@@ -1,0 +1,68 @@
+"""The decomposition cache: where it lives, and reading it one target at a time.
+
+Layout (written by `sve_cli.decompose`):
+
+    factors-00001-of-0000N.safetensors   {param}.U [out,k], {param}.S [k], {param}.Vh [k,in]
+    factors.safetensors.index.json       HF-style weight_map + metadata.total_size
+    decomposition.json                   source, fingerprints, targets, errors, tool version
+
+`decomposition.json` is written last: its presence means the cache is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from sve_cli.checkpoint import sve_home
+from sve_cli.errors import SveError
+
+MANIFEST = "decomposition.json"
+INDEX = "factors.safetensors.index.json"
+SHARD_NAME = re.compile(r"factors-\d{5}-of-\d{5}\.safetensors")
+
+
+def default_output(spec: str, targets: str | None = None) -> Path:
+    """`$SVE_HOME/decompositions/<name>[-<path hash>][-<targets>]`: where `train` looks too.
+
+    Local checkpoints get a hash of their absolute path, so two folders that share a name do not
+    share a cache; built-in models and hub ids are named as given.
+    """
+    name = Path(spec.removeprefix("builtin:").rstrip("/")).name or spec
+    if not spec.startswith("builtin:") and Path(spec).exists():
+        name = f"{name}-{hashlib.sha256(str(Path(spec).resolve()).encode()).hexdigest()[:8]}"
+    if targets and targets != "all":
+        suffix = targets if re.fullmatch(r"[\w-]+", targets) else hashlib.sha256(targets.encode()).hexdigest()[:8]
+        name = f"{name}-{suffix}"
+    return sve_home() / "decompositions" / re.sub(r"[^\w.-]", "_", name)
+
+
+def load_manifest(cache: Path) -> dict:
+    """The manifest of a complete decomposition cache, or one clear error."""
+    path = Path(cache) / MANIFEST
+    if not path.exists():
+        raise SveError(f"{cache} is not a complete decomposition cache (no {MANIFEST})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class FactorCache:
+    """Read access to a complete decomposition cache, one target at a time."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.manifest = load_manifest(self.directory)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(U [out,k], S [k], Vh [k,in])` of the target parameter `name`."""
+        shard = next(t["shard"] for t in self.manifest["targets"] if t["name"] == name)
+        with safe_open(str(self.directory / shard), framework="pt") as handle:  # mapped for this read only
+            return tuple(handle.get_tensor(f"{name}.{factor}") for factor in ("U", "S", "Vh"))

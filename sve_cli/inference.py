@@ -1,0 +1,63 @@
+"""Batched inference over an encoded split: every member's logits `[N, M, C]`.
+
+Shared by training (validation), evaluation and prediction. Under torchrun each rank predicts a
+strided share and the shares are gathered; `members_per_pass` runs the members in chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from sve_cli.data import Encoded
+from sve_cli.ensemble import SVEModel
+
+
+@dataclass
+class Parallel:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+
+
+def member_chunks(members: int, per_pass: int | None) -> list[tuple[int, int]]:
+    """`[(start, stop), …]`: the members run together in one pass (`train.members_per_pass`)."""
+    size = per_pass or members
+    return [(start, min(start + size, members)) for start in range(0, members, size)]
+
+
+@torch.no_grad()
+def predict(model: SVEModel, data: Encoded, batch_size: int, parallel: Parallel = Parallel(),
+            on_batch: Callable[[int], None] | None = None, members_per_pass: int | None = None) -> torch.Tensor:
+    """Logits `[N, M, C]` of every example; under torchrun each rank does a strided share."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = torch.arange(parallel.rank, len(data), parallel.world)
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        indices = rows[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in data.batch(indices).items()}
+        chunks = []
+        for first, stop in member_chunks(model.members, members_per_pass):
+            with model.active_members(first, stop):
+                chunks.append(model(**batch).float().cpu())  # [b, m, C]
+        outputs.append(torch.cat(chunks, dim=1))  # [b, M, C]
+        on_batch and on_batch(len(indices))
+    model.train(was_training)
+    logits = torch.cat(outputs) if outputs else torch.empty(0)
+    if parallel.world == 1:
+        return logits
+    gathered = [None] * parallel.world
+    dist.all_gather_object(gathered, logits)
+    merged = torch.empty(len(data), *gathered[0].shape[1:])
+    for rank, part in enumerate(gathered):
+        merged[rank::parallel.world] = part
+    return merged
