@@ -97,6 +97,8 @@ def _local(path: Path) -> Table:
             frame = pd.read_parquet(path)
     except (ValueError, UnicodeDecodeError, OSError) as error:
         raise SveError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    if len(frame) == 0:
+        raise SveError(f"{path} holds no rows")
     return Table(frame)
 
 

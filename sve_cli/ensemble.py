@@ -15,6 +15,7 @@ chunk of the members (`train.members_per_pass`).
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +25,7 @@ from torch import nn
 
 from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers, source_fingerprint, tensor_fingerprint
 from sve_cli.decompose import decompose, plan_decomposition
-from sve_cli.factors import FactorCache, default_output
+from sve_cli.factors import MANIFEST, FactorCache, default_output
 from sve_cli.errors import SveError
 from sve_cli.heads import MemberHead, features, native_representation, resolve_representation
 from sve_cli.baselines import DenseMembersLinear, LoRAMembersLinear
@@ -32,6 +33,7 @@ from sve_cli.layer import SVELinear
 from sve_cli.recipe import EnsembleConfig
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+log = logging.getLogger("sve")
 CLASSIFIER_NAMES = {"pooler": ("classifier.weight", "classifier.bias"),
                     "cls": ("classifier.weight", "classifier.bias"),
                     "cls_mean": ("classifier.weight", "classifier.bias"),
@@ -226,7 +228,11 @@ def ensure_decomposition(model: str, decomposition: Path | None, targets: str | 
     if decomposition is not None:
         return FactorCache(decomposition)
     out = default_output(model, targets)
-    decompose(plan_decomposition(model, targets), out, overwrite=True)
+    if not (out / MANIFEST).exists():
+        log.info("decomposing %s into %s (no model.decomposition given: done once, then reused)", model, out)
+    result = decompose(plan_decomposition(model, targets), out, overwrite=True)
+    if result.computed:
+        log.info("decomposed %d targets of %s in %.1f s", len(result.computed), model, result.seconds)
     return FactorCache(out)
 
 

@@ -15,6 +15,9 @@ from sve_cli.errors import SveError
 from sve_cli.images import pixel_values
 from sve_cli.recipe import Recipe
 
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
 
 def letter_token_id(tokenizer, letter: str) -> int:
     """The single token that follows "Answer:" for this letter (" A" in BPE vocabularies)."""
@@ -34,6 +37,10 @@ class Pipeline:
         if recipe.task.type != "image_classification":
             from transformers import AutoTokenizer
 
+            # transformers would build an empty-vocabulary tokenizer (everything becomes [UNK]) rather
+            # than fail when a checkpoint ships none: refuse that here
+            if not any((self.checkpoint.directory / name).exists() for name in VOCABULARY_FILES):
+                raise SveError(f"no tokenizer beside {recipe.model.path} (none of {', '.join(VOCABULARY_FILES)})")
             quiet_transformers()
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(

@@ -58,7 +58,7 @@ def open_predictor(source: Path, bank: Path | None = None) -> Predictor:
     elif source.is_file():
         bank, metadata = source, read_bank_metadata(source)
         if "recipe" not in metadata:
-            raise SveError(f"{source} does not carry its recipe (banks of sve ≥ 0.2 do); pass the run directory")
+            raise SveError(f"{source} does not carry its recipe (older banks do not); pass its run directory")
         recipe = Recipe.model_validate(metadata["recipe"])
         if recipe.model.decomposition and not Path(recipe.model.decomposition).exists():  # another machine
             recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"decomposition": None})})

@@ -119,6 +119,8 @@ class TrainSection(_Section):
                                          "pass (same result, less activation memory)")
     eval_every_steps: Optional[int] = Field(None, gt=0)
     checkpoint_every_steps: int = Field(50, gt=0)
+    log_tensorboard: bool = Field(False, description="also log loss, learning rates and validation metrics to "
+                                  "RUN/tensorboard (needs the tensorboard package: pip install 'sve-cli[tensorboard]')")
 
 
 class EvalSection(_Section):

@@ -88,9 +88,10 @@ def _param_groups(model: SVEModel, recipe: Recipe) -> list[dict]:
     heads = [p for name, p in trainable.items() if name.startswith("head.")]
     other = [p for name, p in trainable.items() if not name.endswith(".sigma") and not name.startswith("head.")]
     sigma_decay = train.weight_decay if train.sigma_weight_decay is None else train.sigma_weight_decay
-    groups = [(other, train.lr, train.weight_decay), (heads, train.head_lr or train.lr, train.weight_decay),
-              (sigma, train.sigma_lr or train.lr, sigma_decay)]
-    return [{"params": params, "lr": lr, "weight_decay": decay, "base_lr": lr} for params, lr, decay in groups if params]
+    groups = [("other", other, train.lr, train.weight_decay), ("heads", heads, train.head_lr or train.lr, train.weight_decay),
+              ("sigma", sigma, train.sigma_lr or train.lr, sigma_decay)]
+    return [{"params": params, "lr": lr, "weight_decay": decay, "base_lr": lr, "name": name}
+            for name, params, lr, decay in groups if params]
 
 
 class MemberOrders:
@@ -147,6 +148,19 @@ def _load_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimize
                 optimizer.state[parameter] = {k.rsplit(".", 1)[1]: handle.get_tensor(k) for k in keys}
         torch.set_rng_state(handle.get_tensor("rng.torch"))
     return state
+
+
+def _tensorboard(out: Path, recipe: Recipe, parallel: Parallel, step: int):
+    """A SummaryWriter on RUN/tensorboard (rank 0, when the recipe asks); a resumed run drops the
+    events logged after its checkpoint (`purge_step`), so curves match an uninterrupted run."""
+    if not (recipe.train.log_tensorboard and parallel.writer):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SveError("train.log_tensorboard needs the tensorboard package: "
+                       "pip install 'sve-cli[tensorboard]'") from None
+    return SummaryWriter(str(out / "tensorboard"), purge_step=step or None)
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
@@ -215,6 +229,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
     chunks = member_chunks(trained.members, train_cfg.members_per_pass)
     orders = MemberOrders(len(train_data), trained.members, train_cfg.seed, train_cfg.member_batches)
     shared = train_cfg.member_batches == "shared"
+    board = _tensorboard(out, recipe, parallel, state["step"])
     model.train()
     started, tokens_seen = time.perf_counter(), 0.0
     while state["step"] < total:
@@ -252,6 +267,11 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
         on_step and on_step({"step": step, "total": total, "loss": loss_sum, "accuracy": correct / max(1, rows_seen),
                              "tokens_per_second": tokens_seen * parallel.world / max(elapsed, 1e-9),
                              "epoch": step / steps_per_epoch})
+        if board is not None:
+            board.add_scalar("train/loss", loss_sum, step)
+            board.add_scalar("train/member_accuracy", correct / max(1, rows_seen), step)
+            for group in optimizer.param_groups:
+                board.add_scalar(f"lr/{group['name']}", group["lr"], step)
 
         if step % eval_every == 0 or step == total:
             logits = predict(trained, eval_data, recipe.eval.batch_size, parallel,
@@ -260,6 +280,10 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
             line = {"step": step, "epoch": round(step / steps_per_epoch, 4), "split": recipe.eval.split,
                     "train_loss": loss_sum, **numbers}
             state["history"].append(line)
+            if board is not None:
+                for key in ("accuracy", "nll", "brier", "ece", "disagreement"):
+                    board.add_scalar(f"{recipe.eval.split}/{key}", numbers[key], step)
+                board.flush()
             value = numbers[metric]
             improved = state["best"] is None or (value > state["best"] if higher else value < state["best"])
             if improved:
@@ -273,6 +297,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
             on_eval and on_eval(line)
         elif step % train_cfg.checkpoint_every_steps == 0 and parallel.writer:
             _save_checkpoint(out, trained, optimizer, state)
+    if board is not None:
+        board.close()
     if parallel.world > 1:
         dist.barrier()
     return state

@@ -138,12 +138,14 @@ def test_images_of_other_modes_are_converted_or_refused(tmp_path):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(max_size=300))
 def test_fuzz_recipe_loader(tmp_path, text):
+    """Random text is never a recipe (it lacks model and task): always one RecipeError line that
+    names the file — never another exception, never a half-validated recipe."""
     path = tmp_path / "fuzz.yaml"
     path.write_text(text)
-    try:
+    with pytest.raises(RecipeError) as raised:
         load_recipe(path)
-    except RecipeError as error:
-        assert "\n" not in str(error)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith((f"{path}: ", f"recipe {path} ")), message
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -155,10 +157,16 @@ def test_fuzz_safetensors_reader(tmp_path, payload, declared):
     (directory / "model.safetensors").write_bytes(struct.pack("<Q", declared % 400) + payload)
     try:
         checkpoint = open_checkpoint(str(directory))
-        for name in checkpoint.names:
-            checkpoint.read(name)
-    except SveError:
-        pass
+    except SveError as error:  # the usual outcome: refused in one line naming the file
+        assert "model.safetensors" in str(error) and "\n" not in str(error)
+        return
+    for name in checkpoint.names:  # a payload that happens to parse: every tensor is what the header says
+        try:
+            tensor = checkpoint.read(name)
+        except SveError as error:
+            assert name in str(error)
+            continue
+        assert list(tensor.shape) == list(checkpoint.shape(name))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -170,3 +178,95 @@ def test_fuzz_index_reader(tmp_path, weight_map):
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(SveError):
         open_checkpoint(str(directory))
+
+
+@pytest.fixture(scope="module")
+def small_run(text_models, tmp_path_factory):
+    from conftest import sentiment_file, train_run
+
+    root = tmp_path_factory.mktemp("hardening")
+    return train_run(root, "run", text_models["bert"], sentiment_file(root))
+
+
+def _tokenizerless(tmp, text_models):
+    folder = tmp / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((text_models["bert"] / name).read_bytes())
+    return folder
+
+
+def _recipe(tmp, text_models, model=None, data=None, **sections):
+    from conftest import sentiment_file, write_recipe
+
+    return write_recipe(tmp / "r.yaml", model or text_models["bert"], data or sentiment_file(tmp), **sections), \
+        "--out", tmp / "run"
+
+
+def _file(tmp, name, text):
+    (tmp / name).write_text(text)
+    return tmp / name
+
+
+def _foreign_bank_run(tmp, run, text_models):
+    """A run directory whose bank was trained on another base model."""
+    import shutil
+
+    from conftest import sentiment_file, train_run
+    from sve_cli.recipe import load_recipe
+
+    other = train_run(tmp, "other", text_models["bert-nodrop"], sentiment_file(tmp))
+    copy = tmp / "mixed"
+    shutil.copytree(run, copy)
+    shutil.copy(other / "sigma_bank.safetensors", copy / "sigma_bank.safetensors")
+    assert load_recipe(copy / "recipe.yaml").model.path != load_recipe(other / "recipe.yaml").model.path
+    return copy
+
+
+RUN_INPUTS = {  # name -> (arguments, fragment of the one error line)
+    "label the head has no class for": (lambda tmp, run, tm, ck: ["train", *_recipe(
+        tmp, tm, data=_file(tmp, "d.jsonl", '{"text": "a", "label": "good"}\n' * 20 + '{"text": "b", "label": "joy"}\n'),
+        task={"label_names": ["good", "bad"]})], "label 'joy' is not one of the run's labels"),
+    "bank of another base model": (lambda tmp, run, tm, ck: ["evaluate", _foreign_bank_run(tmp, run, tm)],
+                                   "was trained on another base model"),
+    "images as OOD set of a text run": (lambda tmp, run, tm, ck: ["evaluate", run, "--ood", "digits",
+                                                                  "--report", tmp / "r"], "the data holds images"),
+    "empty data file": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm, data=_file(tmp, "e.jsonl", ""))],
+                        "e.jsonl holds no rows"),
+    "tokenizer missing": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm, model=_tokenizerless(tmp, tm))],
+                          "no tokenizer beside"),
+    "--set in the wrong section": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm), "--set", "train.members=4"],
+                                   "train.members: unknown key"),
+    "--set without a value": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm), "--set", "train.lr"],
+                              "is not key.path=value"),
+    "negative learning rate": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm), "--set", "train.lr=-1"],
+                               "train.lr: Input should be greater than 0"),
+    "svf with four members": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm, ensemble={"method": "svf",
+                                                                                           "members": 4})],
+                              "trains one model: set members: 1"),
+    "unknown representation": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm),
+                                                         "--set", "ensemble.representation=average"],
+                               "ensemble.representation"),
+    "pooler on a vit": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm, model=ck["vit"], task={
+        "type": "image_classification", "dataset": "builtin:digits", "max_train_examples": 32},
+        ensemble={"representation": "pooler"})], "does not apply to a vit"),
+    "evaluate a folder that is no run": (lambda tmp, run, tm, ck: ["evaluate", tmp], "is not a run directory"),
+    "existing report": (lambda tmp, run, tm, ck: ["evaluate", run, "--report", _file(tmp, "x", "") and tmp],
+                        "already holds a report"),
+    "export of a bankless run": (lambda tmp, run, tm, ck: ["export", _bankless(tmp, run), "--format", "sigma-bank"],
+                                 "has not finished an evaluation yet"),
+}
+
+
+def _bankless(tmp, run):
+    (tmp / "bankless").mkdir()
+    (tmp / "bankless" / "recipe.yaml").write_bytes((run / "recipe.yaml").read_bytes())
+    return tmp / "bankless"
+
+
+@pytest.mark.parametrize("name", sorted(RUN_INPUTS))
+def test_bad_run_inputs_are_one_line(sve, small_run, text_models, tiny_checkpoints, tmp_path, name):
+    make_args, fragment = RUN_INPUTS[name]
+    before = {p: p.read_bytes() for p in small_run.rglob("*") if p.is_file()}
+    assert_one_error_line(sve(*make_args(tmp_path, small_run, text_models, tiny_checkpoints)), fragment)
+    assert {p: p.read_bytes() for p in small_run.rglob("*") if p.is_file()} == before  # nothing touched

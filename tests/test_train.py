@@ -206,3 +206,19 @@ def test_learning_rate_groups(text_models, tmp_path):
     assert {names[id(p)] for p in groups[3e-3]["params"]} == {"head.weight", "head.bias"}
     assert {names[id(p)].rsplit(".", 1)[1] for p in groups[1e-3]["params"]} == {"bias"}
     assert sum(len(g["params"]) for g in groups.values()) == len(model.trainable_parameters())
+
+
+def test_tensorboard_log_of_loss_lr_and_validation(text_models, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", text_models["bert"], sentiment_file(tmp_path),
+                                      train={"log_tensorboard": True, "sigma_lr": 2e-2}))
+    state = train(recipe, tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/member_accuracy", "lr/sigma", "lr/heads", "lr/other",
+            "validation/accuracy", "validation/nll", "validation/ece"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("validation/nll")] == pytest.approx([h["nll"] for h in state["history"]])
+    assert events.Scalars("lr/sigma")[-1].value == pytest.approx(2e-2 * lr_factor(3, 4, 0, "cosine"))
