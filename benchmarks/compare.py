@@ -5,9 +5,13 @@ For one setting, trains `single`, `svf`, `sve` (M=4), `deep_ensemble` (M=4) and 
 the test split with the setting's OOD set, and writes a markdown table (mean ± std over seeds) plus
 one reliability diagram per method under `--out`.
 
-    .venv/bin/python benchmarks/compare.py --setting tweets --seeds 0 1 2
+    .venv/bin/python benchmarks/compare.py --setting tweets --budget reference --seeds 0 1 2 --lr-grid 3e-5 3e-4 3e-3
     .venv/bin/python benchmarks/compare.py --setting digits --seeds 0 1 2
     .venv/bin/python benchmarks/compare.py --setting bbc_mc --seeds 0 --budget small
+
+With `--lr-grid`, each method's learning rate (of everything it trains, heads included) is chosen
+from the same grid on the validation split (first seed; best validation accuracy, then NLL); the
+other seeds use the chosen value. Without it, the fixed rates below are used.
 
 Each training runs in its own process so its wall time and peak RSS (VmHWM) are its own. A finished
 run is reused when its directory holds `cost.json` written for exactly the same overrides and its
@@ -50,6 +54,9 @@ SETTINGS = {
     "tweets": ("recipes/quickstart.yaml", "bbc_news", {
         "small": {"task.max_train_examples": 1000, "task.max_eval_examples": 400, "train.epochs": 2,
                   "train.batch_size": 16, "task.max_length": 40},
+        # the plain reference implementation's budget (../shared/reference/ref_sve_tweets.py)
+        "reference": {"task.max_train_examples": 3000, "task.max_eval_examples": 1000, "task.max_length": 48,
+                      "train.epochs": 2, "train.batch_size": 32, "train.weight_decay": 0.0},
         "full": {}}),
     "digits": ("recipes/digits_vit.yaml", "mnist", {"small": {"train.epochs": 15}, "full": {}}),
     "bbc_mc": ("recipes/smollm2_bbc_mc.yaml", "tweets", {
@@ -125,6 +132,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=[name for name, _ in METHODS])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
     parser.add_argument("--fresh", action="store_true", help="retrain runs even when cost.json matches")
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=None,
+                        help="choose each method's main lr from these on validation (first seed)")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], args.worker[2:])
@@ -137,18 +146,35 @@ def main() -> None:
     budget = budgets[args.budget]
     head_lr = load_recipe(REPO / recipe, [f"{k}={v}" for k, v in budget.items()]).train.lr
     results: dict[str, list[dict]] = {}
+    chosen_lr: dict[str, float] = {}
     for method, method_overrides in METHODS:
         if method not in args.methods:
             continue
+        rates = {}
+        if args.lr_grid:
+            scores = {}
+            for lr in args.lr_grid:
+                out = args.out / args.setting / f"{method}-lr{lr:g}-seed{args.seeds[0]}"
+                run_one(recipe, out, {**budget, **method_overrides, "train.lr": lr, "train.seed": args.seeds[0]},
+                        args.fresh)
+                history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                best = max(history, key=lambda line: (line["accuracy"], -line["nll"]))
+                scores[lr] = (best["accuracy"], -best["nll"])
+                print(f"{args.setting} {method} lr {lr:g}: validation acc {best['accuracy']:.4f} "
+                      f"nll {best['nll']:.4f}", flush=True)
+            chosen_lr[method] = max(scores, key=scores.get)
+            rates = {"train.lr": chosen_lr[method]}
+        elif method in ("single", "deep_ensemble") and DENSE_LR[args.setting]:
+            rates = {"train.lr": DENSE_LR[args.setting], "train.head_lr": head_lr}
+        elif method in ("svf", "sve") and SIGMA_LR[args.setting]:
+            rates = {"train.sigma_lr": SIGMA_LR[args.setting], "train.head_lr": head_lr}
+        else:
+            rates = {"train.head_lr": head_lr}
         for seed in args.seeds:
-            out = args.out / args.setting / f"{method}-seed{seed}"
-            rates = {}
-            if method in ("single", "deep_ensemble") and DENSE_LR[args.setting]:
-                rates = {"train.lr": DENSE_LR[args.setting]}
-            if method in ("svf", "sve") and SIGMA_LR[args.setting]:
-                rates = {"train.sigma_lr": SIGMA_LR[args.setting]}
-            cost, reused = run_one(recipe, out, {**budget, "train.head_lr": head_lr, **method_overrides, **rates,
-                                                 "train.seed": seed}, args.fresh)
+            out = args.out / args.setting / (f"{method}-lr{chosen_lr[method]:g}-seed{seed}" if args.lr_grid
+                                             else f"{method}-seed{seed}")
+            cost, reused = run_one(recipe, out, {**budget, **method_overrides, **rates, "train.seed": seed},
+                                   args.fresh)
             if reused and (out / "report" / "report.json").exists():
                 report = json.loads((out / "report" / "report.json").read_text())
             else:
@@ -158,13 +184,13 @@ def main() -> None:
             print(f"{args.setting} {method} seed {seed}: acc {report['metrics']['accuracy']:.4f} "
                   f"ece {report['metrics']['ece']:.4f} ({cost['seconds']:.0f} s)", flush=True)
 
-    header = ["method", *[f"{label}{' (%)' if scale == 100 else ''}" for _, label, scale in ROWS],
+    header = ["method", *(["lr (chosen)"] if args.lr_grid else []), *[f"{label}{' (%)' if scale == 100 else ''}" for _, label, scale in ROWS],
               "OOD AUROC entropy (%)", "OOD AUROC MI (%)", "trainable (% of base)", "train time (s, median)", "peak RSS (GB)"]
     lines = [f"Setting `{args.setting}` — recipe `{recipe}`, budget `{args.budget}` {budget}, OOD `{ood}`, "
-             f"seeds {args.seeds}; {date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, "
+             f"seeds {args.seeds}{f', lr grid {args.lr_grid} chosen on validation' if args.lr_grid else ''}; {date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, runs in results.items():
-        cells = [method] + [mean_std([r["metrics"][key] for r in runs], scale) for key, _, scale in ROWS]
+        cells = [method] + ([f"{chosen_lr[method]:g}"] if args.lr_grid else []) + [mean_std([r["metrics"][key] for r in runs], scale) for key, _, scale in ROWS]
         cells.append(mean_std([r["ood"]["entropy"]["auroc"] for r in runs], 100))
         mi = [r["ood"]["mutual_information"]["auroc"] for r in runs if "mutual_information" in r["ood"]]
         cells.append(mean_std(mi, 100) if mi else "—")

@@ -2,7 +2,7 @@
 
 Member m computes `y_m = U (f(sigma_m) ⊙ (Vh x)) + bias_m` with `f = relu` (clamp at 0, the
 default) or `softplus`. Inputs arrive member-major as `[M·B, …, in]` and are viewed as
-`[M, B·T, in]`. Two exact strategies (DESIGN.md):
+`[M, B·T, in]`. Two exact strategies (docs/design.md):
 
 - factored:      `((x Vh^T) ⊙ s) U^T`           k·(in+out) per token, no per-member weight
 - materialised:  `W_m = (U ⊙ s_m) Vh`, `x W_m^T`  M·out·in·k per call + out·in per token
@@ -86,6 +86,7 @@ class SVELinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._cache: tuple[tuple, torch.Tensor] | None = None
+        self.cache_weights = True  # False: never keep the [M, out, in] weights between eval calls (memory)
         self.active = range(members)
 
     @property
@@ -109,7 +110,8 @@ class SVELinear(nn.Module):
     def choose(self, tokens: int) -> str:
         if self.strategy != "auto":
             return self.strategy
-        cached = not self.training and self._cache is not None and self._cache[0] == self._cache_key()
+        cached = (not self.training and self.cache_weights and self._cache is not None
+                  and self._cache[0] == self._cache_key())
         costs = strategy_costs(len(self.active), tokens, self.out_features, self.in_features, self.rank,
                                training=self.training and self.sigma.requires_grad, weights_cached=cached)
         return min(costs, key=costs.get)
@@ -121,7 +123,7 @@ class SVELinear(nn.Module):
     def _weights(self, values: torch.Tensor) -> torch.Tensor:
         """`[m, out, in]` of the active members (`values` = their singular values), cached for all
         members in eval mode until sigma changes."""
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or not self.cache_weights:
             return (self.U[None] * values[:, None, :].to(self.U.dtype)) @ self.Vh  # [m, out, in]
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:

@@ -1,4 +1,4 @@
-"""Calibration metrics on ensemble predictions (conventions of DESIGN.md).
+"""Calibration metrics on ensemble predictions (conventions of docs/design.md).
 
 - predictions combine members by the mean of probabilities (default) or the mean of logits;
 - NLL: natural log, mean over examples; Brier: sum over classes of squared error, mean over
