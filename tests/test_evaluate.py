@@ -70,7 +70,7 @@ def test_local_data_file_as_in_distribution(sve, runs, tmp_path):
     (lambda runs, tmp: [runs["sve"], "--ood", "digits"], "this run classifies text, but the data holds images"),
     (lambda runs, tmp: [tmp], "is not a run directory"),
     (lambda runs, tmp: [_bankless(runs, tmp)], "has no sigma_bank.safetensors"),
-    (lambda runs, tmp: [runs["sve"], "--data", _empty(tmp)], "the data set is empty"),
+    (lambda runs, tmp: [runs["sve"], "--data", _empty(tmp)], "holds no rows"),
     (lambda runs, tmp: [runs["sve"], "--ood", "svhn"], "could not be loaded from the Hugging Face Hub"),
 ])
 def test_bad_input_is_one_line(sve, runs, tmp_path, make_args, fragment):
