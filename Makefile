@@ -27,7 +27,7 @@ demo: install
 	$(SVE) decompose builtin:minilm --out runs/demo/minilm-decomposition
 	$(SVE) train recipes/quickstart.yaml --out runs/demo/quickstart --overwrite \
 		--set model.decomposition=runs/demo/minilm-decomposition
-	$(SVE) evaluate runs/demo/quickstart --ood bbc_news --temperature --save-predictions
+	$(SVE) evaluate runs/demo/quickstart --ood bbc_news --temperature --save-predictions --overwrite
 
 test: install
 	$(PY) -m pytest -q

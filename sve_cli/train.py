@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ from sve_cli.inference import Parallel, member_chunks, predict
 from sve_cli.metrics import HIGHER_IS_BETTER, calibration_metrics
 from sve_cli.pipeline import Pipeline
 from sve_cli.recipe import Recipe, load_recipe, recipe_yaml
-from sve_cli.rundir import BANK, CHECKPOINT, METRICS, RECIPE, STATE
+from sve_cli.rundir import BANK, CHECKPOINT, METRICS, RECIPE, STATE, THRESHOLDS
 from sve_cli.writing import atomic_path, exclusive, fault_point, save_safetensors, visible_entries, write_json
 
 
@@ -62,9 +63,11 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, p
         raise OutputExistsError(f"{out} already holds a run; pass {hint}--overwrite to replace it")
     if parallel.world > 1:
         dist.barrier()  # every rank has looked at `out` before rank 0 writes into it
-    if parallel.writer and not resuming:
-        for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS):
+    if parallel.writer and not resuming:  # what an earlier run wrote (and only that) goes
+        for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS):
             (out / name).unlink(missing_ok=True)
+        for folder in ("report", "tensorboard"):
+            shutil.rmtree(out / folder, ignore_errors=True)
         with atomic_path(out / RECIPE) as temporary:
             temporary.write_text(recipe_yaml(recipe), encoding="utf-8")
     return resuming
