@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="retrain runs even when cost.json matches")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=None,
                         help="choose each method's main lr from these on validation (first seed)")
+    parser.add_argument("--lr-grid-for", nargs="+", default=[], metavar="METHOD=LR,LR",
+                        help="a part of the grid for one method (e.g. sve=1e-3,3e-3), said in the table")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], args.worker[2:])
@@ -153,7 +155,9 @@ def main() -> None:
         rates = {}
         if args.lr_grid:
             scores = {}
-            for lr in args.lr_grid:
+            own = dict(item.split("=") for item in args.lr_grid_for)
+            grid = [float(value) for value in own[method].split(",")] if method in own else args.lr_grid
+            for lr in grid:
                 out = args.out / args.setting / f"{method}-lr{lr:g}-seed{args.seeds[0]}"
                 run_one(recipe, out, {**budget, **method_overrides, "train.lr": lr, "train.seed": args.seeds[0]},
                         args.fresh)
