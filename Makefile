@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	touch $@
 
 # The main job: decompose MiniLM, train the quickstart SVE (M=4) on tweets, evaluate it with
-# bbc_news as the OOD set (about 9 minutes on 2 CPU cores). Re-running resumes nothing and
+# bbc_news as the OOD set (under 10 minutes on 2 CPU cores). Re-running resumes nothing and
 # replaces the previous demo run.
 demo: install
 	$(SVE) decompose builtin:minilm --out runs/demo/minilm-decomposition
