@@ -5,18 +5,22 @@ For one setting, trains `single`, `svf`, `sve` (M=4), `deep_ensemble` (M=4) and 
 the test split with the setting's OOD set, and writes a markdown table (mean ± std over seeds) plus
 one reliability diagram per method under `--out`.
 
-    .venv/bin/python benchmarks/compare.py --setting tweets --budget reference --seeds 0 1 2 --lr-grid 3e-5 3e-4 3e-3
+    .venv/bin/python benchmarks/compare.py --setting tweets --budget reference --seeds 0 1 2 --lr-grid 3e-3 1e-2 3e-2
     .venv/bin/python benchmarks/compare.py --setting digits --seeds 0 1 2
-    .venv/bin/python benchmarks/compare.py --setting bbc_mc --seeds 0 --budget small
+    .venv/bin/python benchmarks/compare.py --setting bbc_mc --budget gpu --seeds 0 1 2 --lr-grid-for sve=3e-3,1e-2,3e-2 \\
+        --parallel 6 --ablate sve-M8 sve-init0.1        # on a GPU
 
 With `--lr-grid`, each method's learning rate (of everything it trains, heads included) is chosen
 from the same grid on the validation split (first seed; best validation accuracy, then NLL); the
-other seeds use the chosen value. Without it, the fixed rates below are used.
+other seeds use the chosen value. Without it, the fixed rates below are used. `--ablate` adds rows
+that change one thing of SVE at its chosen rate (first seed).
 
-Each training runs in its own process so its wall time and peak RSS (VmHWM) are its own. A finished
-run is reused when its directory holds `cost.json` written for exactly the same overrides and its
-`recipe.yaml` equals what they resolve to now (so seeds can be added later without retraining the
-others); `--fresh` retrains everything.
+Each run (train, then evaluate on the test split and the OOD set, with every member's logits saved)
+runs in its own process, so its wall time and peak RSS (VmHWM) are its own, and `--parallel N` runs N
+of them at once (a GPU is shared). A finished run is reused when its directory holds `cost.json`
+written for exactly the same overrides and its `recipe.yaml` equals what they resolve to now (so
+seeds can be added later without retraining the others); `--fresh` retrains everything, and
+`--no-train` only tabulates what is finished.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -40,16 +45,21 @@ REPO = Path(__file__).resolve().parents[1]
 # usual lr for the weights it owns (5e-5 on a pretrained backbone, the recipe's on a random one), LoRA
 # the usual adapter lr; sigma keeps the recipe's.
 LORA_LR = 1e-3
-METHODS = [("single", {"ensemble.method": "single", "ensemble.members": 1}),
-           ("svf", {"ensemble.method": "svf", "ensemble.members": 1}),
-           ("sve", {"ensemble.method": "sve", "ensemble.members": 4}),
-           ("deep_ensemble", {"ensemble.method": "deep_ensemble", "ensemble.members": 4}),
-           ("lora_ensemble", {"ensemble.method": "lora_ensemble", "ensemble.members": 4, "train.lr": LORA_LR})]
-DENSE_LR = {"tweets": 5e-5, "bbc_mc": 5e-5, "digits": None}  # None: the recipe's lr
-# Singular values of SmolLM2's attention weights reach ~60, so at the recipe's 1e-3 (an absolute Adam
-# step) 60 steps barely move them; the sigma lr below was chosen on the validation split with SVF
-# (docs/results.md), not on test.
-SIGMA_LR = {"tweets": None, "bbc_mc": 0.1, "digits": None}
+METHODS = {"single": {"ensemble.method": "single", "ensemble.members": 1},
+           "svf": {"ensemble.method": "svf", "ensemble.members": 1},
+           "sve": {"ensemble.method": "sve", "ensemble.members": 4},
+           "deep_ensemble": {"ensemble.method": "deep_ensemble", "ensemble.members": 4},
+           "lora_ensemble": {"ensemble.method": "lora_ensemble", "ensemble.members": 4, "train.lr": LORA_LR}}
+DENSE_LR = {"tweets": 5e-5, "bbc_mc": 5e-5, "tweets_mc": 5e-5, "digits": None}  # None: the recipe's lr
+# One factor of SVE at a time (at its chosen lr, first seed), for `--ablate`
+ABLATIONS = {"sve-M8": {"ensemble.members": 8}, "sve-M16": {"ensemble.members": 16},
+             "sve-init0.001": {"ensemble.sigma_init": 0.001}, "sve-init0.1": {"ensemble.sigma_init": 0.1},
+             "sve-shared-batches": {"train.member_batches": "shared"},
+             "sve-shuffled-batches": {"train.member_batches": "shuffled"},
+             "sve-head-lr-x0.1": {"head_lr_factor": 0.1}, "sve-head-lr-x10": {"head_lr_factor": 10.0},
+             "sve-clamp": {"ensemble.parameterisation": "clamp"}, "svf-clamp": {"ensemble.parameterisation": "clamp"},
+             "sve-clamp-sigma-lr0.1": {"ensemble.parameterisation": "clamp", "train.sigma_lr": 0.1, "train.lr": 1e-3},
+             "svf-clamp-sigma-lr0.1": {"ensemble.parameterisation": "clamp", "train.sigma_lr": 0.1, "train.lr": 1e-3}}
 SETTINGS = {
     "tweets": ("recipes/quickstart.yaml", "bbc_news", {
         "small": {"task.max_train_examples": 1000, "task.max_eval_examples": 400, "train.epochs": 2,
@@ -57,13 +67,22 @@ SETTINGS = {
         # the plain reference implementation's budget (../shared/reference/ref_sve_tweets.py)
         "reference": {"task.max_train_examples": 3000, "task.max_eval_examples": 1000, "task.max_length": 48,
                       "train.epochs": 2, "train.batch_size": 32, "train.weight_decay": 0.0},
+        "reference-2000": {"task.max_train_examples": 3000, "task.max_eval_examples": 2000, "task.max_length": 48,
+                           "train.epochs": 2, "train.batch_size": 32, "train.weight_decay": 0.0},
         "full": {}}),
     "digits": ("recipes/digits_vit.yaml", "mnist", {"small": {"train.epochs": 15}, "full": {}}),
     "bbc_mc": ("recipes/smollm2_bbc_mc.yaml", "tweets", {
         "tiny": {"task.max_train_examples": 80, "task.max_eval_examples": 60, "task.max_length": 128,
                  "train.batch_size": 8},
         "small": {"task.max_train_examples": 480, "task.max_eval_examples": 100, "task.max_length": 96,
-                  "train.batch_size": 8}, "full": {}}),
+                  "train.batch_size": 8},
+        # every training article, the whole validation and test splits, one epoch (a GPU)
+        "gpu": {"task.max_train_examples": None, "task.max_eval_examples": None, "task.max_length": 160,
+                "train.batch_size": 16, "train.epochs": 1},
+        "full": {}}),
+    "tweets_mc": ("recipes/smollm2_tweets_mc.yaml", "bbc_news", {
+        "tiny": {"task.max_train_examples": 64, "task.max_eval_examples": 48, "train.batch_size": 8},
+        "gpu": {"task.max_train_examples": 2000}, "full": {}}),
 }
 ROWS = [("accuracy", "Acc", 100), ("ece", "ECE", 100), ("adaptive_ece", "aECE", 100), ("nll", "NLL", 1),
         ("brier", "Brier", 1)]
@@ -76,42 +95,62 @@ def peak_rss() -> int:
     return 0
 
 
-def worker(recipe_path: str, out: str, overrides: list[str]) -> None:
-    """Train one run in this process; print wall time, peak RSS and trainable share."""
+def worker(recipe_path: str, out: str, ood: str, overrides: list[str]) -> None:
+    """Train and evaluate one run in this process; print wall time, peak RSS and trainable share."""
     from sve_cli.checkpoint import open_checkpoint
-    from sve_cli.data import load_splits
-    from sve_cli.pipeline import Pipeline
+    from sve_cli.evaluate import evaluate_run
+    from sve_cli.report import write_report
     from sve_cli.train import train
 
     recipe = load_recipe(recipe_path, overrides)
     started = time.perf_counter()
     train(recipe, Path(out), overwrite=True)
     seconds = time.perf_counter() - started
-    pipeline = Pipeline(recipe)
-    _, names = load_splits(recipe.task, recipe_path)
-    model = pipeline.build_model(names)
-    trainable = sum(p.numel() for p in model.trainable_parameters().values())
+    evaluation = evaluate_run(Path(out), ood=[ood])
+    write_report(evaluation, Path(out) / "report", save_predictions=True)
+    trainable = _trainable(Path(out) / "sigma_bank.safetensors")
     base = open_checkpoint(recipe.model.path)
     base_parameters = sum(torch.Size(base.shape(n)).numel() for n in base.names)
-    print(json.dumps({"seconds": seconds, "peak_rss": peak_rss(), "trainable_share": trainable / base_parameters}))
+    print(json.dumps({"seconds": seconds, "evaluate_seconds": time.perf_counter() - started - seconds,
+                      "peak_rss": peak_rss(), "trainable_share": trainable / base_parameters,
+                      "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.machine()}))
 
 
-def run_one(recipe: str, out: Path, overrides: dict, fresh: bool) -> tuple[dict, bool]:
-    """Train `out` (or reuse it when its cost.json was written for these overrides and its recipe.yaml
-    is the recipe they resolve to today); returns the cost and whether it was reused."""
-    flat = [f"{key}={value}" for key, value in overrides.items()]
+def _trainable(bank: Path) -> int:
+    """Values a run trained: every tensor of its bank except the frozen stem."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(bank), framework="pt") as handle:
+        return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys() if not name.startswith("stem."))
+
+
+def _flat(overrides: dict) -> list[str]:
+    return [f"{key}={'null' if value is None else value}" for key, value in overrides.items()]
+
+
+def finished(recipe: str, out: Path, overrides: dict) -> dict | None:
+    """The cost of a finished run made with exactly these overrides, or None."""
     record = out / "cost.json"
-    if not fresh and record.exists():
-        saved = json.loads(record.read_text())
-        if (saved.get("recipe") == recipe and saved.get("overrides") == flat
-                and load_recipe(out / "recipe.yaml") == load_recipe(REPO / recipe, flat)):
-            return saved, True
-    result = subprocess.run([sys.executable, __file__, "--worker", recipe, str(out), *flat],
+    if not record.exists() or not (out / "report" / "report.json").exists():
+        return None
+    saved = json.loads(record.read_text())
+    same = saved.get("recipe") == recipe and saved.get("overrides") == _flat(overrides)
+    return saved if same and load_recipe(out / "recipe.yaml") == load_recipe(REPO / recipe, _flat(overrides)) else None
+
+
+def run_one(recipe: str, out: Path, overrides: dict, ood: str, fresh: bool) -> tuple[dict, bool]:
+    """Train and evaluate `out` (or reuse it when finished for these overrides); returns the cost and
+    whether it was reused."""
+    if not fresh and (cost := finished(recipe, out, overrides)) is not None:
+        return cost, True
+    result = subprocess.run([sys.executable, __file__, "--worker", recipe, str(out), ood, *_flat(overrides)],
                             capture_output=True, text=True, cwd=REPO)
     if result.returncode:
-        raise SystemExit(f"training {out} failed:\n{result.stderr[-3000:]}")
-    cost = {**json.loads(result.stdout.strip().splitlines()[-1]), "recipe": recipe, "overrides": flat}
-    record.write_text(json.dumps(cost, indent=2))
+        raise RuntimeError(f"training {out} failed:\n{result.stderr[-3000:]}")
+    cost = {**json.loads(result.stdout.strip().splitlines()[-1]), "recipe": recipe, "overrides": _flat(overrides)}
+    (out / "cost.json").write_text(json.dumps(cost, indent=2))
     return cost, False
 
 
@@ -123,89 +162,137 @@ def mean_std(values: list[float], scale: float) -> str:
     return text.format(statistics.mean(values), statistics.stdev(values))
 
 
+def _validation_score(out: Path) -> tuple[float, float]:
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = max(history, key=lambda line: (line["accuracy"], -line["nll"]))
+    return best["accuracy"], -best["nll"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs="+")
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="tweets")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", default="small")
-    parser.add_argument("--methods", nargs="+", default=[name for name, _ in METHODS])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
     parser.add_argument("--fresh", action="store_true", help="retrain runs even when cost.json matches")
+    parser.add_argument("--no-train", action="store_true", help="tabulate finished runs only")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (each in its own process)")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=None,
                         help="choose each method's main lr from these on validation (first seed)")
     parser.add_argument("--lr-grid-for", nargs="+", default=[], metavar="METHOD=LR,LR",
-                        help="a part of the grid for one method (e.g. sve=1e-3,3e-3), said in the table")
+                        help="the grid of one method (e.g. sve=1e-3,3e-3), said in the table")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="extra",
+                        help="recipe overrides for every method (e.g. ensemble.parameterisation=relative)")
+    parser.add_argument("--ablate", nargs="+", default=[], choices=list(ABLATIONS),
+                        help="rows that change one thing of SVE (or SVF) at its chosen lr, first seed")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.worker[2:])
+        worker(args.worker[0], args.worker[1], args.worker[2], args.worker[3:])
         return
 
-    from sve_cli.evaluate import evaluate_run
-    from sve_cli.report import write_report
-
     recipe, ood, budgets = SETTINGS[args.setting]
-    budget = budgets[args.budget]
-    head_lr = load_recipe(REPO / recipe, [f"{k}={v}" for k, v in budget.items()]).train.lr
-    results: dict[str, list[dict]] = {}
-    chosen_lr: dict[str, float] = {}
-    for method, method_overrides in METHODS:
-        if method not in args.methods:
-            continue
-        rates = {}
-        if args.lr_grid:
-            scores = {}
-            own = dict(item.split("=") for item in args.lr_grid_for)
-            grid = [float(value) for value in own[method].split(",")] if method in own else args.lr_grid
-            for lr in grid:
-                out = args.out / args.setting / f"{method}-lr{lr:g}-seed{args.seeds[0]}"
-                run_one(recipe, out, {**budget, **method_overrides, "train.lr": lr, "train.seed": args.seeds[0]},
-                        args.fresh)
-                history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-                best = max(history, key=lambda line: (line["accuracy"], -line["nll"]))
-                scores[lr] = (best["accuracy"], -best["nll"])
-                print(f"{args.setting} {method} lr {lr:g}: validation acc {best['accuracy']:.4f} "
-                      f"nll {best['nll']:.4f}", flush=True)
-            chosen_lr[method] = max(scores, key=scores.get)
-            rates = {"train.lr": chosen_lr[method]}
-        elif method in ("single", "deep_ensemble") and DENSE_LR[args.setting]:
-            rates = {"train.lr": DENSE_LR[args.setting], "train.head_lr": head_lr}
-        elif method in ("svf", "sve") and SIGMA_LR[args.setting]:
-            rates = {"train.sigma_lr": SIGMA_LR[args.setting], "train.head_lr": head_lr}
-        else:
-            rates = {"train.head_lr": head_lr}
-        for seed in args.seeds:
-            out = args.out / args.setting / (f"{method}-lr{chosen_lr[method]:g}-seed{seed}" if args.lr_grid
-                                             else f"{method}-seed{seed}")
-            cost, reused = run_one(recipe, out, {**budget, **method_overrides, **rates, "train.seed": seed},
-                                   args.fresh)
-            if reused and (out / "report" / "report.json").exists():
-                report = json.loads((out / "report" / "report.json").read_text())
-            else:
-                evaluation = evaluate_run(out, ood=[ood])
-                report = write_report(evaluation, out / "report", 15, "probs", save_predictions=True)
-            results.setdefault(method, []).append({**cost, "metrics": report["metrics"], "ood": report["ood"][ood]})
-            print(f"{args.setting} {method} seed {seed}: acc {report['metrics']['accuracy']:.4f} "
-                  f"ece {report['metrics']['ece']:.4f} ({cost['seconds']:.0f} s)", flush=True)
+    budget = {**budgets[args.budget], **dict(item.split("=", 1) for item in args.extra)}
+    head_lr = load_recipe(REPO / recipe, _flat(budget)).train.lr
+    own = {method: [float(v) for v in values.split(",")] for method, values in
+           (item.split("=") for item in args.lr_grid_for)}
+    grids = {method: own.get(method, args.lr_grid) for method in args.methods}
+    pool = ThreadPoolExecutor(max(1, args.parallel))
+    root = args.out / args.setting
 
-    header = ["method", *(["lr (chosen)"] if args.lr_grid else []), *[f"{label}{' (%)' if scale == 100 else ''}" for _, label, scale in ROWS],
-              "OOD AUROC entropy (%)", "OOD AUROC MI (%)", "trainable (% of base)", "train time (s, median)", "peak RSS (GB)"]
+    def start(name: str, overrides: dict):
+        out = root / name
+        if args.no_train:
+            return pool.submit(lambda: (finished(recipe, out, overrides), True))
+        return pool.submit(run_one, recipe, out, overrides, ood, args.fresh)
+
+    def fixed_rates(method: str) -> dict:
+        if method in ("single", "deep_ensemble") and DENSE_LR[args.setting]:
+            return {"train.lr": DENSE_LR[args.setting], "train.head_lr": head_lr}
+        return {"train.head_lr": head_lr} if method == "lora_ensemble" else {}
+
+    # 1. the lr grids (first seed), all at once
+    grid_jobs = {(method, lr): start(f"{method}-lr{lr:g}-seed{args.seeds[0]}",
+                                     {**budget, **METHODS[method], "train.lr": lr, "train.seed": args.seeds[0]})
+                 for method in args.methods if grids[method] for lr in grids[method]}
+    chosen: dict[str, dict] = {}
+    for method in args.methods:
+        if not grids[method]:
+            chosen[method] = fixed_rates(method)
+            continue
+        scores = {}
+        for lr in grids[method]:
+            cost, _ = _wait(grid_jobs[(method, lr)])
+            if cost is not None:
+                scores[lr] = _validation_score(root / f"{method}-lr{lr:g}-seed{args.seeds[0]}")
+                print(f"{args.setting} {method} lr {lr:g}: validation acc {scores[lr][0]:.4f} nll {-scores[lr][1]:.4f}",
+                      flush=True)
+        if scores:
+            chosen[method] = {"train.lr": max(scores, key=scores.get)}
+
+    # 2. every seed at the chosen rate, and the ablations (first seed)
+    def name_of(method: str, seed: int) -> str:
+        lr = chosen[method].get("train.lr")
+        return f"{method}-lr{lr:g}-seed{seed}" if grids[method] else f"{method}-seed{seed}"
+
+    jobs = {(method, seed): start(name_of(method, seed), {**budget, **METHODS[method], **chosen[method], "train.seed": seed})
+            for method in args.methods if method in chosen for seed in args.seeds}
+    for ablation in args.ablate:
+        base = ablation.split("-", 1)[0]
+        if base not in chosen:
+            continue
+        change = dict(ABLATIONS[ablation])
+        rates = dict(chosen[base])
+        if "head_lr_factor" in change:
+            rates["train.head_lr"] = change.pop("head_lr_factor") * rates.get("train.lr", head_lr)
+        jobs[(ablation, args.seeds[0])] = start(f"{ablation}-seed{args.seeds[0]}",
+                                                {**budget, **METHODS[base], **rates, **change, "train.seed": args.seeds[0]})
+    results: dict[str, list[dict]] = {}
+    for (method, seed), job in jobs.items():
+        cost, _ = _wait(job)
+        if cost is None:
+            continue
+        out = root / (name_of(method, seed) if method in METHODS else f"{method}-seed{seed}")
+        report = json.loads((out / "report" / "report.json").read_text())
+        results.setdefault(method, []).append({**cost, "metrics": report["metrics"], "ood": report["ood"][ood],
+                                               "run": str(out)})
+        print(f"{args.setting} {method} seed {seed}: acc {report['metrics']['accuracy']:.4f} "
+              f"ece {report['metrics']['ece']:.4f} ({cost['seconds']:.0f} s)", flush=True)
+    pool.shutdown()
+    _write_table(args, recipe, ood, budget, grids, chosen, results, root)
+
+
+def _wait(job) -> tuple[dict | None, bool]:
+    try:
+        return job.result()
+    except RuntimeError as error:
+        print(str(error)[-2000:], file=sys.stderr, flush=True)
+        return None, False
+
+
+def _write_table(args, recipe, ood, budget, grids, chosen, results, root: Path) -> None:
+    header = ["method", "lr", *[f"{label}{' (%)' if scale == 100 else ''}" for _, label, scale in ROWS],
+              "OOD AUROC entropy (%)", "OOD AUROC MI (%)", "seeds", "trainable (% of base)", "train time (s, median)",
+              "peak RSS (GB)"]
     lines = [f"Setting `{args.setting}` — recipe `{recipe}`, budget `{args.budget}` {budget}, OOD `{ood}`, "
-             f"seeds {args.seeds}{f', lr grid {args.lr_grid} chosen on validation' if args.lr_grid else ''}; {date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             f"seeds {args.seeds}, lr grids {({m: g for m, g in grids.items() if g})} chosen on validation; "
+             f"{date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, runs in results.items():
-        cells = [method] + ([f"{chosen_lr[method]:g}"] if args.lr_grid else []) + [mean_std([r["metrics"][key] for r in runs], scale) for key, _, scale in ROWS]
+        lr = chosen.get(method.split("-", 1)[0] if method not in METHODS else method, {}).get("train.lr")
+        cells = [method, f"{lr:g}" if lr else "fixed"]
+        cells += [mean_std([r["metrics"][key] for r in runs], scale) for key, _, scale in ROWS]
         cells.append(mean_std([r["ood"]["entropy"]["auroc"] for r in runs], 100))
         mi = [r["ood"]["mutual_information"]["auroc"] for r in runs if "mutual_information" in r["ood"]]
         cells.append(mean_std(mi, 100) if mi else "—")
-        cells.append(f"{100 * runs[0]['trainable_share']:.3f}")
-        cells.append(f"{statistics.median(r['seconds'] for r in runs):.0f}")
-        cells.append(f"{max(r['peak_rss'] for r in runs) / 1e9:.2f}")
+        cells += [str(len(runs)), f"{100 * runs[0]['trainable_share']:.3f}",
+                  f"{statistics.median(r['seconds'] for r in runs):.0f}", f"{max(r['peak_rss'] for r in runs) / 1e9:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
-    (args.out / args.setting).mkdir(parents=True, exist_ok=True)
-    (args.out / args.setting / "table.md").write_text(table)
-    (args.out / args.setting / "results.json").write_text(json.dumps(results, indent=2))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "table.md").write_text(table)
+    (root / "results.json").write_text(json.dumps(results, indent=2))
     print(table)
 
 

@@ -1,7 +1,8 @@
 """The Σ bank: everything an ensemble trained, in one small safetensors file.
 
 Tensors: per targeted module `{module}.sigma [M,k]` and `{module}.bias [M,out]` (module = the
-checkpoint's parameter name without `.weight`), and `head.weight [M,C,d]`, `head.bias [M,C]`.
+checkpoint's parameter name without `.weight`), `head.weight [M,C,d]`, `head.bias [M,C]`, and for
+heads on the family's pooler-like stem its frozen `stem.weight [d',d]`, `stem.bias [d']`.
 Header metadata (JSON strings): base model, decomposition and source fingerprints, M, targets,
 parameterisation, head kind, plus whatever the caller adds (label names, task).
 Sigma is stored raw (before clamp/softplus), so a loaded bank continues training exactly.
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from sve_cli import __version__
 from sve_cli.writing import save_safetensors
@@ -23,7 +24,7 @@ from sve_cli.errors import SveError
 
 def bank_tensors(model: SVEModel) -> dict[str, torch.Tensor]:
     """Every trainable tensor: `{module}.sigma`/`.bias` for SVE (`.weight` for dense members,
-    `.lora_A`/`.lora_B` for LoRA), and the heads."""
+    `.lora_A`/`.lora_B` for LoRA), the heads, and the frozen stem the heads read."""
     tensors = {}
     for name, layer in model.layers.items():
         module = name.removesuffix(".weight")
@@ -31,6 +32,8 @@ def bank_tensors(model: SVEModel) -> dict[str, torch.Tensor]:
             tensors[f"{module}.{parameter_name}"] = parameter.detach()
     for parameter_name, parameter in model.head.named_parameters(recurse=False):
         tensors[f"head.{parameter_name}"] = parameter.detach()
+    if model.stem is not None:  # frozen, but possibly initialised here rather than read from the checkpoint
+        tensors["stem.weight"], tensors["stem.bias"] = model.stem.weight.detach(), model.stem.bias.detach()
     return tensors
 
 
@@ -58,16 +61,27 @@ def save_bank(model: SVEModel, path: Path, extra: dict[str, object] | None = Non
     save_safetensors(Path(path), bank_tensors(model), bank_metadata(model, extra))
 
 
+REQUIRED_METADATA = ("base_model", "decomposition_fingerprint", "source_fingerprint", "members", "targets", "method",
+                     "head")
+
+
 def read_bank_metadata(path: Path) -> dict[str, object]:
     """The bank's metadata, decoded (keys without the `sve.` prefix)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
-    except Exception as error:
+    except (SafetensorError, OSError) as error:
         raise SveError(f"{path} is not a readable Σ bank: {error}") from None
     if "sve.decomposition_fingerprint" not in raw:
         raise SveError(f"{path} is a safetensors file but not an sve Σ bank (no sve metadata)")
-    return {key.removeprefix("sve."): json.loads(value) for key, value in raw.items() if key.startswith("sve.")}
+    try:
+        metadata = {key.removeprefix("sve."): json.loads(value) for key, value in raw.items() if key.startswith("sve.")}
+    except ValueError:
+        raise SveError(f"{path}: the bank's sve metadata is not valid JSON (a damaged or edited file)") from None
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise SveError(f"{path}: the bank's metadata lacks '{missing[0]}' (a damaged or edited file)")
+    return metadata
 
 
 def load_bank(model: SVEModel, path: Path) -> dict[str, object]:
@@ -81,6 +95,10 @@ def load_bank(model: SVEModel, path: Path) -> dict[str, object]:
         raise SveError(f"{path} was trained on another base model or decomposition ({metadata['base_model']}, "
                        f"decomposition {metadata['decomposition_fingerprint'][:19]}…) than "
                        f"{identity.base_model} ({identity.decomposition_fingerprint[:19]}…)")
+    parameterisation = bank_metadata(model)["sve.parameterisation"]
+    if json.dumps(metadata.get("parameterisation")) != parameterisation:
+        raise SveError(f"{path} stores singular values as '{metadata.get('parameterisation')}', this ensemble "
+                       f"as {json.loads(parameterisation)}: set ensemble.parameterisation to match")
     expected = bank_tensors(model)
     with safe_open(str(path), framework="pt") as handle:
         if set(handle.keys()) != set(expected):
@@ -91,6 +109,8 @@ def load_bank(model: SVEModel, path: Path) -> dict[str, object]:
             if stored.shape != tensor.shape:
                 raise SveError(f"{path}: '{name}' has shape {list(stored.shape)}, "
                                f"this ensemble needs {list(tensor.shape)}")
+            if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+                raise SveError(f"{path}: '{name}' holds NaN or infinite values; the bank cannot be used")
             with torch.no_grad():
                 tensor.copy_(stored)
     return metadata

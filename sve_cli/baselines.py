@@ -19,26 +19,14 @@ import math
 import torch
 from torch import nn
 
-from sve_cli.layer import jittered_copies
+from sve_cli.layer import MemberSlice, jittered_copies
 
 
-class _MemberLinear(nn.Module):
-    """Shared plumbing: `[m·B, …, in]` -> `[m, B·T, in]` -> `[m·B, …, out]` for the `active` members."""
+class _MemberLinear(MemberSlice):
+    """`[m·B, …, in]` -> `[m, B·T, in]` -> `[m·B, …, out]` for the `active` members."""
 
-    members: int
     in_features: int
     out_features: int
-    active: range
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        members = len(self.active)
-        if x.shape[0] % members:
-            raise ValueError(f"batch {x.shape[0]} is not a multiple of {members} members")
-        return x.reshape(members, -1, self.in_features)  # [m, B·T, in]
-
-    def _chunk(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        """The active members' slice of a per-member tensor `[M, …]`."""
-        return None if tensor is None else tensor[self.active.start:self.active.stop]
 
     def _unrows(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -47,27 +35,31 @@ class _MemberLinear(nn.Module):
 class DenseMembersLinear(_MemberLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, members: int, jitter: float = 0.0,
                  generator: torch.Generator | None = None):
-        super().__init__()
-        self.members, (self.out_features, self.in_features) = members, weight.shape
+        super().__init__(members)
+        self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(jittered_copies(weight, members, jitter, generator))  # [M, out, in]
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone()[None].repeat(members, 1))  # [M, out]
-        self.active = range(members)
 
     def member_weight(self, member: int) -> torch.Tensor:
         return self.weight[member]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows, weight, bias = self._rows(x), self._chunk(self.weight), self._chunk(self.bias)
+        rows, weight, bias = self.member_rows(x), self.chunk(self.weight), self.chunk(self.bias)
         if bias is None:
             return self._unrows(torch.bmm(rows, weight.transpose(1, 2)), x)
         return self._unrows(torch.baddbmm(bias[:, None, :], rows, weight.transpose(1, 2)), x)
 
 
+def lora_merged(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """`W + scale · B A` (peft's merge): `[out, in]` from `A [r, in]`, `B [out, r]`."""
+    return weight + scale * lora_B @ lora_A
+
+
 class LoRAMembersLinear(_MemberLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, members: int, rank: int,
                  alpha: float, generator: torch.Generator):
-        super().__init__()
-        self.members, (self.out_features, self.in_features) = members, weight.shape
+        super().__init__(members)
+        self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.detach().clone(), persistent=False)  # [out, in], frozen
         self.register_buffer("base_bias", None if bias is None else bias.detach().clone(), persistent=False)
         bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and peft
@@ -75,16 +67,15 @@ class LoRAMembersLinear(_MemberLinear):
         self.lora_A = nn.Parameter(lora_a)  # [M, r, in]
         self.lora_B = nn.Parameter(torch.zeros(members, self.out_features, rank))  # [M, out, r]
         self.scale = alpha / rank
-        self.active = range(members)
 
     def member_weight(self, member: int) -> torch.Tensor:
-        return self.weight + self.scale * self.lora_B[member] @ self.lora_A[member]
+        return lora_merged(self.weight, self.lora_A[member], self.lora_B[member], self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self._rows(x)  # [m, B·T, in]
+        rows = self.member_rows(x)  # [m, B·T, in]
         out = rows @ self.weight.T  # [m, B·T, out]
         if self.base_bias is not None:
             out = out + self.base_bias
-        lora_a, lora_b = self._chunk(self.lora_A), self._chunk(self.lora_B)
+        lora_a, lora_b = self.chunk(self.lora_A), self.chunk(self.lora_B)
         update = (rows @ lora_a.transpose(1, 2)) @ lora_b.transpose(1, 2)  # [m, B·T, out]
         return self._unrows(out + self.scale * update, x)

@@ -114,7 +114,7 @@ def _download(repo_id: str) -> Path:
 
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a cached float32 safetensors checkpoint directory."""
-    digest = file_sha256(gguf)[:16]
+    digest = file_fingerprint(gguf).removeprefix("sha256:")[:16]
     out = sve_home() / "checkpoints" / f"{gguf.stem}-{digest}"
     if (out / "config.json").exists():
         return out
@@ -152,12 +152,13 @@ def _safetensors_in(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-def file_sha256(path: Path) -> str:
+def file_fingerprint(path: Path) -> str:
+    """`sha256:<hex>` of a file's bytes, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return "sha256:" + digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- reading

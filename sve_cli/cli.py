@@ -6,6 +6,8 @@ Each command parses its options, calls one library function and prints with rich
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import sys
 from enum import Enum
@@ -18,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from sve_cli import __version__
-from sve_cli.errors import OutputExistsError, SveError
+from sve_cli.errors import SveError
 
 app = typer.Typer(
     name="sve",
@@ -187,8 +189,11 @@ def train(
             progress.console.print(f"step {line['step']:>5} {line['split']}: acc {line['accuracy']:.4f} "
                                    f"nll {line['nll']:.4f} ece {line['ece']:.4f} brier {line['brier']:.4f}")
 
-        state = run_train(loaded, out, resume=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval,
-                          on_note=lambda text: progress.console.print(text, soft_wrap=True))
+        try:
+            state = run_train(loaded, out, resume=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval,
+                              on_note=lambda text: progress.console.print(text, soft_wrap=True))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_interrupted(recipe, out, overrides)) from None
     if rank0:
         best = state["history"][[h["step"] for h in state["history"]].index(state["best_step"])]
         table = Table(title=f"run {out}", show_header=False, title_justify="left")
@@ -206,9 +211,10 @@ def evaluate(
                                        "a local jsonl/csv/parquet file, image folder, builtin:… or hub name."),
     ood: list[str] = typer.Option([], "--ood", help="OOD set: tweets, bbc_news, digits, mnist, svhn, cifar10, … or a path "
                                   "(repeatable)."),
-    bins: int = typer.Option(15, "--bins", min=1, help="Equal-width bins for ECE and the reliability diagram."),
-    combine: Combine = typer.Option(Combine.probs, "--combine", help="Combine members by the mean of their "
-                                    "probabilities or of their logits."),
+    bins: Optional[int] = typer.Option(None, "--bins", min=1, max=10_000, help="Equal-width bins for ECE and the "
+                                       "reliability diagram (default: the recipe's eval.bins)."),
+    combine: Optional[Combine] = typer.Option(None, "--combine", help="Combine members by the mean of their "
+                                              "probabilities or of their logits (default: the recipe's eval.combine)."),
     temperature: bool = typer.Option(False, "--temperature", help="Fit one temperature on the validation split; "
                                      "report before and after."),
     report: Optional[Path] = typer.Option(None, "--report", help="Report directory (default: RUN/report)."),
@@ -220,17 +226,16 @@ def evaluate(
 ) -> None:
     """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs."""
     from sve_cli.evaluate import evaluate_run
+    from sve_cli.outputs import REPORT, check_output, output_lock
     from sve_cli.report import ROWS, write_report, write_thresholds
-    from sve_cli.writing import visible_entries
 
     def report_dir(run: Path) -> Path:
         return (report / run.name if len(runs) > 1 else report) if report else run / "report"
 
+    paths = [item for item in (data, *ood) if item and Path(item).exists()]
     for run in runs:  # refuse before minutes of evaluation, not after
-        directory = report_dir(run)
-        if directory.exists() and (not directory.is_dir() or visible_entries(directory)) and not overwrite:
-            raise OutputExistsError(f"{directory} already holds a report; pass --overwrite to replace it")
-    how = combine.value
+        check_output(report_dir(run), REPORT, overwrite, [run, bank, *paths])
+    how = combine.value if combine else None
     reports = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
@@ -245,10 +250,12 @@ def evaluate(
 
             evaluation = evaluate_run(run, data, ood, bins, how, temperature, max_examples, on_batch, bank)
         directory = report_dir(run)
-        reports.append(write_report(evaluation, directory, bins, how, save_predictions))
+        with output_lock(directory):
+            check_output(directory, REPORT, overwrite, [run, bank, *paths])
+            reports.append(write_report(evaluation, directory, save_predictions))
         console.print(f"report written to {directory}")
         if bank is None:  # thresholds belong to the run's own bank
-            console.print(f"abstention thresholds (fitted on validation) written to {write_thresholds(evaluation, how)}")
+            console.print(f"abstention thresholds (fitted on validation) written to {write_thresholds(evaluation)}")
 
     table = Table(title="in-distribution: " + reports[0]["data"]["in_distribution"], title_justify="left")
     table.add_column("metric")
@@ -300,9 +307,9 @@ def export(
     with console.status("merging and writing tensors…"):
         result = export_merged(run, out or run / f"export-member{member}", chosen, dtype and dtype.value,
                                max_shard_size, overwrite)
-    library = "sentence-transformers" if result["architecture"] == "SentenceTransformer" else "transformers"
+    kind = "SentenceTransformer" if result["library"] == "sentence-transformers" else result["architecture"]
     out_console.print(f"wrote {result['out']}: {result['architecture']}, {_human(result['bytes'])} in "
-                      f"{result['shards']} shard(s); load it with {library}' {result['architecture']}")
+                      f"{result['shards']} shard(s); load it with {result['library']}' {kind}")
 
 
 @app.command(epilog="Example:  sve predict runs/quickstart --data new_tweets.jsonl --abstain-coverage 0.9")
@@ -327,23 +334,26 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Label new inputs with probabilities and uncertainty; abstain where the ensemble is unsure."""
-    from sve_cli.predict import (abstain_threshold as choose_threshold, answered_accuracy, coverage_of,
-                                 open_predictor, predict_rows, write_predictions)
+    from sve_cli.predict import (abstain_threshold as choose_threshold, answered_accuracy, check_predictions_output,
+                                 coverage_of, open_predictor, predict_rows, write_predictions)
 
     if sum(option is not None for option in (abstain_coverage, abstain_risk, abstain_threshold)) > 1:
         raise SveError("give at most one of --abstain-coverage, --abstain-risk and --abstain-threshold")
+    if abstain_threshold is not None and not math.isfinite(abstain_threshold):
+        raise SveError(f"--abstain-threshold must be a finite number, not {abstain_threshold}")
     out = out or (source if source.is_dir() else source.parent) / "predictions.jsonl"
-    if out.exists() and not overwrite:  # before minutes of loading, not after
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    inputs = [source, bank, data if Path(data).exists() else None]
+    check_predictions_output(out, overwrite, inputs)  # before minutes of loading, not after
     with console.status(f"loading {source}…"):
         predictor = open_predictor(source, bank)
+    inputs.append(predictor.recipe.model.path if Path(predictor.recipe.model.path).exists() else None)
     threshold, where = choose_threshold(predictor, score.value, abstain_coverage, abstain_risk, abstain_threshold)
     columns = (TextColumn("[bold]{task.description}"), TextColumn("{task.completed} rows"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("predicting", total=None)
         rows = predict_rows(predictor, data, member, batch_size, score.value, threshold,
                             on_rows=lambda count: progress.advance(task, count))
-        summary = write_predictions(rows, out, overwrite)
+        summary = write_predictions(rows, out, overwrite, inputs)
     line = f"wrote {out}: {summary['rows']} rows"
     if threshold is not None:
         line += f", answered {100 * coverage_of(summary):.1f}% (abstained on {summary['abstained']})"
@@ -352,9 +362,24 @@ def predict(
     out_console.print(f"{line}; {where}", soft_wrap=True, highlight=False)
 
 
+def _interrupted(recipe: Path, out: Path, overrides: list[str]) -> str:
+    """What an interrupted `sve train` says: where `--resume` would continue from."""
+    import json
+
+    from sve_cli.rundir import STATE
+
+    try:
+        step = json.loads((out / STATE).read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "interrupted before the first checkpoint: nothing was kept; run the command again to start over"
+    sets = "".join(f" --set {item}" for item in overrides)
+    return f"interrupted; `sve train {recipe} --out {out}{sets} --resume` continues from step {step}"
+
+
 def _print_memory_plan(recipe, device: Device, memory: str | None) -> None:
     import torch
 
+    from sve_cli.export import recipe_export_notes
     from sve_cli.memory import device_capacity, plan_training
     from sve_cli.writing import parse_size
 
@@ -384,6 +409,8 @@ def _print_memory_plan(recipe, device: Device, memory: str | None) -> None:
                       f"{100 * (1 - estimate.peak_bytes / capacity):.0f}% headroom (10% wanted)")
     for suggestion in estimate.suggestions:
         table.add_row("would fit with", suggestion)
+    for note in recipe_export_notes(recipe):
+        table.add_row("export", note.removeprefix("export: "))
     out_console.print(table)
 
 
@@ -397,29 +424,51 @@ def _print_plan(plan, out: Path) -> None:
         table.add_row(target.name, f"{target.out_features}×{target.in_features}", str(target.k),
                       target.dtype, _human(target.factor_bytes(element_size)))
     out_console.print(table)
+    if plan.inferred:
+        out_console.print(f"{plan.checkpoint.model_type} has no spec in sve: these targets were inferred (every linear "
+                          "layer of its transformer blocks); --targets narrows them")
     out_console.print(f"would write {_human(plan.total_size)} in {len(plan.shards)} shard(s) "
                       f"to {out} ({plan.precision})")
 
 
+USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR,
+               errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV}
+
+
+def _line(text: str) -> str:
+    """One line, naming final outputs rather than the temporaries they are written under."""
+    from sve_cli.writing import public_names
+
+    return " ".join(public_names(str(text)).split())
+
+
 def main() -> None:
-    """Console entry point: usage mistakes get typer's usage line, user errors one line; both exit 2."""
+    """Console entry point: usage mistakes get typer's usage line, user errors one line; both exit 2.
+    Anything else is a bug of ours and keeps its traceback."""
     from pydantic import ValidationError
+
+    from sve_cli.recipe import validation_line
 
     try:
         code = app(standalone_mode=False, prog_name="sve")
     except typer.TyperException as error:  # an unknown command or option, a missing or bad value
         error.show()
         sys.exit(error.exit_code)
-    except (SveError, ValidationError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+    except SveError as error:
+        console.print(f"[red]error:[/red] {_line(error)}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except OSError as error:  # disk full, read-only or missing directory: the environment, not a bug
+    except ValidationError as error:  # e.g. the recipe a Σ bank carries
+        console.print(f"[red]error:[/red] {_line(validation_line(error))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as error:
+        if error.errno not in USER_ERRNOS:
+            raise
         where = f" {error.filename}" if error.filename else ""
-        console.print(f"[red]error:[/red] cannot read or write{where}: {error.strerror or error}",
+        console.print(f"[red]error:[/red] {_line(f'cannot read or write{where}: {error.strerror or error}')}",
                       highlight=False, soft_wrap=True)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("[red]interrupted[/red]")
+    except (typer.Abort, KeyboardInterrupt) as error:
+        console.print(f"[red]{_line(error) or 'interrupted'}[/red]", highlight=False, soft_wrap=True)
         sys.exit(130)
     if isinstance(code, int) and code:  # typer.Exit(code) returns its code when not standalone
         sys.exit(code)

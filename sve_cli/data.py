@@ -34,6 +34,21 @@ class Table:
     label_names: list[str] | None = None
     is_image: bool = False
 
+    def take(self, rows) -> "Table":
+        """These rows (positions, a slice or an array), renumbered from 0."""
+        return Table(self.frame.iloc[rows].reset_index(drop=True), self.label_names, self.is_image)
+
+    def sample(self, limit: int | None) -> "Table":
+        """At most `limit` rows, a seeded random sample in their original order (the same on every run)."""
+        if limit is None or len(self.frame) <= limit:
+            return self
+        return self.take(np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(self.frame))[:limit]))
+
+
+def test_split(source: "dict[str, Table] | Table") -> Table:
+    """A source's test split, else its first (or only) one."""
+    return source if isinstance(source, Table) else source.get("test") or next(iter(source.values()))
+
 
 # --------------------------------------------------------------------------- sources
 
@@ -85,6 +100,7 @@ def _local(path: Path) -> Table:
     if path.is_dir():
         names, images, labels = read_image_folder(path)
         return Table(pd.DataFrame({"image": images, "label": labels}), names, True)
+    _regular_file(path)
     kind = TABLE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise SveError(f"{path}: unsupported data file (use .jsonl, .csv, .parquet or an image folder)")
@@ -99,7 +115,21 @@ def _local(path: Path) -> Table:
         raise SveError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
     if len(frame) == 0:
         raise SveError(f"{path} holds no rows")
-    return Table(frame)
+    return Table(_checked_columns(frame, path))
+
+
+def _regular_file(path: Path) -> None:
+    """Data is read from regular files only: a device or pipe (/dev/zero) has no end."""
+    if not path.is_file():
+        raise SveError(f"{path} is not a regular file (a device, pipe or socket cannot be read as data)")
+
+
+def _checked_columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Lines of a jsonl file must be objects: arrays or bare values come out as numbered columns."""
+    if any(not isinstance(column, str) for column in frame.columns):
+        raise SveError(f"{path}: every row must be a JSON object (or a CSV row with a header), "
+                       "e.g. {\"text\": \"…\", \"label\": 0}")
+    return frame
 
 
 def _hub(name: str, config: str | None) -> dict[str, Table]:
@@ -132,16 +162,14 @@ def seeded_splits(table: Table, train_name: str, validation_name: str, test_name
     cut_train, cut_validation = int(0.8 * len(order)), int(0.9 * len(order))
     parts = {train_name: order[:cut_train], validation_name: order[cut_train:cut_validation],
              test_name: order[cut_validation:]}
-    return {name: Table(table.frame.iloc[rows].reset_index(drop=True), table.label_names, table.is_image)
-            for name, rows in parts.items()}
+    return {name: table.take(rows) for name, rows in parts.items()}
 
 
 def hold_out(table: Table, fraction: float) -> tuple[Table, Table]:
     """Seeded split of one table into (rest, held-out fraction): `validation_split: train:10%`."""
     order = np.random.default_rng(SPLIT_SEED).permutation(len(table.frame))
     cut = len(order) - max(1, int(fraction * len(order)))
-    return tuple(Table(table.frame.iloc[rows].reset_index(drop=True), table.label_names, table.is_image)
-                 for rows in (order[:cut], order[cut:]))
+    return table.take(order[:cut]), table.take(order[cut:])
 
 
 # --------------------------------------------------------------------------- examples
@@ -169,9 +197,13 @@ def _labels(values: pd.Series, names: list[str], where: str) -> torch.Tensor:
             raise SveError(f"{where}: label '{unknown[0]}' is not one of the run's labels {names}")
         return torch.tensor([names.index(v) for v in values], dtype=torch.long)
     try:
-        labels = torch.tensor(values.astype("int64").to_numpy(), dtype=torch.long)
+        numbers = values.astype("float64").to_numpy()
     except (ValueError, TypeError):
         raise SveError(f"{where}: labels must be integers or label names") from None
+    fractional = numbers[numbers != np.round(numbers)]
+    if len(fractional):
+        raise SveError(f"{where}: label {fractional[0]:g} is not an integer (labels are class indices or names)")
+    labels = torch.tensor(numbers.astype("int64"), dtype=torch.long)
     bad = labels[(labels < 0) | (labels >= len(names))]
     if len(bad):
         raise SveError(f"{where}: label {int(bad[0])} is out of range for {len(names)} classes")
@@ -182,6 +214,18 @@ def _column(frame: pd.DataFrame, field: str, key: str, where: str) -> pd.Series:
     if field not in frame.columns:
         raise SveError(f"{where}: no column '{field}' (task.{key}); columns are {list(frame.columns)}")
     return frame[field]
+
+
+def _texts(frame: pd.DataFrame, field: str, key: str, where: str) -> list[str]:
+    """A text column as strings; a missing text, or a list or object where text belongs, is refused."""
+    column = _column(frame, field, key, where)
+    missing = column.isna()
+    if missing.any():
+        raise SveError(f"{where}: {int(missing.sum())} example(s) have no '{field}' (first: row {int(missing.argmax())})")
+    wrong = next((value for value in column if isinstance(value, (dict, list, tuple))), None)
+    if wrong is not None:
+        raise SveError(f"{where}: '{field}' must hold text, not a {type(wrong).__name__}")
+    return column.astype(str).tolist()
 
 
 def _render(task: TaskSection, question: str, choices: list[str]) -> str:
@@ -196,7 +240,7 @@ def _multiple_choice(frame: pd.DataFrame, task: TaskSection, names: list[str] | 
     """Prompts and answer positions, for ARC's schema, the generic one, or a posed classification."""
     if task.question is not None:  # a classification set posed as multiple choice
         labels = _labels(_column(frame, task.label_field, "label_field", where), names, where)
-        texts = _column(frame, task.text_field, "text_field", where).astype(str)
+        texts = _texts(frame, task.text_field, "text_field", where)
         # the passage comes first: long passages are truncated from the left, keeping the question
         prompts = [_render(task, f"{text}\n\n{task.question}", names) for text in texts]
         return prompts, labels, task.letters[:len(names)]
@@ -235,9 +279,8 @@ def build_examples(table: Table, task: TaskSection, label_names: list[str], wher
     if task.type == "multiple_choice":
         prompts, labels, _ = _multiple_choice(frame, task, label_names, where)
         return Examples(labels, texts=prompts)
-    texts = _column(frame, task.text_field, "text_field", where).astype(str).tolist()
-    pairs = (_column(frame, task.text_pair_field, "text_pair_field", where).astype(str).tolist()
-             if task.text_pair_field else None)
+    texts = _texts(frame, task.text_field, "text_field", where)
+    pairs = _texts(frame, task.text_pair_field, "text_pair_field", where) if task.text_pair_field else None
     labels = _labels(_column(frame, task.label_field, "label_field", where), label_names, where)
     return Examples(labels, texts=texts, pairs=pairs)
 
@@ -270,12 +313,14 @@ def iter_chunks(spec: str, config: str | None, rows: int):
     (their test split, or their only one) and cut into chunks."""
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
+    if path.exists() and not path.is_dir():
+        _regular_file(path)
     try:
         if path.is_file() and suffix in (".jsonl", ".csv"):
             reader = (pd.read_json(path, lines=True, chunksize=rows) if suffix == ".jsonl"
                       else pd.read_csv(path, chunksize=rows))
             with reader:
-                yield from (Table(frame.reset_index(drop=True)) for frame in reader)
+                yield from (Table(_checked_columns(frame.reset_index(drop=True), path)) for frame in reader)
             return
         if path.is_file() and suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -286,9 +331,9 @@ def iter_chunks(spec: str, config: str | None, rows: int):
     except (ValueError, UnicodeDecodeError, OSError) as error:
         raise SveError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
     source = load_source(spec, config)
-    table = source if isinstance(source, Table) else source.get("test") or next(iter(source.values()))
+    table = test_split(source)
     for start in range(0, len(table.frame), rows):
-        yield Table(table.frame.iloc[start:start + rows].reset_index(drop=True), table.label_names, table.is_image)
+        yield table.take(slice(start, start + rows))
 
 
 def class_names(table: Table, task: TaskSection) -> list[str]:
@@ -326,7 +371,7 @@ def load_splits(task: TaskSection, where: str) -> tuple[dict[str, Examples], lis
         table = tables[name]
         limit = task.max_train_examples if name == task.train_split else task.max_eval_examples
         if limit is not None and len(table.frame) > limit:
-            table = Table(table.frame.iloc[:limit].reset_index(drop=True), table.label_names, table.is_image)
+            table = table.take(slice(0, limit))
         splits[name] = build_examples(table, task, label_names, f"{task.dataset} [{name}]")
     return splits, label_names
 

@@ -21,14 +21,15 @@ import torch
 from safetensors import safe_open
 
 from sve_cli import __version__
+from sve_cli.architectures import architecture
 from sve_cli.checkpoint import Checkpoint, open_checkpoint, source_fingerprint, tensor_fingerprint
-from sve_cli.factors import INDEX, MANIFEST, SHARD_NAME
-from sve_cli.writing import (Shard, ShardWriter, exclusive, fault_point, plan_shards, visible_entries, write_index,
+from sve_cli.factors import FORMAT_VERSION, INDEX, MANIFEST, SHARD_NAME
+from sve_cli.writing import (DTYPE_NAMES, Shard, ShardWriter, exclusive, fault_point, plan_shards, visible_entries, write_index,
                              write_json)
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.targets import Target, resolve_targets
 
-PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+PRECISIONS = ("float32", "float64")
 ERROR_PROBES = 16  # Gaussian probes for the reconstruction-error estimate
 
 
@@ -135,6 +136,7 @@ class DecomposePlan:
     targets: list[Target]
     precision: str
     shards: list[Shard]
+    inferred: bool = False  # the preset was inferred from the model's structure (a family sve has no spec for)
 
     @property
     def total_size(self) -> int:
@@ -152,10 +154,11 @@ def plan_decomposition(model: str, targets: str | None = None, precision: str = 
         raise SveError(f"unknown --dtype '{precision}' (use float32 or float64)")
     checkpoint = open_checkpoint(model)
     resolved = resolve_targets(checkpoint, targets)
-    element_size = PRECISIONS[precision].itemsize
+    element_size = DTYPE_NAMES[precision].itemsize
     sizes = [(t.name, t.factor_bytes(element_size)) for t in resolved]
     shards = plan_shards(sizes, max_shard_size, prefix="factors")
-    return DecomposePlan(checkpoint, resolved, precision, shards)
+    inferred = (targets or "all").strip() in ("all", "attention", "mlp") and architecture(checkpoint).inferred
+    return DecomposePlan(checkpoint, resolved, precision, shards, inferred)
 
 
 @dataclass
@@ -183,7 +186,7 @@ def _layout(targets: list[Target], dtype: torch.dtype) -> list[tuple[str, torch.
 
 
 def _identity(precision: str, fingerprints: dict[str, str]) -> str:
-    payload = json.dumps({"precision": precision, "targets": sorted(fingerprints.items())})
+    payload = json.dumps({"precision": precision, "format": FORMAT_VERSION, "targets": sorted(fingerprints.items())})
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -243,7 +246,7 @@ def decompose(plan: DecomposePlan, out: Path, device: str = "cpu", overwrite: bo
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
-    checkpoint, dtype = plan.checkpoint, PRECISIONS[plan.precision]
+    checkpoint, dtype = plan.checkpoint, DTYPE_NAMES[plan.precision]
     fingerprints = {t.name: tensor_fingerprint(checkpoint.read(t.name)) for t in plan.targets}
     identity = _identity(plan.precision, fingerprints)
     _check_output(out, identity, overwrite)  # before anything is created in `out`
@@ -263,20 +266,24 @@ def _decompose_locked(plan: DecomposePlan, out: Path, identity: str, fingerprint
     result = DecomposeResult(out, {})
     errors: dict[str, float] = {}
     targets = {t.name: t for t in plan.targets}
-    with ShardWriter(out) as writer:
+    checksums: dict[str, str] = {}  # factor tensor name -> its fingerprint (verified when the cache is used)
+    with ShardWriter(out, fingerprint=True) as writer:
         for shard in plan.shards:
             metadata = _shard_metadata(out / shard.filename) if (out / shard.filename).exists() else None
             if metadata and metadata.get("sve.identity") == identity \
                     and json.loads(metadata.get("sve.targets", "[]")) == shard.names:
                 errors.update({n: float(e) for n, e in json.loads(metadata["sve.errors"]).items()})
+                checksums.update(json.loads(metadata["sve.checksums"]))
                 for name in shard.names:
                     result.reused.append(name)
                     on_target and on_target(targets[name], True)
                 continue
             shard_metadata = {"sve.identity": identity, "sve.targets": json.dumps(shard.names)}
+            layout = _layout([targets[n] for n in shard.names], dtype)
             placeholder = {name: _fixed_width(0.0) for name in shard.names}
-            writer.begin(shard.filename, _layout([targets[n] for n in shard.names], dtype),
-                         {**shard_metadata, "sve.errors": json.dumps(placeholder)})
+            unknown = {name: "sha256:" + "0" * 64 for name, _, _ in layout}  # fingerprints have a fixed width
+            writer.begin(shard.filename, layout, {**shard_metadata, "sve.errors": json.dumps(placeholder),
+                                                  "sve.checksums": json.dumps(unknown)})
             shard_errors: dict[str, str] = {}
             for name in shard.names:
                 weight = checkpoint.read(name)
@@ -289,12 +296,16 @@ def _decompose_locked(plan: DecomposePlan, out: Path, identity: str, fingerprint
                 errors[name] = float(shard_errors[name])
                 result.computed.append(name)
                 on_target and on_target(targets[name], False)
-            writer.commit({**shard_metadata, "sve.errors": json.dumps(shard_errors)})
+            writer.wait()  # the last tensor's fingerprint
+            shard_checksums = {name: writer.fingerprints[name] for name, _, _ in layout}
+            checksums.update(shard_checksums)
+            writer.commit({**shard_metadata, "sve.errors": json.dumps(shard_errors),
+                           "sve.checksums": json.dumps(shard_checksums)})
 
     weight_map = {f"{name}.{factor}": shard.filename
                   for shard in plan.shards for name in shard.names for factor in ("U", "S", "Vh")}
     write_index(out / INDEX, weight_map, plan.total_size, format="sve-decomposition")
-    manifest = _manifest(plan, fingerprints, identity, errors)
+    manifest = _manifest(plan, fingerprints, identity, errors, checksums)
     fault_point("before-manifest")
     write_json(out / MANIFEST, manifest)
     planned = {shard.filename for shard in plan.shards}
@@ -306,12 +317,12 @@ def _decompose_locked(plan: DecomposePlan, out: Path, identity: str, fingerprint
 
 
 def _manifest(plan: DecomposePlan, fingerprints: dict[str, str], identity: str,
-              errors: dict[str, float]) -> dict:
+              errors: dict[str, float], checksums: dict[str, str]) -> dict:
     checkpoint = plan.checkpoint
     shard_of = {name: shard.filename for shard in plan.shards for name in shard.names}
     return {
         "format": "sve-decomposition",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "tool": f"sve {__version__}",
         "source": {
             "model": checkpoint.source,
@@ -325,7 +336,7 @@ def _manifest(plan: DecomposePlan, fingerprints: dict[str, str], identity: str,
         "total_size": plan.total_size,
         "reconstruction_error": (
             f"relative Frobenius error ||W - U diag(S) Vh|| / ||W||, estimated on {ERROR_PROBES} seeded "
-            f"Gaussian probes; every target met {TOLERANCE[PRECISIONS[plan.precision]]:.0e} in it and in "
+            f"Gaussian probes; every target met {TOLERANCE[DTYPE_NAMES[plan.precision]]:.0e} in it and in "
             "the orthogonality of U and Vh"
         ),
         "targets": [
@@ -337,6 +348,7 @@ def _manifest(plan: DecomposePlan, fingerprints: dict[str, str], identity: str,
                 "fingerprint": fingerprints[t.name],
                 "rel_error": errors[t.name],
                 "shard": shard_of[t.name],
+                "checksums": {factor: checksums[f"{t.name}.{factor}"] for factor in ("U", "S", "Vh")},
             }
             for t in plan.targets
         ],

@@ -1,9 +1,10 @@
 """Turn a Hugging Face model + its decomposition into an M-member SVE ensemble.
 
-`build_ensemble` loads the backbone (AutoModel: BertModel, LlamaModel, ViTModel), freezes it,
-replaces every targeted `nn.Linear` by an `SVELinear` and attaches per-member heads. Targets are
-matched to modules by the fingerprint of their weight, not by name: the decomposition was taken
-from the checkpoint's tensors, and transformers may rename modules on load (ViT does), so content
+`build_ensemble` loads the backbone (`AutoModel`: BertModel, LlamaModel, GPT2Model, ViTModel, …),
+freezes it, replaces every targeted `nn.Linear` (or GPT-2's `Conv1D`) by an `SVELinear` and attaches
+per-member heads on the representation the family's classifier reads (`sve_cli.architectures`).
+Targets are matched to modules by the fingerprint of their weight, not by name: the decomposition was
+taken from the checkpoint's tensors, and transformers may rename modules on load (ViT does), so content
 is the only reliable key. This also proves the cache belongs to this model.
 
 `SVEModel(**inputs)` repeats the batch member-major to `M·B` rows, runs the backbone once, and
@@ -23,21 +24,18 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from sve_cli.architectures import Architecture, BackboneLayout, architecture, check_config
 from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers, source_fingerprint, tensor_fingerprint
 from sve_cli.decompose import decompose, plan_decomposition
 from sve_cli.factors import MANIFEST, FactorCache, default_output
 from sve_cli.errors import SveError
-from sve_cli.heads import MemberHead, features, native_representation, resolve_representation
+from sve_cli.heads import MemberHead, Stem, features, resolve_representation
 from sve_cli.baselines import DenseMembersLinear, LoRAMembersLinear
 from sve_cli.layer import SVELinear
 from sve_cli.recipe import EnsembleConfig
+from sve_cli.writing import TORCH_DTYPES
 
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 log = logging.getLogger("sve")
-CLASSIFIER_NAMES = {"pooler": ("classifier.weight", "classifier.bias"),
-                    "cls": ("classifier.weight", "classifier.bias"),
-                    "cls_mean": ("classifier.weight", "classifier.bias"),
-                    "last_token": ("score.weight", None)}
 
 
 @dataclass
@@ -55,9 +53,9 @@ class Identity:
 class SVEModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: MemberHead, layers: dict[str, nn.Module],
                  members: int, representation: str, pad_token_id: int | None, identity: Identity,
-                 head_kind: str):
+                 head_kind: str, stem: Stem | None = None):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.stem = backbone, head, stem
         self.layers = layers  # target parameter name -> its member layer (registered inside backbone)
         self.members, self.representation, self.pad_token_id = members, representation, pad_token_id
         self.identity, self.head_kind = identity, head_kind
@@ -80,8 +78,8 @@ class SVEModel(nn.Module):
             for name, parameter in module.named_parameters(recurse=False):
                 if not parameter.requires_grad:
                     parameter.data = parameter.data.to(dtype)
-            for name, buffer in module.named_buffers(recurse=False):
-                if buffer is not None and buffer.is_floating_point():
+            for name, buffer in module.named_buffers(recurse=False):  # vectors (e.g. S) are cheap: kept exact
+                if buffer is not None and buffer.is_floating_point() and buffer.dim() > 1:
                     setattr(module, name, buffer.to(dtype))
         self.compute_dtype = dtype
 
@@ -106,58 +104,58 @@ class SVEModel(nn.Module):
         """Logits `[B, m, C]` of the active members `m`; inputs `[B, …]` (or `[m·B, …]` when
         `member_major`)."""
         members = len(self.active)
-        batch = next(iter(inputs.values())).shape[0]
+        sizes = {name: value.shape[0] for name, value in inputs.items()}
+        if not all(torch.is_tensor(value) for value in inputs.values()) or len(set(sizes.values())) != 1:
+            raise ValueError(f"every input must be a tensor of the same batch size, got {sizes}")
         if not member_major:
             inputs = {name: value.repeat(members, *[1] * (value.dim() - 1))  # [m·B, …] member-major
-                      for name, value in inputs.items() if torch.is_tensor(value) and value.shape[0] == batch}
+                      for name, value in inputs.items()}
         device = next(iter(inputs.values())).device
         with torch.autocast(device.type, dtype=self.compute_dtype or torch.float32, enabled=self.compute_dtype is not None):
             outputs = self.backbone(**inputs)
-        representation = features(self.representation, outputs, inputs.get("input_ids"),
-                                  inputs.get("attention_mask"), self.pad_token_id)
+            representation = features(self.representation, outputs, inputs.get("input_ids"),
+                                      inputs.get("attention_mask"), self.pad_token_id)  # [m·B, d]
+            if self.stem is not None:
+                representation = self.stem(representation)  # [m·B, d']
         return self.head(representation)  # [B, m, C]
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
 
-POOLER_MODELS = ("bert", "vit")  # their AutoModel builds a pooler unless told not to
-
-
-def _load_backbone(checkpoint: Checkpoint, representation: str, dropout: bool, trust_remote_code: bool) -> nn.Module:
+def _load_backbone(checkpoint: Checkpoint, spec: Architecture, dropout: bool, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModel
 
     quiet_transformers()  # e.g. "weights not used" for the classifier we read ourselves
-    options = {}
-    if checkpoint.model_type in POOLER_MODELS and representation != "pooler":
-        options["add_pooling_layer"] = False  # as ViTForImageClassification: no pooler the head does not read
+    options = {"add_pooling_layer": False} if spec.pooler_option else {}  # a pooler is read through `Stem`
     if not dropout:  # e.g. hidden_dropout_prob, attention_probs_dropout_prob, attention_dropout
         options.update({key: 0.0 for key, value in checkpoint.config.items()
                         if "dropout" in key and isinstance(value, float)})
+    check_config(checkpoint, spec)  # config.json against the weights' shapes, before anything is built
     try:
         return AutoModel.from_pretrained(checkpoint.directory, dtype=torch.float32,
                                          trust_remote_code=trust_remote_code, **options).eval()
-    except (OSError, ValueError) as error:
-        raise SveError(f"transformers cannot load {checkpoint.source}: {error}") from None
-
-
-def _fingerprint(weight: torch.Tensor, dtype: torch.dtype) -> str:
-    return tensor_fingerprint(weight.detach().to(dtype))
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SveError(f"transformers cannot load {checkpoint.source}: {str(error).splitlines()[0]}") from None
 
 
 def _replace_targets(backbone: nn.Module, targets: list[dict], make_layer, where: str) -> dict[str, nn.Module]:
-    """Swap each `nn.Linear` whose weight has a target's fingerprint for `make_layer(target, linear)`.
+    """Swap each `nn.Linear` / `Conv1D` whose weight has a target's fingerprint for `make_layer(target, layer)`.
 
-    `targets` are dicts with `name`, `fingerprint` and `source_dtype`, in a fixed order (the
-    manifest's): layers are created in that order, so seeded initialisation is reproducible.
+    `targets` are dicts with `name`, `fingerprint`, `shape` and `source_dtype`, in a fixed order (the
+    manifest's): layers are created in that order, so seeded initialisation is reproducible. Only layers
+    of a target's shape are hashed.
     """
+    from transformers.pytorch_utils import Conv1D
+
     by_fingerprint = {t["fingerprint"]: t for t in targets}
+    shapes = {tuple(t["shape"]) for t in targets}
     dtypes = {TORCH_DTYPES.get(t["source_dtype"], torch.float32) for t in targets}
-    found: dict[str, tuple[str, nn.Linear]] = {}
+    found: dict[str, tuple[str, nn.Module]] = {}
     for module_name, module in backbone.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, Conv1D)) and tuple(module.weight.shape) in shapes:
             for dtype in dtypes:
-                if (target := by_fingerprint.get(_fingerprint(module.weight, dtype))) is not None:
+                if (target := by_fingerprint.get(tensor_fingerprint(module.weight.detach().to(dtype)))) is not None:
                     found[target["name"]] = (module_name, module)
     missing = [t["name"] for t in targets if t["name"] not in found]
     if missing:
@@ -173,12 +171,17 @@ def _replace_targets(backbone: nn.Module, targets: list[dict], make_layer, where
     return layers
 
 
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The `[out, in]` weight of an `nn.Linear`, or of GPT-2's `Conv1D` (which stores it `[in, out]`)."""
+    return layer.weight.T if type(layer).__name__ == "Conv1D" else layer.weight
+
+
 def _checkpoint_targets(checkpoint: Checkpoint, spec: str | None) -> list[dict]:
     """Targets of the non-SVE methods, fingerprinted from the checkpoint itself."""
     from sve_cli.targets import resolve_targets
 
-    return [{"name": t.name, "source_dtype": t.dtype, "fingerprint": tensor_fingerprint(checkpoint.read(t.name))}
-            for t in resolve_targets(checkpoint, spec)]
+    return [{"name": t.name, "source_dtype": t.dtype, "shape": [t.out_features, t.in_features],
+             "fingerprint": tensor_fingerprint(checkpoint.read(t.name))} for t in resolve_targets(checkpoint, spec)]
 
 
 def _source_fingerprint(targets: list[dict]) -> str:
@@ -192,11 +195,13 @@ def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: Ensemble
     if config.uses_decomposition:
         cache = ensure_decomposition(checkpoint.source, decomposition, config.targets)
 
-        def make_sve(target: dict, linear: nn.Linear) -> SVELinear:
-            U, S, Vh = cache.factors(target["name"])
+        def make_sve(target: dict, layer: nn.Module) -> SVELinear:
+            U, S, Vh = cache.factors(target["name"])  # of the stored tensor
+            if type(layer).__name__ == "Conv1D":  # stored W^T = U S Vh, so the linear map is Vh^T S U^T
+                U, Vh = Vh.T, U.T
             return SVELinear(U.float(), S.float(), Vh.float(), config.members,
-                             base_bias=None if linear.bias is None else linear.bias.detach(),
-                             bias=config.bias or linear.bias is not None, sigma_init=config.sigma_init,
+                             base_bias=None if layer.bias is None else layer.bias.detach(),
+                             bias=config.bias or layer.bias is not None, sigma_init=config.sigma_init,
                              parameterisation=config.parameterisation, strategy=config.strategy,
                              generator=generator)
 
@@ -205,17 +210,15 @@ def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: Ensemble
 
     targets = _checkpoint_targets(checkpoint, config.targets)
     source = _source_fingerprint(targets)
-    if config.method in ("single", "deep_ensemble") and config.single_mode == "head":
+    if not config.trains_targets:
         return {}, source, source
     if config.method == "lora_ensemble":
-        def make_layer(target: dict, linear: nn.Linear) -> nn.Module:
-            return LoRAMembersLinear(linear.weight, linear.bias, config.members, config.lora_rank,
+        def make_layer(target: dict, layer: nn.Module) -> nn.Module:
+            return LoRAMembersLinear(linear_weight(layer), layer.bias, config.members, config.lora_rank,
                                      config.lora_alpha, generator)
-    elif config.method in ("single", "deep_ensemble"):
-        def make_layer(target: dict, linear: nn.Linear) -> nn.Module:
-            return DenseMembersLinear(linear.weight, linear.bias, config.members, config.copy_jitter, generator)
     else:
-        raise SveError(f"unknown method '{config.method}'")
+        def make_layer(target: dict, layer: nn.Module) -> nn.Module:
+            return DenseMembersLinear(linear_weight(layer), layer.bias, config.members, config.copy_jitter, generator)
     return _replace_targets(backbone, targets, make_layer, checkpoint.source), source, source
 
 
@@ -252,32 +255,37 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
     checkpoint = open_checkpoint(model)
     if not (checkpoint.directory / "config.json").exists():
         raise SveError(f"{model} needs a config.json beside its weights to build a model")
-    native = native_representation(checkpoint.model_type)
-    if letter_token_ids is not None and native != "last_token":
+    spec = architecture(checkpoint)
+    if letter_token_ids is not None and not spec.decoder:
         raise SveError(f"a letter head needs a causal LM; {model} is a {checkpoint.model_type}")
     representation = "last_token" if letter_token_ids is not None else resolve_representation(
-        config.representation, checkpoint.model_type, checkpoint.directory)
-    backbone = _load_backbone(checkpoint, representation, config.dropout, trust_remote_code)
+        config.representation, spec, checkpoint.directory)
+    backbone = _load_backbone(checkpoint, spec, config.dropout, trust_remote_code)
     backbone.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     layers, fingerprint, source_fingerprint = _attach_method(backbone, checkpoint, config, decomposition, generator)
+    layout = BackboneLayout(spec, checkpoint.names)
 
-    hidden = backbone.config.hidden_size * (2 if representation == "cls_mean" else 1)
+    stem = _stem(checkpoint, spec, layout, backbone.config, generator) if representation == "pooler" else None
+    hidden = stem.weight.shape[0] if stem is not None else _hidden_size(backbone, spec, representation)
     if letter_token_ids is not None:
         head = MemberHead(config.members, hidden, len(letter_token_ids), bias=False)
-        name = "lm_head.weight" if "lm_head.weight" in checkpoint.files else "model.embed_tokens.weight"
-        head.init_from(checkpoint.read(name).float()[letter_token_ids], jitter=config.copy_jitter, generator=generator)
+        lm_head = spec.lm_head if spec.lm_head in checkpoint.files else layout.stored(spec.embeddings)
+        if lm_head is None:
+            raise SveError(f"{model} has neither an LM head ('{spec.lm_head}') nor input embeddings to score letters with")
+        head.init_from(checkpoint.read(lm_head).float()[letter_token_ids], jitter=config.copy_jitter, generator=generator)
     else:
         dropout = 0.0
         if representation == "pooler" and config.dropout:
             config_dropout = getattr(backbone.config, "classifier_dropout", None)
-            dropout = config_dropout if config_dropout is not None else backbone.config.hidden_dropout_prob
-        head = MemberHead(config.members, hidden, classes, bias=representation != "last_token", dropout=dropout)
+            dropout = config_dropout if config_dropout is not None else getattr(backbone.config, "hidden_dropout_prob", 0.0)
+        weight_name, bias_name = spec.head
+        head = MemberHead(config.members, hidden, classes, bias=bias_name is not None, dropout=dropout)
         if config.head_init == "checkpoint":
-            if representation != native:
+            if representation != spec.representation:
                 raise SveError(f"head_init: checkpoint copies the {checkpoint.model_type} classifier, which reads "
-                               f"'{native}', not '{representation}': set ensemble.representation: {native}")
-            weight_name, bias_name = CLASSIFIER_NAMES[representation]
+                               f"'{spec.representation}', not '{representation}': set ensemble.representation: "
+                               f"{spec.representation}")
             if weight_name not in checkpoint.files:
                 raise SveError(f"{model} has no classifier ('{weight_name}') to initialise the heads from")
             head.init_from(checkpoint.read(weight_name).float(),
@@ -289,4 +297,33 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
     if pad_token_id is None:
         pad_token_id = getattr(backbone.config, "pad_token_id", None)
     return SVEModel(backbone, head, layers, config.members, representation, pad_token_id, identity,
-                    "letters" if letter_token_ids is not None else "classification")
+                    "letters" if letter_token_ids is not None else "classification", stem)
+
+
+def _hidden_size(backbone: nn.Module, spec: Architecture, representation: str) -> int:
+    """Width of the representation: a decoder's last hidden state has its embeddings' width (OPT's
+    may differ from hidden_size); DINOv2's CLS ⊕ mean is twice the hidden size."""
+    if spec.decoder:
+        width = backbone.get_input_embeddings().weight.shape[1]
+    else:
+        width = backbone.config.hidden_size
+    return 2 * width if representation == "cls_mean" else width
+
+
+def _stem(checkpoint: Checkpoint, spec: Architecture, layout: BackboneLayout, config, generator: torch.Generator) -> Stem:
+    """The family's classifier stem, from the checkpoint when it holds one (BERT's pooler, a fine-tuned
+    RoBERTa's classifier.dense), else initialised as transformers initialises it: N(0, initializer_range²),
+    zero bias (the bank keeps it, so export and evaluation use the same values)."""
+    stem = spec.stem
+    activation = getattr(config, stem.activation_key, None) if stem.activation_key else None
+    stored = layout.stored(f"{stem.dense}.weight") if stem.in_backbone else (
+        f"{stem.dense}.weight" if f"{stem.dense}.weight" in checkpoint.files else None)
+    if stored is not None:
+        weight, bias = checkpoint.read(stored).float(), checkpoint.read(stored.removesuffix("weight") + "bias").float()
+    else:
+        width = config.hidden_size
+        size = getattr(config, stem.size_key, None) if stem.size_key else None
+        std = getattr(config, "initializer_range", 0.02)
+        weight = torch.randn(size or width, width, generator=generator) * std  # [d', d]
+        bias = torch.zeros(size or width)
+    return Stem(weight, bias, activation or stem.activation)

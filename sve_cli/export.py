@@ -14,46 +14,36 @@ so `SentenceTransformer(folder).encode(texts)` returns the member's logits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
 
 from sve_cli import __version__
 from sve_cli.bank import read_bank_metadata
-from sve_cli.checkpoint import Checkpoint, open_checkpoint, source_fingerprint, tensor_fingerprint
-from sve_cli.writing import (SAFETENSORS_DTYPES, ShardWriter, parse_size, plan_shards, save_safetensors, write_index,
+from sve_cli.checkpoint import Checkpoint, file_fingerprint, open_checkpoint, source_fingerprint, tensor_fingerprint
+from sve_cli.writing import (DTYPE_NAMES, TORCH_DTYPES, ShardWriter, parse_size, plan_shards, save_safetensors, write_index,
                              write_json)
 from sve_cli.factors import FactorCache, default_output
-from sve_cli.errors import OutputExistsError, SveError
-from sve_cli.heads import native_representation
-from sve_cli.layer import nonnegative
-from sve_cli.selective import file_fingerprint
+from sve_cli.errors import SveError
+from sve_cli.outputs import BANK as BANK_FILE, EXPORT, check_output, output_lock
+from sve_cli.architectures import Architecture, BackboneLayout, architecture
+from sve_cli.baselines import lora_merged
+from sve_cli.layer import merged_weight, singular_values
 from sve_cli.rundir import BANK, RECIPE, THRESHOLDS, open_run
 
-# model_type -> (classification class, base-model prefix, head weight, head bias)
-CLASSIFIERS = {
-    "bert": ("BertForSequenceClassification", "bert", "classifier.weight", "classifier.bias"),
-    "vit": ("ViTForImageClassification", "vit", "classifier.weight", "classifier.bias"),
-    "dinov2": ("Dinov2ForImageClassification", "dinov2", "classifier.weight", "classifier.bias"),
-    **{t: (f"{n}ForSequenceClassification", "model", "score.weight", None)
-       for t, n in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))},
-}
-CAUSAL = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-          "qwen3": "Qwen3ForCausalLM"}
-BACKBONES = {"bert": "BertModel", "llama": "LlamaModel", "mistral": "MistralModel", "qwen2": "Qwen2Model",
-             "qwen3": "Qwen3Model"}  # what sentence-transformers' Transformer module loads
 ST_POOLING = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
               "last_token": "pooling_mode_lasttoken"}
-HEAD_PREFIXES = ("classifier.", "score.", "lm_head.", "cls.")  # never part of the exported backbone
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "preprocessor_config.json", "generation_config.json")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -91,81 +81,133 @@ def _member_value(bank: RunBank, name: str, member: int | str) -> torch.Tensor:
 
 
 def _merged_weight(bank: RunBank, cache: FactorCache | None, target: str, member: int | str) -> torch.Tensor:
-    module, method = target.removesuffix(".weight"), bank.metadata["method"]
-    if method in ("sve", "svf"):
+    """Member m's weight of `target`, in the orientation the checkpoint stores it."""
+    module, spec = target.removesuffix(".weight"), architecture(bank.base)
+    if bank.recipe.ensemble.uses_decomposition:  # the cache factors the stored tensor itself
         sigma = _member_value(bank, f"{module}.sigma", member)
-        values = nonnegative(sigma, bank.metadata["parameterisation"])
-        U, _, Vh = cache.factors(target)
-        return (U.float() * values) @ Vh.float()  # [out, in]
-    if method == "lora_ensemble":
+        U, S, Vh = cache.factors(target)
+        values = singular_values(sigma, S.float(), bank.metadata["parameterisation"])  # [k]
+        return merged_weight(U.float(), values, Vh.float())  # as stored
+    if bank.metadata["method"] == "lora_ensemble":  # members' adapters act on the linear map [out, in]
         scale = bank.recipe.ensemble.lora_alpha / bank.recipe.ensemble.lora_rank
-        update = (_member_value(bank, f"{module}.lora_B", member) @ _member_value(bank, f"{module}.lora_A", member)
-                  if member != "mean" else
-                  (bank.tensor(f"{module}.lora_B").float() @ bank.tensor(f"{module}.lora_A").float()).mean(0))
-        return bank.base.read(target).float() + scale * update
-    return _member_value(bank, f"{module}.weight", member)
-
-
-def sentence_transformers_layout(bank: RunBank) -> bool:
-    """True when the member's head reads another representation than the architecture's classifier."""
-    native = native_representation(bank.base.model_type)
-    return bank.metadata["head"] != "letters" and bank.metadata.get("representation", native) != native
-
-
-def _plan_tensors(bank: RunBank, member: int | str) -> tuple[dict[str, tuple], dict[str, object], str]:
-    """Output name -> (shape, source); plus config changes and the output class."""
-    base, metadata = bank.base, bank.metadata
-    model_type = base.model_type
-    letters = metadata["head"] == "letters"
-    pooled = sentence_transformers_layout(bank)
-    if pooled:  # the backbone alone, unprefixed as AutoModel saves it; the head goes into 2_Dense
-        architecture, prefix = BACKBONES.get(model_type), CLASSIFIERS.get(model_type, (None, "model"))[1]
-    elif letters:
-        architecture, prefix = CAUSAL.get(model_type), "model"
-    elif model_type in CLASSIFIERS:
-        architecture, prefix = CLASSIFIERS[model_type][:2]
-    else:
-        architecture = None
-    if architecture is None:
-        what = f"{metadata.get('representation')}-pooled encoder" if pooled else "causal LM" if letters else "classifier"
-        raise SveError(f"exporting a {model_type} {what} is not supported")
-    targets = set(metadata["targets"])
-    dropped = HEAD_PREFIXES + (("pooler.",) if model_type in ("vit", "dinov2") else ())  # their classifiers add none
-    plan: dict[str, tuple] = {}
-    for name in base.names:
-        if name.startswith(dropped) or name.removeprefix(f"{prefix}.").startswith(dropped):
-            continue
-        if pooled:
-            out_name = name.removeprefix(f"{prefix}.")
+        base = bank.base.read(target).float()
+        base = base.T if spec.conv1d else base
+        if member == "mean":  # the mean of the members' updates
+            updates = bank.tensor(f"{module}.lora_B").float() @ bank.tensor(f"{module}.lora_A").float()  # [M, out, in]
+            weight = base + scale * updates.mean(0)
         else:
-            out_name = name if name.startswith(f"{prefix}.") else f"{prefix}.{name}"
-        plan[out_name] = (base.shape(name), ("target", name) if name in targets else ("copy", name))
-        module = name.removesuffix(".weight")
-        if name in targets and f"{module}.bias" in bank.bank.keys():
-            bias_name = f"{module}.bias"
-            if bias_name not in base.files:
-                raise SveError(f"members own a bias on '{module}', which {architecture} cannot hold; "
-                               "train with ensemble.bias: false to export this model")
-            plan[out_name.removesuffix(".weight") + ".bias"] = (base.shape(bias_name), ("bias", bias_name))
-    config_update: dict[str, object] = {"architectures": [architecture]}
-    if pooled:
-        return plan, config_update, architecture
-    if letters:
-        embed = "lm_head.weight" if "lm_head.weight" in base.files else f"{prefix}.embed_tokens.weight"
-        plan["lm_head.weight"] = (base.shape(embed), ("letters", embed))
-        config_update["tie_word_embeddings"] = False  # the letter rows differ from the embeddings now
+            weight = lora_merged(base, _member_value(bank, f"{module}.lora_A", member),
+                                 _member_value(bank, f"{module}.lora_B", member), scale)
     else:
-        _, _, weight_name, bias_name = CLASSIFIERS[model_type]
-        head = bank.tensor("head.weight")
-        plan[weight_name] = (tuple(head.shape[1:]), ("head", "head.weight"))
-        if bias_name:
-            plan[bias_name] = ((head.shape[1],), ("head", "head.bias"))
-        labels = metadata["label_names"]
-        config_update.update(num_labels=len(labels), id2label={str(i): l for i, l in enumerate(labels)},
-                             label2id={l: i for i, l in enumerate(labels)})
-        if model_type in CAUSAL and bank.recipe.task.type != "image_classification":
-            config_update["pad_token_id"] = _pad_token_id(base)
-    return plan, config_update, architecture
+        weight = _member_value(bank, f"{module}.weight", member)  # dense members, [out, in]
+    return weight.T if spec.conv1d else weight
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """What a merged member is written as: a transformers class (`classifier`, `causal`) or a
+    sentence-transformers folder around the family's base model."""
+
+    kind: str  # classifier | causal | sentence-transformers
+    architecture: str  # the class named in config.json
+
+    @property
+    def library(self) -> str:
+        return "sentence-transformers" if self.kind == "sentence-transformers" else "transformers"
+
+
+def export_format(spec: Architecture, representation: str, letters: bool) -> ExportFormat:
+    """The standard class a member of this family, read this way, exports to; one clear error if none."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    if letters:
+        if spec.causal_lm is None:
+            raise SveError(f"a {spec.model_type} letter head has no causal-LM class to export to")
+        return ExportFormat("causal", spec.causal_lm)
+    if representation == spec.representation and spec.classifier is not None:
+        return ExportFormat("classifier", spec.classifier)
+    if representation in ST_POOLING and spec.model_type in MODEL_MAPPING_NAMES:
+        return ExportFormat("sentence-transformers", MODEL_MAPPING_NAMES[spec.model_type])
+    raise SveError(f"a {spec.model_type} member reading '{representation}' has no standard class to export to "
+                   f"(its classifier reads '{spec.representation}')")
+
+
+def bias_conflicts(targets: list[str], member_biases: set[str], base: Checkpoint) -> list[str]:
+    """Targeted modules whose members own a bias the base layer does not have (no HF class holds it)."""
+    modules = [t.removesuffix(".weight") for t in targets]
+    return [m for m in modules if m in member_biases and f"{m}.bias" not in base.files]
+
+
+def recipe_export_notes(recipe) -> list[str]:
+    """`export_notes` for a recipe, from its checkpoint's header and config alone (nothing is built)."""
+    from sve_cli.heads import resolve_representation
+    from sve_cli.targets import resolve_targets
+
+    base = open_checkpoint(recipe.model.path)
+    spec = architecture(base)
+    letters = recipe.task.type == "multiple_choice"
+    representation = "last_token" if letters else resolve_representation(recipe.ensemble.representation, spec,
+                                                                          base.directory)
+    targets = [t.name for t in resolve_targets(base, recipe.ensemble.targets)]
+    member_bias = recipe.ensemble.bias and recipe.ensemble.uses_decomposition
+    return export_notes(spec, representation, letters, targets, member_bias, base)
+
+
+def export_notes(spec: Architecture, representation: str, letters: bool, targets: list[str], member_bias: bool,
+                 base: Checkpoint) -> list[str]:
+    """What `sve export` will and will not be able to write for a run set up this way (said at its start)."""
+    try:
+        output = export_format(spec, representation, letters)
+    except SveError as error:
+        return [f"export: {error}; the run will export as a Σ bank only (`sve export --format sigma-bank`)"]
+    conflicts = bias_conflicts(targets, {t.removesuffix(".weight") for t in targets} if member_bias else set(), base)
+    if conflicts:
+        return [f"export: members will own biases on {len(conflicts)} layer(s) the base model has none on (first "
+                f"'{conflicts[0]}'), which {output.architecture} cannot hold: `sve export --format safetensors` will "
+                "refuse this run, the Σ bank exports (ensemble.bias: false lets every member export)"]
+    return [f"export: each member can be written as a plain {output.library} {output.architecture}"]
+
+
+def _plan_tensors(bank: RunBank, member: int | str) -> tuple[dict[str, tuple], dict[str, object], ExportFormat]:
+    """Output name -> (shape, source); plus config changes and the output format."""
+    base, metadata = bank.base, bank.metadata
+    spec = architecture(base)
+    output = export_format(spec, metadata.get("representation", spec.representation), metadata["head"] == "letters")
+    conflicts = bias_conflicts(metadata["targets"], {k.removesuffix(".bias") for k in bank.bank.keys()}, base)
+    if conflicts:
+        raise SveError(f"members own a bias on '{conflicts[0]}', which {output.architecture} cannot hold; "
+                       "train with ensemble.bias: false to export this model")
+    layout = BackboneLayout(spec, base.names)
+    prefix = "" if output.kind == "sentence-transformers" else f"{spec.prefix}."
+    targets, plan = set(metadata["targets"]), {}
+    for name, short in layout.backbone().items():
+        plan[prefix + short] = (base.shape(name), ("target", name) if name in targets else ("copy", name))
+        bias = name.removesuffix("weight") + "bias"
+        if name in targets and bias in base.files and bias in bank.bank.keys():
+            plan[prefix + short.removesuffix("weight") + "bias"] = (base.shape(bias), ("bias", bias))
+    config_update: dict[str, object] = {"architectures": [output.architecture]}
+    if output.kind == "sentence-transformers":  # the head goes into 2_Dense
+        return plan, config_update, output
+    if output.kind == "causal":
+        source = spec.lm_head if spec.lm_head in base.files else layout.stored(spec.embeddings)
+        plan[spec.lm_head] = (base.shape(source), ("letters", source))
+        config_update["tie_word_embeddings"] = False  # the letter rows differ from the embeddings now
+        return plan, config_update, output
+    if metadata.get("representation") == "pooler":
+        stem = f"{spec.prefix}.{spec.stem.dense}" if spec.stem.in_backbone else spec.stem.dense
+        for part in ("weight", "bias"):
+            plan[f"{stem}.{part}"] = (tuple(bank.tensor(f"stem.{part}").shape), ("stem", f"stem.{part}"))
+    weight_name, bias_name = spec.head
+    head = bank.tensor("head.weight")
+    plan[weight_name] = (tuple(head.shape[1:]), ("head", "head.weight"))
+    if bias_name:
+        plan[bias_name] = ((head.shape[1],), ("head", "head.bias"))
+    labels = metadata["label_names"]
+    config_update.update(num_labels=len(labels), id2label={str(i): l for i, l in enumerate(labels)},
+                         label2id={l: i for i, l in enumerate(labels)})
+    if spec.decoder:
+        config_update["pad_token_id"] = _pad_token_id(base)
+    return plan, config_update, output
 
 
 def _pad_token_id(base: Checkpoint) -> int | None:
@@ -176,7 +218,7 @@ def _pad_token_id(base: Checkpoint) -> int | None:
 
 
 def _cache_for(bank: RunBank) -> FactorCache | None:
-    if bank.metadata["method"] not in ("sve", "svf"):
+    if not bank.recipe.ensemble.uses_decomposition:
         return None
     recipe = bank.recipe
     path = Path(recipe.model.decomposition) if recipe.model.decomposition else default_output(
@@ -197,6 +239,8 @@ def _produce(bank: RunBank, cache: FactorCache | None, source: tuple[str, str], 
         return _member_value(bank, f"{name.removesuffix('.bias')}.bias", member)
     if kind == "head":
         return _member_value(bank, name, member)
+    if kind == "stem":
+        return bank.tensor(name)
     lm_head = bank.base.read(name).float().clone()  # "letters": the member's rows replace the letters'
     from transformers import AutoTokenizer
 
@@ -215,21 +259,20 @@ def export_merged(run: Path, out: Path, member: int | str = 0, dtype: str | None
     members = bank.metadata["members"]
     if member != "mean" and not 0 <= member < members:
         raise SveError(f"--member {member} is out of range: the run has {members} member(s) (0…{members - 1})")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and dtype not in EXPORT_DTYPES:
         raise SveError(f"unknown --dtype '{dtype}' (float32, float16 or bfloat16)")
     cache = _cache_for(bank)
-    plan, config_update, architecture = _plan_tensors(bank, member)
-    codes = {code: torch_dtype for torch_dtype, code in SAFETENSORS_DTYPES.items()}
+    inputs = [run, bank.base.path, cache and cache.directory]
+    check_output(out, EXPORT, overwrite, inputs)  # before any work
+    plan, config_update, output = _plan_tensors(bank, member)
     reference = bank.metadata["targets"][0] if bank.metadata["targets"] else bank.base.names[0]
-    out_dtype = DTYPES[dtype] if dtype else codes[bank.base.dtype(reference)]  # follows the base
+    out_dtype = DTYPE_NAMES[dtype] if dtype else TORCH_DTYPES[bank.base.dtype(reference)]  # follows the base
     sizes = [(name, torch.Size(shape).numel() * out_dtype.itemsize) for name, (shape, _) in plan.items()]
     shards = plan_shards(sizes, parse_size(max_shard_size), prefix="model", single_name="model.safetensors")
 
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with output_lock(out), _removed_afterwards(staging):
+        check_output(out, EXPORT, overwrite, inputs)  # again: another export may have finished meanwhile
         with ShardWriter(staging) as writer:
             for shard in shards:
                 layout = [(name, out_dtype, tuple(plan[name][0])) for name in shard.names]
@@ -240,23 +283,22 @@ def export_merged(run: Path, out: Path, member: int | str = 0, dtype: str | None
         if len(shards) > 1:
             write_index(staging / "model.safetensors.index.json",
                         {name: s.filename for s in shards for name in s.names}, sum(size for _, size in sizes))
-        config = {**bank.base.config, **config_update, "dtype": str(out_dtype).removeprefix("torch."),
-                  "sve": {"run": str(Path(run).resolve()), "member": member, "members": members,
-                          "method": bank.metadata["method"], "tool": f"sve {__version__}"}}
-        config.pop("torch_dtype", None)
-        write_json(staging / "config.json", config)
         for name in TOKENIZER_FILES:
             if (bank.base.directory / name).exists():
                 shutil.copy2(bank.base.directory / name, staging / name)
         shutil.copy2(Path(run) / RECIPE, staging / "sve_recipe.yaml")
-        if sentence_transformers_layout(bank):
+        if output.kind == "sentence-transformers":
             _sentence_transformers_modules(bank, member, staging, out_dtype)
-            architecture = "SentenceTransformer"
-        (staging / "README.md").write_text(_model_card(bank, member, architecture), encoding="utf-8")
+        (staging / "README.md").write_text(_model_card(bank, member, output), encoding="utf-8")
+        config = {**bank.base.config, **config_update, "dtype": str(out_dtype).removeprefix("torch."),
+                  "sve": {"run": str(Path(run).resolve()), "member": member, "members": members,
+                          "method": bank.metadata["method"], "tool": f"sve {__version__}",
+                          "files": sorted([p.name for p in staging.iterdir()] + ["config.json"])}}
+        config.pop("torch_dtype", None)
+        write_json(staging / "config.json", config)
         _replace_directory(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"out": out, "architecture": architecture, "shards": len(shards), "bytes": sum(size for _, size in sizes)}
+    return {"out": out, "architecture": output.architecture, "library": output.library, "shards": len(shards),
+            "bytes": sum(size for _, size in sizes)}
 
 
 def _sentence_transformers_modules(bank: RunBank, member: int | str, staging: Path, dtype: torch.dtype) -> None:
@@ -278,6 +320,16 @@ def _sentence_transformers_modules(bank: RunBank, member: int | str, staging: Pa
                      {"linear.weight": weight.to(dtype).contiguous(), "linear.bias": bias.to(dtype).contiguous()}, {})
 
 
+@contextlib.contextmanager
+def _removed_afterwards(staging: Path) -> Iterator[None]:
+    """A staging directory that never outlives the export, finished or failed."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _replace_directory(staging: Path, out: Path) -> None:
     """Move the finished export into place; an existing output is removed only after that succeeds."""
     if out.exists():
@@ -289,14 +341,15 @@ def _replace_directory(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
-def _model_card(bank: RunBank, member: int | str, architecture: str) -> str:
+def _model_card(bank: RunBank, member: int | str, output: ExportFormat) -> str:
     metadata, recipe = bank.metadata, bank.recipe
     which = ("the mean of all members' singular values, biases and heads — a single-model summary, "
              "not any trained member" if member == "mean" else f"member {member} of {metadata['members']}")
-    library = "sentence-transformers" if architecture == "SentenceTransformer" else "transformers"
+    library = output.library
     usage = ("`SentenceTransformer(folder).encode(texts)` returns the logits (its last module, a Dense layer, "
              f"is the member's head over the {metadata.get('representation')}-pooled tokens)"
-             if library == "sentence-transformers" else f"`{architecture}`")
+             if library == "sentence-transformers" else f"`{output.architecture}`")
+    architecture = "SentenceTransformer" if library == "sentence-transformers" else output.architecture
     return f"""---
 base_model: {recipe.model.path}
 library_name: {library}
@@ -324,8 +377,8 @@ def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
     evaluate` fitted them for this bank, the abstention thresholds in its metadata: with the base
     model it is all `sve predict` needs. Returns its size next to the base checkpoint's."""
     bank = RunBank.open(run)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    inputs = [Path(run) / BANK, bank.base.path]
+    check_output(out, BANK_FILE, overwrite, inputs)
     with safe_open(str(Path(run) / BANK), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         metadata = dict(handle.metadata() or {})
@@ -335,7 +388,9 @@ def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
         fitted = json.loads(thresholds.read_text(encoding="utf-8"))
         if fitted.get("bank") == file_fingerprint(Path(run) / BANK):
             metadata["sve.thresholds"] = json.dumps(fitted)
-    save_safetensors(out, tensors, metadata)
+    with output_lock(out):
+        check_output(out, BANK_FILE, overwrite, inputs)
+        save_safetensors(out, tensors, metadata)
     base_bytes = sum(f.stat().st_size for f in set(bank.base.files.values()))
     return {"out": out, "bytes": out.stat().st_size, "base_bytes": base_bytes,
             "share": out.stat().st_size / base_bytes, "members": bank.metadata["members"]}

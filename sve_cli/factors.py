@@ -17,12 +17,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from sve_cli.checkpoint import sve_home
+from sve_cli.checkpoint import sve_home, tensor_fingerprint
 from sve_cli.errors import SveError
 
 MANIFEST = "decomposition.json"
+FORMAT_VERSION = 2  # what `sve decompose` writes now (checksums of every factor)
 INDEX = "factors.safetensors.index.json"
 SHARD_NAME = re.compile(r"factors-\d{5}-of-\d{5}\.safetensors")
 
@@ -47,7 +48,13 @@ def load_manifest(cache: Path) -> dict:
     path = Path(cache) / MANIFEST
     if not path.exists():
         raise SveError(f"{cache} is not a complete decomposition cache (no {MANIFEST})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise SveError(f"{path} is not valid JSON (damaged?); decompose again with --overwrite") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("targets"), list):
+        raise SveError(f"{path} is not an sve decomposition manifest; decompose again with --overwrite")
+    return manifest
 
 
 class FactorCache:
@@ -56,13 +63,29 @@ class FactorCache:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory)
+        if self.manifest.get("format_version", 1) < FORMAT_VERSION:
+            raise SveError(f"{self.directory} was written by an older sve (no checksums of its factors); "
+                           "decompose again with --overwrite")
+        self._targets = {t["name"]: t for t in self.manifest["targets"]}
 
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(U [out,k], S [k], Vh [k,in])` of the target parameter `name`."""
-        shard = next(t["shard"] for t in self.manifest["targets"] if t["name"] == name)
-        with safe_open(str(self.directory / shard), framework="pt") as handle:  # mapped for this read only
-            return tuple(handle.get_tensor(f"{name}.{factor}") for factor in ("U", "S", "Vh"))
+        """`(U [out,k], S [k], Vh [k,in])` of the target parameter `name`, checked against the
+        checksums `sve decompose` recorded (a changed value is one clear error, never a silent
+        change of predictions)."""
+        target = self._targets.get(name)
+        if target is None:
+            raise SveError(f"decomposition {self.directory} has no factors of '{name}'")
+        try:
+            with safe_open(str(self.directory / target["shard"]), framework="pt") as handle:  # mapped for this read only
+                factors = tuple(handle.get_tensor(f"{name}.{factor}") for factor in ("U", "S", "Vh"))
+        except (SafetensorError, OSError) as error:
+            raise SveError(f"decomposition {self.directory}: cannot read the factors of '{name}' ({error})") from None
+        for factor, tensor in zip(("U", "S", "Vh"), factors):
+            if tensor_fingerprint(tensor) != target["checksums"][factor]:
+                raise SveError(f"decomposition {self.directory}: the factor {factor} of '{name}' has changed since "
+                               "`sve decompose` wrote it (damaged or edited); decompose again with --overwrite")
+        return factors

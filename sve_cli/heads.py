@@ -1,19 +1,14 @@
 """Per-member heads, on the representation the checkpoint was trained to produce.
 
-By default (`representation: auto`) a head reads what the architecture's own HF classifier reads:
-
-| architecture       | representation (as in HF)                       | exports as                         |
-| ------------------ | ----------------------------------------------- | ---------------------------------- |
-| bert               | pooler output (dropout in training)             | BertForSequenceClassification      |
-| llama-like decoder | hidden state of the last non-pad token          | *ForSequenceClassification (score) |
-| vit                | CLS token of the final layer norm               | ViTForImageClassification          |
-| dinov2             | CLS token ⊕ mean of the patch tokens            | Dinov2ForImageClassification       |
-| decoder, letters   | last non-pad token · LM-head rows of A, B, …    | *ForCausalLM                       |
-
-unless the checkpoint is a sentence-transformers model: its `modules.json` + `1_Pooling/config.json`
-say how it was trained to pool (all-MiniLM-L6-v2: the attention-masked mean of the last hidden
-states), and the head reads that (such a member exports as a sentence-transformers folder). A recipe
-may also name the representation (`pooler`, `cls`, `mean`, `max`, `last_token`).
+By default (`representation: auto`) a head reads what the family's own HF classifier reads
+(`sve_cli.architectures`): the first token through the family's frozen stem (`pooler`: BERT's pooler,
+RoBERTa's and ELECTRA's `classifier.dense`, DistilBERT's `pre_classifier`, DeBERTa's context pooler),
+the last non-pad token (decoders), the CLS token (ViT, DeiT) or CLS ⊕ mean of the patches (DINOv2);
+for multiple choice on a causal LM, the LM-head rows of the answer letters. A sentence-transformers
+checkpoint is read the way it was trained: its `modules.json` + `1_Pooling/config.json` name the
+pooling (all-MiniLM-L6-v2: the attention-masked mean), and such a member exports as a
+sentence-transformers folder. A recipe may also name the representation (`pooler`, `cls`, `mean`,
+`max`, `last_token`).
 """
 
 from __future__ import annotations
@@ -24,32 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sve_cli.architectures import Architecture, check_representation
 from sve_cli.errors import SveError
-from sve_cli.layer import jittered_copies
+from sve_cli.layer import MemberSlice, jittered_copies
 
-ARCHITECTURES = {
-    "bert": "pooler",
-    "llama": "last_token", "mistral": "last_token", "qwen2": "last_token", "qwen3": "last_token",
-    "vit": "cls",
-    "dinov2": "cls_mean",
-}
 HEAD_INIT_STD = 0.01  # the reference implementation's N(0, 0.01²)
-
-
 REPRESENTATIONS = ("pooler", "cls", "mean", "max", "last_token", "cls_mean")
 # sentence-transformers pooling modes -> our representation names, and its legacy boolean keys
 SENTENCE_TRANSFORMERS_POOLING = {"mean": "mean", "cls": "cls", "max": "max", "lasttoken": "last_token"}
 LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
-
-
-def native_representation(model_type: str) -> str:
-    """What the architecture's own HF classification class reads."""
-    if model_type not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise SveError(f"model_type '{model_type}' is not supported for ensembles yet (supported: {known})")
-    return ARCHITECTURES[model_type]
 
 
 def sentence_transformers_pooling(directory: Path) -> str | None:
@@ -71,14 +51,29 @@ def sentence_transformers_pooling(directory: Path) -> str | None:
     return SENTENCE_TRANSFORMERS_POOLING[modes[0]]
 
 
-def resolve_representation(requested: str, model_type: str, directory: Path) -> str:
-    """`auto` -> the checkpoint's own pooling (sentence-transformers) or the architecture's."""
-    native = native_representation(model_type)
+def resolve_representation(requested: str, spec: Architecture, directory: Path) -> str:
+    """`auto` -> the checkpoint's own pooling (sentence-transformers) or the family's classifier's."""
     if requested == "auto":
-        return sentence_transformers_pooling(directory) or native
-    if native in ("cls", "cls_mean") and requested in ("pooler", "last_token"):
-        raise SveError(f"ensemble.representation '{requested}' does not apply to a {model_type} image model")
+        return sentence_transformers_pooling(directory) or spec.representation
+    check_representation(spec, requested)
     return requested
+
+
+class Stem(nn.Module):
+    """The family's frozen dense layer and activation on the first token (`pooler` representation)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, activation: str):
+        from transformers.activations import ACT2FN
+
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone().float(), requires_grad=False)  # [d', d]
+        self.bias = nn.Parameter(bias.detach().clone().float(), requires_grad=False)  # [d']
+        self.activation_name = activation
+        self.activation = ACT2FN[activation]
+
+    def forward(self, first_token: torch.Tensor) -> torch.Tensor:
+        return self.activation(nn.functional.linear(first_token, self.weight.to(first_token.dtype),
+                                                    self.bias.to(first_token.dtype)))
 
 
 def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
@@ -92,11 +87,11 @@ def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int | None) -> tor
 
 def features(kind: str, outputs, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
              pad_token_id: int | None) -> torch.Tensor:
-    """The `[rows, d]` representation a head reads from the backbone's outputs."""
-    if kind == "pooler":
-        return outputs.pooler_output
+    """The `[rows, d]` representation a head (or, for `pooler`, the stem) reads from the backbone's outputs."""
+    if kind not in REPRESENTATIONS:
+        raise ValueError(f"unknown representation '{kind}'")
     hidden = outputs.last_hidden_state  # [rows, T, d]
-    if kind == "cls":
+    if kind in ("cls", "pooler"):
         return hidden[:, 0]
     if kind == "cls_mean":
         return torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=1)  # [rows, 2d]
@@ -110,13 +105,11 @@ def features(kind: str, outputs, input_ids: torch.Tensor | None, attention_mask:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
-class MemberHead(nn.Module):
+class MemberHead(MemberSlice):
     """M independent linear heads applied batch-wise: `[m·B, d]` -> `[B, m, C]` for the `active` members."""
 
     def __init__(self, members: int, in_features: int, classes: int, bias: bool = True, dropout: float = 0.0):
-        super().__init__()
-        self.members = members
-        self.active = range(members)
+        super().__init__(members)
         self.weight = nn.Parameter(torch.zeros(members, classes, in_features))  # [M, C, d]
         self.bias = nn.Parameter(torch.zeros(members, classes)) if bias else None  # [M, C]
         self.dropout = nn.Dropout(dropout)
@@ -140,10 +133,8 @@ class MemberHead(nn.Module):
                 self.bias.copy_(bias[None].expand_as(self.bias) if bias is not None else 0)
 
     def forward(self, representation: torch.Tensor) -> torch.Tensor:
-        chunk = slice(self.active.start, self.active.stop)
-        rows = self.dropout(representation.to(self.weight.dtype))  # float32 even under bf16 autocast
-        rows = rows.reshape(len(self.active), -1, representation.shape[-1])  # [m, B, d]
-        logits = torch.einsum("mbd,mcd->mbc", rows, self.weight[chunk])  # [m, B, C]
+        rows = self.member_rows(self.dropout(representation.to(self.weight.dtype)))  # [m, B, d], float32 under autocast
+        logits = torch.einsum("mbd,mcd->mbc", rows, self.chunk(self.weight))  # [m, B, C]
         if self.bias is not None:
-            logits = logits + self.bias[chunk, None, :]
+            logits = logits + self.chunk(self.bias)[:, None, :]
         return logits.transpose(0, 1)  # [B, m, C]

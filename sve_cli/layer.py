@@ -1,8 +1,16 @@
 """`SVELinear`: one frozen `W = U diag(S) Vh`, M members that own only their singular values.
 
-Member m computes `y_m = U (f(sigma_m) ⊙ (Vh x)) + bias_m` with `f = relu` (clamp at 0, the
-default) or `softplus`. Inputs arrive member-major as `[M·B, …, in]` and are viewed as
-`[M, B·T, in]`. Two exact strategies (docs/design.md):
+Member m computes `y_m = U (s_m ⊙ (Vh x)) + bias_m`; its singular values `s_m` come from the
+trained tensor `sigma_m` by one of three parameterisations (`singular_values`):
+
+- relative: `s_m = S ⊙ relu(1 + sigma_m)`, sigma initialised at `σ_init·ε`: an optimiser step moves
+            every singular value by the same *relative* amount whatever its size, and weight decay
+            pulls towards the pretrained spectrum;
+- clamp:    `s_m = relu(sigma_m)`, sigma initialised at `S ⊙ (1 + σ_init·ε)` (the paper's code);
+- softplus: `s_m = softplus(sigma_m)`, the same initialisation through softplus's inverse.
+
+Inputs arrive member-major as `[M·B, …, in]` and are viewed as `[M, B·T, in]`. Two exact
+strategies (docs/design.md):
 
 - factored:      `((x Vh^T) ⊙ s) U^T`           k·(in+out) per token, no per-member weight
 - materialised:  `W_m = (U ⊙ s_m) Vh`, `x W_m^T`  M·out·in·k per call + out·in per token
@@ -19,12 +27,30 @@ import torch.nn.functional as F
 from torch import nn
 
 STRATEGIES = ("auto", "factored", "materialised")
-PARAMETERISATIONS = ("clamp", "softplus")
+PARAMETERISATIONS = ("relative", "clamp", "softplus")
 
 
-def nonnegative(sigma: torch.Tensor, parameterisation: str) -> torch.Tensor:
-    """f(sigma), the singular values a member uses: relu (`clamp`) or softplus."""
+def singular_values(sigma: torch.Tensor, base: torch.Tensor, parameterisation: str) -> torch.Tensor:
+    """The non-negative singular values members use, `[…, k]`, from their trained `sigma [.., k]`
+    and the pretrained singular values `base [k]` (see the module docstring)."""
+    if parameterisation == "relative":
+        return base * F.relu(1 + sigma)
     return F.relu(sigma) if parameterisation == "clamp" else F.softplus(sigma)
+
+
+def initial_sigma(base: torch.Tensor, noise: torch.Tensor, parameterisation: str) -> torch.Tensor:
+    """Trained values `[M, k]` whose singular values are `base ⊙ (1 + noise)` (`noise [M, k]`)."""
+    if parameterisation == "relative":
+        return noise
+    values = base[None, :] * (1 + noise)
+    return inverse_softplus(values) if parameterisation == "softplus" else values
+
+
+def merged_weight(U: torch.Tensor, values: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
+    """`U diag(values) Vh`: `[out, in]` for `values [k]`, `[m, out, in]` for `values [m, k]`."""
+    if values.dim() == 1:
+        return (U * values.to(U.dtype)) @ Vh
+    return (U[None] * values[:, None, :].to(U.dtype)) @ Vh
 
 
 def inverse_softplus(values: torch.Tensor) -> torch.Tensor:
@@ -57,7 +83,28 @@ def jittered_copies(tensor: torch.Tensor, members: int, jitter: float,
     return copies
 
 
-class SVELinear(nn.Module):
+class MemberSlice(nn.Module):
+    """Holds M members' tensors `[M, …]`; a forward pass runs the `active` range of them
+    (`SVEModel.active_members`), on inputs that arrive member-major (`[m·B, …]`)."""
+
+    def __init__(self, members: int):
+        super().__init__()
+        self.members = members
+        self.active = range(members)
+
+    def chunk(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """The active members' slice of a per-member tensor `[M, …]`."""
+        return None if tensor is None else tensor[self.active.start:self.active.stop]
+
+    def member_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """`[m·B, …, d]` -> `[m, B·…, d]`: each active member's rows."""
+        members = len(self.active)
+        if x.shape[0] % members:
+            raise ValueError(f"batch {x.shape[0]} is not a multiple of {members} members")
+        return x.reshape(members, -1, x.shape[-1])
+
+
+class SVELinear(MemberSlice):
     """Replaces an `nn.Linear`: shared frozen `U [out,k]`, `Vh [k,in]`; per-member `sigma [M,k]`
     and `bias [M,out]` (None when `bias=False`)."""
 
@@ -65,20 +112,18 @@ class SVELinear(nn.Module):
                  base_bias: torch.Tensor | None = None, bias: bool = True, sigma_init: float = 0.01,
                  parameterisation: str = "clamp", strategy: str = "auto",
                  generator: torch.Generator | None = None):
-        super().__init__()
+        super().__init__(members)
         if parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}")
-        self.members, self.parameterisation, self.strategy = members, parameterisation, strategy
+        self.parameterisation, self.strategy = parameterisation, strategy
         self.out_features, self.in_features = U.shape[0], Vh.shape[1]
         self.register_buffer("U", U.detach().clone(), persistent=False)  # [out, k]
         self.register_buffer("Vh", Vh.detach().clone(), persistent=False)  # [k, in]
-        noise = torch.randn(members, S.shape[0], generator=generator, dtype=S.dtype) * sigma_init
-        sigma = S[None, :] * (1 + noise)  # [M, k]
-        if parameterisation == "softplus":
-            sigma = inverse_softplus(sigma)
-        self.sigma = nn.Parameter(sigma.to(U.dtype))
+        self.register_buffer("S", S.detach().clone(), persistent=False)  # [k], pretrained
+        noise = torch.randn(members, S.shape[0], generator=generator, dtype=S.dtype) * sigma_init  # [M, k]
+        self.sigma = nn.Parameter(initial_sigma(S, noise, parameterisation).to(U.dtype))
         if bias:
             base = base_bias if base_bias is not None else torch.zeros(self.out_features, dtype=U.dtype)
             noise = torch.randn(members, self.out_features, generator=generator, dtype=base.dtype) * sigma_init
@@ -87,7 +132,6 @@ class SVELinear(nn.Module):
             self.register_parameter("bias", None)
         self._cache: tuple[tuple, torch.Tensor] | None = None
         self.cache_weights = True  # False: never keep the [M, out, in] weights between eval calls (memory)
-        self.active = range(members)
 
     @property
     def rank(self) -> int:
@@ -95,17 +139,16 @@ class SVELinear(nn.Module):
 
     def singular_values(self) -> torch.Tensor:
         """The non-negative singular values each member uses, `[M, k]`."""
-        return nonnegative(self.sigma, self.parameterisation)
+        return singular_values(self.sigma, self.S.to(self.sigma.dtype), self.parameterisation)
 
     def _active_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Singular values `[m, k]` and biases `[m, out]` of the active members."""
-        chunk = slice(self.active.start, self.active.stop)
-        return (nonnegative(self.sigma[chunk], self.parameterisation),
-                None if self.bias is None else self.bias[chunk])
+        return (singular_values(self.chunk(self.sigma), self.S.to(self.sigma.dtype), self.parameterisation),
+                self.chunk(self.bias))
 
     def member_weight(self, member: int) -> torch.Tensor:
         """`U diag(s_m) Vh`, `[out, in]`: member m's dense weight (for export and tests)."""
-        return (self.U * self.singular_values()[member]) @ self.Vh
+        return merged_weight(self.U, self.singular_values()[member], self.Vh)
 
     def choose(self, tokens: int) -> str:
         if self.strategy != "auto":
@@ -124,21 +167,19 @@ class SVELinear(nn.Module):
         """`[m, out, in]` of the active members (`values` = their singular values), cached for all
         members in eval mode until sigma changes."""
         if self.training or torch.is_grad_enabled() or not self.cache_weights:
-            return (self.U[None] * values[:, None, :].to(self.U.dtype)) @ self.Vh  # [m, out, in]
+            return merged_weight(self.U, values, self.Vh)  # [m, out, in]
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, (self.U[None] * self.singular_values()[:, None, :].to(self.U.dtype)) @ self.Vh)
-        return self._cache[1][self.active.start:self.active.stop]
+            self._cache = (key, merged_weight(self.U, self.singular_values(), self.Vh))  # [M, out, in]
+        return self.chunk(self._cache[1])
 
     def train(self, mode: bool = True) -> "SVELinear":
         self._cache = None
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        leading, members = x.shape[:-1], len(self.active)
-        if leading[0] % members:
-            raise ValueError(f"batch {leading[0]} is not a multiple of {members} members")
-        rows = x.reshape(members, -1, self.in_features)  # [m, B·T, in]
+        leading = x.shape[:-1]
+        rows = self.member_rows(x)  # [m, B·T, in]
         values, bias = self._active_values()  # [m, k], [m, out]
         if self.choose(rows.shape[1]) == "factored":
             hidden = rows @ self.Vh.T  # [m, B·T, k]

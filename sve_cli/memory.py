@@ -25,10 +25,11 @@ the factors are in memory at once.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
+from sve_cli.architectures import BackboneLayout, architecture
 from sve_cli.checkpoint import Checkpoint, open_checkpoint
+from sve_cli.heads import resolve_representation
 from sve_cli.layer import strategy_costs
 from sve_cli.recipe import Recipe
 from sve_cli.targets import Target, resolve_targets
@@ -37,8 +38,6 @@ from sve_cli.targets import Target, resolve_targets
 ACTIVATIONS = {"decoder": (10.0, 3.0), "encoder": (14.4, 3.2)}
 KEPT_SHARE = {"cpu": 1.0, "cuda": 0.8}  # of those, what the device's attention and kernels really keep
 BACKWARD_BLOCKS = {"cpu": 3.0, "cuda": 0.3}  # gradients and temporaries of the block being differentiated
-DECODERS = ("llama", "mistral", "qwen2", "qwen3")
-NOT_IN_BACKBONE = ("lm_head.", "classifier.", "score.", "cls.")
 CUDA_CONTEXT = 600_000_000  # bytes the CUDA runtime and its kernels hold outside PyTorch's allocator
 ADAM_BYTES = 16  # float32 parameter + gradient + two moments
 
@@ -77,33 +76,41 @@ def _blocks(config: dict) -> int:
 
 
 def _trainable(recipe: Recipe, targets: list[Target], checkpoint: Checkpoint, classes: int) -> int:
-    ensemble, members = recipe.ensemble, recipe.ensemble.members
+    ensemble, members, spec = recipe.ensemble, recipe.ensemble.members, architecture(checkpoint)
+    letters = recipe.task.type == "multiple_choice"
+    representation = "last_token" if letters else resolve_representation(ensemble.representation, spec,
+                                                                          checkpoint.directory)
     hidden = int(checkpoint.config.get("hidden_size", 0))
-    head = members * classes * (hidden + 1)
-    if ensemble.method in ("single", "deep_ensemble") and ensemble.single_mode == "head":
+    if representation == "pooler" and spec.stem.size_key:
+        hidden = int(checkpoint.config.get(spec.stem.size_key) or hidden)
+    hidden *= 2 if representation == "cls_mean" else 1
+    head = members * classes * (hidden + (0 if letters or spec.head[1] is None else 1))
+    if not ensemble.trains_targets:
         return head
     per_member = 0
+    conv1d = spec.conv1d  # GPT-2 stores W as [in, out]
     for t in targets:
         has_bias = f"{t.module}.bias" in checkpoint.files
-        if ensemble.method in ("sve", "svf"):
-            per_member += t.k + (t.out_features if ensemble.bias or has_bias else 0)
+        outputs = t.in_features if conv1d else t.out_features
+        if ensemble.uses_decomposition:
+            per_member += t.k + (outputs if ensemble.bias or has_bias else 0)
         elif ensemble.method == "lora_ensemble":
             per_member += ensemble.lora_rank * (t.in_features + t.out_features)
         else:
-            per_member += t.out_features * t.in_features + (t.out_features if has_bias else 0)
+            per_member += t.out_features * t.in_features + (outputs if has_bias else 0)
     return members * per_member + head
 
 
-def _activation_bytes(recipe: Recipe, targets: list[Target], config: dict, model_type: str, tokens: int,
+def _activation_bytes(recipe: Recipe, targets: list[Target], config: dict, decoder: bool, tokens: int,
                       members: int, element: int, device: str) -> int:
     """Bytes kept for backward in one pass of `tokens` rows (`members` members at once)."""
     hidden = int(config.get("hidden_size", 0))
     intermediate = int(config.get("intermediate_size", 4 * hidden))
     blocks = _blocks(config)
-    per_hidden, per_intermediate = ACTIVATIONS["decoder" if model_type in DECODERS else "encoder"]
+    per_hidden, per_intermediate = ACTIVATIONS["decoder" if decoder else "encoder"]
     per_token = per_hidden * hidden + per_intermediate * intermediate  # one block, dense layers
     per_block_extra = 0.0  # SVE's own saved tensors, one block
-    if recipe.ensemble.method in ("sve", "svf"):
+    if recipe.ensemble.uses_decomposition:
         for target in targets[: max(1, len(targets) // blocks)]:  # the targets of one block
             costs = strategy_costs(members, tokens // members, target.out_features, target.in_features, target.k,
                                    training=True)
@@ -135,18 +142,17 @@ def estimate_memory(recipe: Recipe, classes: int, device: str = "cpu", capacity:
     """Estimated peak memory of training `recipe` (with `classes` output classes) on `device`;
     when it does not fit `capacity`, the first option set that would make it fit."""
     checkpoint = open_checkpoint(recipe.model.path)
-    config, model_type = checkpoint.config, checkpoint.model_type or ""
+    config, spec = checkpoint.config, architecture(checkpoint)
     ensemble, train = recipe.ensemble, recipe.train
     targets = resolve_targets(checkpoint, ensemble.targets)
     target_names = {t.name for t in targets}
     low = train.precision == "bf16" and device == "cuda"
     element = 2 if low else 4
 
-    backbone = {name: math.prod(checkpoint.shape(name)) for name in checkpoint.names
-                if not re.sub(r"^\w+\.", "", name).startswith(NOT_IN_BACKBONE) and not name.startswith(NOT_IN_BACKBONE)}
+    backbone = {name: math.prod(checkpoint.shape(name)) for name in BackboneLayout(spec, checkpoint.names).backbone()}
     base_parameters = sum(math.prod(checkpoint.shape(name)) for name in checkpoint.names)
-    sve = ensemble.method in ("sve", "svf")
-    replaced = ensemble.method in ("sve", "svf", "single", "deep_ensemble") and ensemble.single_mode == "full"
+    sve = ensemble.uses_decomposition
+    replaced = sve or ensemble.dense_members
     frozen = sum(n for name, n in backbone.items() if not (replaced and name in target_names))
     factors = sum(t.k * (t.out_features + t.in_features) for t in targets) if sve else 0
     trainable = _trainable(recipe, targets, checkpoint, classes)
@@ -155,7 +161,7 @@ def estimate_memory(recipe: Recipe, classes: int, device: str = "cpu", capacity:
     rows = train.batch_size // world
     tokens = members_per_pass * rows * (recipe.task.max_length if recipe.task.type != "image_classification"
                                         else _patches(config, recipe))
-    activations = _activation_bytes(recipe, targets, config, model_type, tokens, members_per_pass, element,
+    activations = _activation_bytes(recipe, targets, config, spec.decoder, tokens, members_per_pass, element,
                                     "cuda" if device == "cuda" else "cpu")
     runtime = CUDA_CONTEXT if device == "cuda" else _process_rss()
     build = 4 * (sum(backbone.values()) + factors) + runtime if device == "cpu" else 0

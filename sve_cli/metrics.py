@@ -1,5 +1,8 @@
 """Calibration metrics on ensemble predictions (conventions of docs/design.md).
 
+Members' logits `[N, M, C]` become one `Prediction` (`Prediction.of`), where they are combined once; every
+metric, score, threshold and conformal set reads that object, so a run is scored one way everywhere.
+
 - predictions combine members by the mean of probabilities (default) or the mean of logits;
 - NLL: natural log, mean over examples; Brier: sum over classes of squared error, mean over
   examples (range 0–2); ECE: equal-width bins on top-1 confidence, `(lo, hi]` bins (a confidence
@@ -7,6 +10,9 @@
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -17,9 +23,10 @@ CONVENTIONS = {
     "ece": "equal-width bins on top-1 confidence, (lo, hi] bins, |accuracy - confidence| weighted by bin mass",
     "adaptive_ece": "the same with equal-mass bins",
     "mce": "the largest |accuracy - confidence| over non-empty equal-width bins",
-    "ood": "OOD is the positive class; a higher score means more OOD. msp = 1 - max mean probability, "
-           "entropy = entropy of the mean prediction, mutual_information = entropy of the mean minus the mean of "
-           "member entropies (ensembles only); AUROC, AUPR (average precision), FPR at 95% TPR",
+    "ood": "OOD is the positive class; a higher score means more OOD. msp = 1 - max ensemble probability, "
+           "entropy = entropy of the ensemble prediction, mutual_information = entropy of the members' mean "
+           "probabilities minus the mean of member entropies (BALD; ensembles only, whatever the combine mode); "
+           "AUROC, AUPR (average precision), FPR at 95% TPR",
     "disagreement": "fraction of examples where a member's argmax differs from the ensemble's, mean over members",
     "temperature": "one temperature dividing every member's logits, fitted by NLL on the validation split",
     "selective": "the examples with the lowest score (msp, entropy or mutual_information) are answered first; "
@@ -34,6 +41,38 @@ def combine(logits: torch.Tensor, how: str = "probs") -> torch.Tensor:
     if how == "logits":
         return logits.mean(dim=1).softmax(dim=-1)
     return logits.softmax(dim=-1).mean(dim=1)
+
+
+@dataclass
+class Prediction:
+    """An ensemble's prediction on N examples: members' logits combined once (`combine`)."""
+
+    logits: torch.Tensor  # [N, M, C] float64
+    how: str  # "probs" or "logits"
+    probs: torch.Tensor  # [N, C] the ensemble's probabilities
+    member_probs: torch.Tensor  # [N, M, C]
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, how: str = "probs") -> "Prediction":
+        logits = logits.double()
+        return cls(logits, how, combine(logits, how), logits.softmax(dim=-1))
+
+    @property
+    def members(self) -> int:
+        return self.logits.shape[1]
+
+    def scaled(self, temperature: float) -> "Prediction":
+        """Every member's logits divided by one temperature."""
+        return Prediction.of(self.logits / temperature, self.how)
+
+    @cached_property
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Uncertainty scores `[N]`, higher = less sure (more OOD); `mutual_information` for M > 1."""
+        scores = {"msp": 1 - self.probs.max(dim=-1).values, "entropy": entropy(self.probs)}
+        if self.members > 1:
+            member_entropy = entropy(self.member_probs).mean(dim=1)  # [N]
+            scores["mutual_information"] = (entropy(self.member_probs.mean(dim=1)) - member_entropy).clamp_min(0)
+        return scores
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -92,9 +131,9 @@ def disagreement(logits: torch.Tensor, probs: torch.Tensor) -> float:
     return float((logits.argmax(dim=-1) != probs.argmax(dim=-1)[:, None]).double().mean())
 
 
-def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15, how: str = "probs") -> dict:
-    """Every calibration number for `[N, M, C]` logits."""
-    probs = combine(logits, how)
+def calibration_metrics(prediction: Prediction, labels: torch.Tensor, bins: int = 15) -> dict:
+    """Every calibration number of an ensemble prediction."""
+    probs, logits = prediction.probs, prediction.logits
     return {
         "accuracy": accuracy(probs, labels),
         "nll": nll(probs, labels),
@@ -103,7 +142,7 @@ def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = 
         "adaptive_ece": adaptive_ece(probs, labels, bins),
         "mce": mce(probs, labels, bins),
         "disagreement": disagreement(logits, probs),
-        "member_accuracy": [accuracy(logits[:, m].double().softmax(-1), labels) for m in range(logits.shape[1])],
+        "member_accuracy": [accuracy(prediction.member_probs[:, m], labels) for m in range(prediction.members)],
     }
 
 
@@ -140,16 +179,6 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp_min(1e-300).log()).sum(dim=-1)
 
 
-def ood_scores(logits: torch.Tensor, how: str = "probs") -> dict[str, torch.Tensor]:
-    """Higher = more OOD. `mutual_information` only for ensembles (M > 1)."""
-    probs = combine(logits, how)
-    scores = {"msp": 1 - probs.max(dim=-1).values, "entropy": entropy(probs)}
-    if logits.shape[1] > 1:
-        member_entropy = entropy(logits.double().softmax(dim=-1)).mean(dim=1)  # [N]
-        scores["mutual_information"] = (entropy(logits.double().softmax(dim=-1).mean(dim=1)) - member_entropy).clamp_min(0)
-    return scores
-
-
 def _labelled(in_scores: torch.Tensor, out_scores: torch.Tensor):
     """scikit-learn's inputs: OOD is the positive class (1), a higher score means more OOD."""
     import numpy as np
@@ -181,8 +210,8 @@ def fpr_at_tpr(in_scores: torch.Tensor, out_scores: torch.Tensor, tpr: float = 0
     return float(false_positive[np.argmax(true_positive >= tpr - 1e-12)])
 
 
-def ood_metrics(in_logits: torch.Tensor, out_logits: torch.Tensor, how: str = "probs") -> dict[str, dict[str, float]]:
-    in_scores, out_scores = ood_scores(in_logits, how), ood_scores(out_logits, how)
+def ood_metrics(inside: Prediction, outside: Prediction) -> dict[str, dict[str, float]]:
+    in_scores, out_scores = inside.scores, outside.scores
     return {name: {"auroc": auroc(in_scores[name], out_scores[name]),
                    "aupr": aupr(in_scores[name], out_scores[name]),
                    "fpr_at_95_tpr": fpr_at_tpr(in_scores[name], out_scores[name])}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sve_cli.bank import load_bank, read_bank_metadata
 from sve_cli.checkpoint import open_checkpoint, quiet_transformers
 from sve_cli.data import Encoded, Examples
 from sve_cli.ensemble import SVEModel, build_ensemble
@@ -26,6 +27,18 @@ def letter_token_id(tokenizer, letter: str) -> int:
         if len(ids) == 1:
             return ids[0]
     raise SveError(f"answer letter '{letter}' is not a single token for this tokenizer")
+
+
+def load_ensemble(recipe: Recipe, bank: Path) -> tuple["Pipeline", SVEModel, dict]:
+    """The ensemble `bank` holds, built on `recipe`'s preprocessing, in eval mode; and the bank's metadata."""
+    metadata = read_bank_metadata(bank)
+    if not isinstance(metadata.get("label_names"), list):
+        raise SveError(f"{bank} does not name its labels (a bank saved without label_names); "
+                       "evaluate or predict with banks that `sve train` wrote")
+    pipeline = Pipeline(recipe)
+    model = pipeline.build_model(list(metadata["label_names"]))
+    load_bank(model, bank)
+    return pipeline, model.eval(), metadata
 
 
 class Pipeline:

@@ -19,15 +19,18 @@ from typing import Callable, Iterator
 import pandas as pd
 import torch
 
-from sve_cli.bank import load_bank, read_bank_metadata
+from sve_cli.bank import read_bank_metadata
+from sve_cli.checkpoint import file_fingerprint
 from sve_cli.data import iter_chunks, unlabelled_examples
-from sve_cli.errors import OutputExistsError, SveError
-from sve_cli.metrics import combine, entropy
-from sve_cli.pipeline import Pipeline
+from sve_cli import __version__
+from sve_cli.errors import SveError
+from sve_cli.metrics import Prediction
+from sve_cli.outputs import PREDICTIONS, check_output, output_lock
+from sve_cli.pipeline import Pipeline, load_ensemble
 from sve_cli.inference import predict
 from sve_cli.recipe import Recipe
 from sve_cli.rundir import THRESHOLDS, open_run
-from sve_cli.selective import THRESHOLD_COVERAGES, file_fingerprint
+from sve_cli.selective import THRESHOLD_COVERAGES
 from sve_cli.writing import atomic_path
 
 SCORES = ("entropy", "msp", "mutual_information")
@@ -53,7 +56,6 @@ def open_predictor(source: Path, bank: Path | None = None) -> Predictor:
     source = Path(source)
     if source.is_dir():
         recipe, bank = open_run(source, bank)
-        metadata = read_bank_metadata(bank)
         thresholds = _run_thresholds(source / THRESHOLDS, bank)
     elif source.is_file():
         bank, metadata = source, read_bank_metadata(source)
@@ -65,17 +67,19 @@ def open_predictor(source: Path, bank: Path | None = None) -> Predictor:
         thresholds = metadata.get("thresholds")
     else:
         raise SveError(f"{source} is neither a run directory nor a Σ bank file")
-    pipeline = Pipeline(recipe)
-    label_names = list(metadata["label_names"])
-    model = pipeline.build_model(label_names)
-    load_bank(model, bank)
-    return Predictor(pipeline, model.eval(), label_names, bank, thresholds)
+    pipeline, model, metadata = load_ensemble(recipe, bank)
+    return Predictor(pipeline, model, list(metadata["label_names"]), bank, thresholds)
 
 
 def _run_thresholds(path: Path, bank: Path) -> dict | None:
     if not path.exists():
         return None
-    thresholds = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        thresholds = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise SveError(f"{path} is not valid JSON (damaged?); run `sve evaluate` on the run again") from None
+    if not isinstance(thresholds, dict) or not isinstance(thresholds.get("scores"), dict):
+        raise SveError(f"{path} is not an sve thresholds file; run `sve evaluate` on the run again")
     if thresholds.get("bank") != file_fingerprint(bank):
         raise SveError(f"{path} was fitted for another bank than {bank}; run `sve evaluate` on the run again")
     return thresholds
@@ -92,21 +96,37 @@ def abstain_threshold(predictor: Predictor, score: str, coverage: float | None, 
     if fitted is None or score not in fitted["scores"]:
         raise SveError(f"no fitted {score} thresholds for this ensemble: run `sve evaluate` on the run first "
                        "(it fits them on the validation split), or pass --abstain-threshold")
-    where = f"fitted on {fitted['examples']} validation examples by `sve evaluate` ({fitted['created'][:10]})"
-    if coverage is not None:
-        key = f"{coverage:g}"
-        if key not in fitted["scores"][score]["coverage"]:
-            raise SveError(f"--abstain-coverage {coverage:g} is not a fitted level (0.5 … 0.99 in steps of "
-                           f"0.01, and {THRESHOLD_COVERAGES[-1]})")
-        value = fitted["scores"][score]["coverage"][key]
-        return value, f"abstaining when {score} > {value:.6g}: the {100 * coverage:g}% coverage threshold, {where}"
-    entry = fitted["scores"][score]["risk"].get(f"{risk:g}")
-    if entry is None:
-        known = ", ".join(fitted["scores"][score]["risk"]) or "none"
-        raise SveError(f"--abstain-risk {risk:g}: no fitted threshold reaches that risk on validation "
-                       f"(fitted risks: {known})")
-    return entry["threshold"], (f"abstaining when {score} > {entry['threshold']:.6g}: validation risk ≤ "
-                                f"{100 * risk:g}% at {100 * entry['coverage']:.1f}% coverage, {where}")
+    combine_how = predictor.recipe.eval.combine
+    if fitted.get("combine") != combine_how:
+        raise SveError(f"the thresholds were fitted with members combined by {fitted.get('combine')}, this run "
+                       f"combines them by {combine_how} (eval.combine): run `sve evaluate` again without --combine")
+    where = f"fitted on {fitted.get('examples')} validation examples by `sve evaluate` ({str(fitted.get('created'))[:10]})"
+    try:
+        fitted_score = fitted["scores"][score]
+        if coverage is not None:
+            key = f"{coverage:g}"
+            if key not in fitted_score["coverage"]:
+                raise SveError(f"--abstain-coverage {coverage:g} is not a fitted level (0.5 … 0.99 in steps of "
+                               f"0.01, and {THRESHOLD_COVERAGES[-1]})")
+            value = _number(fitted_score["coverage"][key])
+            return value, f"abstaining when {score} > {value:.6g}: the {100 * coverage:g}% coverage threshold, {where}"
+        entry = fitted_score["risk"].get(f"{risk:g}")
+        if entry is None:
+            known = ", ".join(fitted_score["risk"]) or "none"
+            raise SveError(f"--abstain-risk {risk:g}: no fitted threshold reaches that risk on validation "
+                           f"(fitted risks: {known})")
+        value, answered = _number(entry["threshold"]), _number(entry["coverage"])
+    except (KeyError, TypeError, AttributeError):
+        raise SveError("the fitted thresholds are damaged (not what `sve evaluate` writes); run it again") from None
+    return value, (f"abstaining when {score} > {value:.6g}: validation risk ≤ {100 * risk:g}% at "
+                   f"{100 * answered:.1f}% coverage, {where}")
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SveError(f"a fitted threshold is {value!r}, not a number: the thresholds are damaged; "
+                       "run `sve evaluate` on the run again")
+    return float(value)
 
 
 def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size: int, score: str,
@@ -127,21 +147,19 @@ def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size
                          members_per_pass=predictor.recipe.train.members_per_pass)  # [n, M, C]
         if member is not None:
             logits = logits[:, member:member + 1]
-        probs = combine(logits, predictor.recipe.eval.combine)  # [n, C]
-        member_probs = logits.double().softmax(-1)  # [n, m, C]
-        uncertainty = entropy(probs)
-        information = (uncertainty - entropy(member_probs).mean(1)).clamp_min(0)
+        prediction = Prediction.of(logits, predictor.recipe.eval.combine)  # members combined as the run says
+        probs, scores = prediction.probs, prediction.scores  # [n, C]
         confidence = probs.max(-1).values
-        chosen = {"entropy": uncertainty, "msp": 1 - confidence, "mutual_information": information}[score]
+        chosen = scores[score]
         ids = table.frame["id"].tolist() if "id" in table.frame.columns else range(first, first + len(probs))
         rows = []
         for index, row_id in enumerate(ids):
             row = {"id": row_id.item() if hasattr(row_id, "item") else row_id,
                    "prediction": names[int(probs[index].argmax())],
                    "probabilities": {name: float(p) for name, p in zip(names, probs[index])},
-                   "confidence": float(confidence[index]), "entropy": float(uncertainty[index]),
-                   "mutual_information": float(information[index]) if logits.shape[1] > 1 else None,
-                   "members": [names[int(c)] for c in member_probs[index].argmax(-1)]}
+                   "confidence": float(confidence[index]), "entropy": float(scores["entropy"][index]),
+                   "mutual_information": float(scores["mutual_information"][index]) if prediction.members > 1 else None,
+                   "members": [names[int(c)] for c in prediction.member_probs[index].argmax(-1)]}
             if threshold is not None:
                 row["abstain"] = bool(chosen[index] > threshold)
             if labels is not None:
@@ -169,15 +187,22 @@ def _tally(summary: dict, rows: list[dict]) -> None:
             summary["answered_correct"] += int(row["label"] == row["prediction"])
 
 
-def write_predictions(chunks: Iterator[list[dict]], out: Path, overwrite: bool) -> dict:
-    """Stream the rows into `out` (format by extension) atomically; returns a summary."""
-    kind = FORMATS.get(out.suffix.lower())
-    if kind is None:
+def check_predictions_output(out: Path, overwrite: bool, inputs: list[Path | str | None]) -> None:
+    """Before any work: a .jsonl/.csv/.parquet name that is not an input and, when it exists, is an
+    earlier `sve predict` output that `--overwrite` may replace."""
+    if FORMATS.get(out.suffix.lower()) is None:
         raise SveError(f"--out {out}: use a .jsonl, .csv or .parquet file")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    check_output(out, PREDICTIONS, overwrite, inputs)
+
+
+def write_predictions(chunks: Iterator[list[dict]], out: Path, overwrite: bool,
+                      inputs: list[Path | str | None] = ()) -> dict:
+    """Stream the rows into `out` (format by extension) atomically; returns a summary."""
+    check_predictions_output(out, overwrite, inputs)
+    kind = FORMATS[out.suffix.lower()]
     summary = {"rows": 0, "abstained": 0, "answered_correct": 0, "answered_labelled": 0}
-    with atomic_path(out) as temporary:
+    with output_lock(out), atomic_path(out) as temporary:
+        check_output(out, PREDICTIONS, overwrite, inputs)  # again: another writer may have finished meanwhile
         if kind == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -186,6 +211,7 @@ def write_predictions(chunks: Iterator[list[dict]], out: Path, overwrite: bool) 
             for rows in chunks:
                 _tally(summary, rows)
                 batch = pa.Table.from_pylist([_flat(row) for row in rows])
+                batch = batch.replace_schema_metadata({"sve": f"sve {__version__} predictions"})
                 writer = writer or pq.ParquetWriter(str(temporary), batch.schema)
                 writer.write_table(batch.cast(writer.schema))
             if writer is not None:

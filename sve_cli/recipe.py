@@ -7,11 +7,12 @@ aliases. `--set train.lr=3e-4` overrides are applied before validation, so they 
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sve_cli.errors import SveError
 
@@ -20,8 +21,13 @@ class RecipeError(SveError):
     """A recipe file that cannot be read or validated."""
 
 
+PROMPT_FIELDS = {"question", "choices"}
+MAX_BINS = 10_000  # more bins than that is no calibration measure (and would only cost memory)
+MAX_RECIPE_BYTES = 1_000_000
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -53,6 +59,18 @@ class TaskSection(_Section):
     question: Optional[str] = Field(None, description="poses a classification set as multiple choice, "
                                     "e.g. 'Which topic is this article about?'")
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_fields_are_known(cls, prompt: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None}
+        except ValueError as error:
+            raise ValueError(f"not a valid template ({error}); write literal braces as {{{{ and }}}}") from None
+        unknown = sorted(fields - PROMPT_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field {{{unknown[0]}}} (the template may use {{question}} and {{choices}})")
+        return prompt
+
 
 class EnsembleConfig(_Section):
     """What the ensemble is: the recipe's `ensemble:` section, and `build_ensemble`'s argument."""
@@ -61,10 +79,15 @@ class EnsembleConfig(_Section):
     members: int = Field(4, ge=1, le=256)
     sigma_init: float = Field(0.01, ge=0, description="relative init noise of each member's singular values "
                               "(sve/svf) or of its copies of the weights and copied heads (deep_ensemble)")
-    parameterisation: Literal["clamp", "softplus"] = "clamp"
+    parameterisation: Literal["relative", "clamp", "softplus"] = Field(
+        "clamp", description="how members' singular values are trained: relative (S ⊙ relu(1 + sigma): "
+        "steps and weight decay act relative to the pretrained spectrum), clamp (relu(sigma), the paper's code) "
+        "or softplus")
     targets: str = "all"
     strategy: Literal["auto", "factored", "materialised"] = "auto"
-    bias: bool = Field(True, description="members own a bias on every target (False keeps LLaMA's layers bias-free)")
+    bias: bool = Field(False, description="members own a bias on every target, also where the base layer has "
+                       "none (its family's classifier then cannot hold them: such a run exports as a Σ bank only); "
+                       "by default members own a bias exactly where the base layer has one")
     dropout: bool = Field(True, description="keep the checkpoint's dropout while training (false: every "
                           "dropout probability in its config is set to 0)")
     representation: Literal["auto", "pooler", "cls", "mean", "max", "last_token"] = Field(
@@ -85,6 +108,16 @@ class EnsembleConfig(_Section):
     @property
     def uses_decomposition(self) -> bool:
         return self.method in ("sve", "svf")
+
+    @property
+    def trains_targets(self) -> bool:
+        """False for single/deep-ensemble runs that train their heads only."""
+        return self.uses_decomposition or self.method == "lora_ensemble" or self.single_mode == "full"
+
+    @property
+    def dense_members(self) -> bool:
+        """Members own full copies of the targeted weights (single, deep_ensemble)."""
+        return self.method in ("single", "deep_ensemble") and self.single_mode == "full"
 
     @property
     def copy_jitter(self) -> float:
@@ -126,7 +159,7 @@ class TrainSection(_Section):
 class EvalSection(_Section):
     split: str = "validation"
     metric: Literal["accuracy", "nll", "ece", "brier"] = "accuracy"
-    bins: int = Field(15, gt=0)
+    bins: int = Field(15, gt=0, le=MAX_BINS)
     batch_size: int = Field(64, gt=0)
     combine: Literal["probs", "logits"] = "probs"
 
@@ -180,7 +213,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"--set '{override}' conflicts with another --set")
-        node[leaf] = yaml.load(value, Loader=_StrictLoader) if value.strip() else None
+        try:
+            node[leaf] = yaml.load(value, Loader=_StrictLoader) if value.strip() else None
+        except (yaml.YAMLError, RecursionError):
+            raise RecipeError(f"--set '{override}': the value is not valid YAML") from None
     return nested
 
 
@@ -192,6 +228,11 @@ def _merge(base: dict, override: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def validation_line(error: ValidationError, source: str = "") -> str:
+    """Every problem of a validation error on one line, each naming its key."""
+    return _format(error, source or error.title)
 
 
 def _format(error: ValidationError, source: str) -> str:
@@ -209,11 +250,13 @@ def _format(error: ValidationError, source: str) -> str:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, merge `--set` overrides, validate. Every error is one `RecipeError` line."""
     path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"recipe {path} does not exist")
+    if not path.is_file() or path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path} is not a YAML file (a regular file of at most 1 MB)")
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"recipe {path} does not exist") from None
-    except (UnicodeDecodeError, IsADirectoryError) as error:
+    except UnicodeDecodeError as error:
         raise RecipeError(f"recipe {path} is not a UTF-8 text file: {error}") from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)
@@ -222,6 +265,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         line = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise RecipeError(f"{path}: not valid YAML{line}: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with model, task, ensemble, train, eval")
     data = _merge(data, parse_overrides(overrides or []))
@@ -229,8 +274,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as error:
         raise RecipeError(_format(error, str(path))) from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
+
+
+RUN_RECIPE_HEADER = "# the resolved recipe of an sve run (written by `sve train`)\n"
 
 
 def recipe_yaml(recipe: Recipe) -> str:
-    """The resolved recipe, as written into a run directory."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The resolved recipe, as written into a run directory (its first line marks the run as sve's)."""
+    return RUN_RECIPE_HEADER + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -16,7 +16,8 @@ import torch
 from sve_cli import __version__
 from sve_cli.writing import atomic_path, save_safetensors, write_json
 from sve_cli.evaluate import Evaluation
-from sve_cli.metrics import CONVENTIONS, combine, equal_width_bins, ood_scores
+from sve_cli.metrics import CONVENTIONS, Prediction, equal_width_bins
+from sve_cli.outputs import tool_files
 from sve_cli.rundir import THRESHOLDS
 from sve_cli.selective import risk_coverage
 
@@ -24,7 +25,7 @@ ROWS = [("accuracy", "Acc", 100), ("nll", "NLL", 1), ("brier", "Brier", 1), ("ec
         ("adaptive_ece", "aECE", 100), ("mce", "MCE", 100), ("disagreement", "disagreement", 100)]
 
 
-def report_dict(evaluation: Evaluation, bins: int, how: str) -> dict:
+def report_dict(evaluation: Evaluation) -> dict:
     metadata = evaluation.metadata
     return {
         "tool": f"sve {__version__}",
@@ -34,8 +35,8 @@ def report_dict(evaluation: Evaluation, bins: int, how: str) -> dict:
                   "members": metadata["members"], "decomposition_fingerprint": metadata["decomposition_fingerprint"],
                   "best_step": metadata.get("step")},
         "data": {"in_distribution": evaluation.data_name, "sizes": evaluation.sizes,
-                 "label_names": metadata["label_names"]},
-        "conventions": {**CONVENTIONS, "bins": bins, "combine": how},
+                 "label_names": metadata["label_names"], "ood_sources": evaluation.ood_sources},
+        "conventions": {**CONVENTIONS, "bins": evaluation.bins, "combine": evaluation.combine},
         "metrics": evaluation.metrics,
         "temperature_scaling": evaluation.temperature,
         "selective": evaluation.selective,
@@ -109,15 +110,15 @@ def reliability_png(path: Path, probs: torch.Tensor, labels: torch.Tensor, bins:
     _save_figure(figure, path)
 
 
-def risk_coverage_png(path: Path, logits: torch.Tensor, labels: torch.Tensor, how: str, title: str) -> None:
+def risk_coverage_png(path: Path, prediction: Prediction, labels: torch.Tensor, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    correct = combine(logits, how).argmax(-1) == labels
+    correct = prediction.probs.argmax(-1) == labels
     figure, axis = plt.subplots(figsize=(5, 4), dpi=100)
-    for name, scores in ood_scores(logits, how).items():
+    for name, scores in prediction.scores.items():
         coverage, risk = risk_coverage(scores, correct)
         axis.plot(coverage.numpy(), risk.numpy(), label=f"{name} (AURC {float(risk.mean()):.4f})")
     axis.axhline(1 - float(correct.double().mean()), color="grey", linestyle="--", label="no abstention")
@@ -154,35 +155,45 @@ def _save_figure(figure, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(evaluation: Evaluation, directory: Path, bins: int, how: str, save_predictions: bool) -> dict:
+def write_report(evaluation: Evaluation, directory: Path, save_predictions: bool) -> dict:
+    """Write every file of the report; `report.json`, written last, lists them (an earlier report's
+    files that this one does not write again are removed, so the directory holds one report)."""
     directory.mkdir(parents=True, exist_ok=True)
-    report = report_dict(evaluation, bins, how)
-    write_json(directory / "report.json", report)
+    earlier = tool_files(directory, "report.json") or set()
+    report = report_dict(evaluation)
     with atomic_path(directory / "report.md") as temporary:
         temporary.write_text(markdown(report), encoding="utf-8")
-    probs = combine(evaluation.logits, how)
-    reliability_png(directory / "reliability.png", probs, evaluation.labels, bins, evaluation.metrics["ece"],
+    prediction = evaluation.prediction
+    reliability_png(directory / "reliability.png", prediction.probs, evaluation.labels, evaluation.bins,
+                    evaluation.metrics["ece"],
                     f"{Path(evaluation.run).name}: {report['model']['method']} M={report['model']['members']}")
-    risk_coverage_png(directory / "risk_coverage.png", evaluation.logits, evaluation.labels, how,
+    risk_coverage_png(directory / "risk_coverage.png", prediction, evaluation.labels,
                       f"{Path(evaluation.run).name}: risk–coverage")
-    in_scores = ood_scores(evaluation.logits, how)
-    for name, logits in evaluation.ood_logits.items():
-        histogram_png(directory / f"ood_{name}.png", in_scores, ood_scores(logits, how), name)
-    if save_predictions:
-        tensors = {"logits": evaluation.logits.float(), "labels": evaluation.labels}
-        tensors.update({f"ood.{name}.logits": logits.float() for name, logits in evaluation.ood_logits.items()})
+    for name, outside in evaluation.ood_predictions.items():
+        histogram_png(directory / f"ood_{name}.png", prediction.scores, outside.scores, name)
+    if save_predictions:  # every member's logits: any number of the report can be recomputed from them
+        tensors = {"logits": prediction.logits.float(), "labels": evaluation.labels,
+                   "validation.logits": evaluation.validation.logits.float(),
+                   "validation.labels": evaluation.validation_labels}
+        tensors.update({f"ood.{name}.logits": p.logits.float() for name, p in evaluation.ood_predictions.items()})
         save_safetensors(directory / "predictions.safetensors", tensors,
-                         {"sve.label_names": json.dumps(report["data"]["label_names"]), "sve.combine": how})
+                         {"sve.label_names": json.dumps(report["data"]["label_names"]), "sve.combine": evaluation.combine})
+    written = {"report.md", "reliability.png", "risk_coverage.png", *(f"ood_{name}.png" for name in evaluation.ood_predictions),
+               *(["predictions.safetensors"] if save_predictions else [])}
+    report["files"] = sorted(written | {"report.json"})
+    write_json(directory / "report.json", report)
+    for stale in earlier - set(report["files"]):
+        (directory / stale).unlink(missing_ok=True)
     return report
 
 
-def write_thresholds(evaluation: Evaluation, how: str) -> Path:
+def write_thresholds(evaluation: Evaluation) -> Path:
     """`RUN/thresholds.json`: the abstention thresholds fitted on validation, tied to the bank they
     were fitted for (its sha256), for `sve predict --abstain-coverage` / `--abstain-risk`."""
     path = Path(evaluation.run) / THRESHOLDS
     write_json(path, {"tool": f"sve {__version__}", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "bank": evaluation.bank_fingerprint, "fitted_on": "validation",
-                      "examples": evaluation.sizes["validation"], "combine": how,
+                      "examples": evaluation.sizes["validation"], "combine": evaluation.combine,
                       "rule": "accept an input when its score is at most the threshold (higher score = less sure)",
                       "scores": evaluation.thresholds})
     return path

@@ -14,15 +14,35 @@ from __future__ import annotations
 from pathlib import Path
 
 from sve_cli.errors import SveError
-from sve_cli.recipe import Recipe, load_recipe
+from sve_cli.recipe import RUN_RECIPE_HEADER, Recipe, load_recipe
+from sve_cli.writing import visible_entries
 
 RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS = (
     "recipe.yaml", "sigma_bank.safetensors", "checkpoint.safetensors", "trainer_state.json", "metrics.jsonl",
     "thresholds.json")
 
 
+def _written_by_train(recipe: Path) -> bool:
+    try:
+        with open(recipe, encoding="utf-8") as handle:
+            return handle.readline() == RUN_RECIPE_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def is_run_directory(path: Path) -> bool:
+    """A directory `sve train` made: its trainer state, checkpoint, or a recipe it wrote."""
+    return (path / STATE).is_file() or (path / CHECKPOINT).is_file() or _written_by_train(path / RECIPE)
+
+
+def is_stub(path: Path) -> bool:
+    """A run that never reached its first checkpoint (killed or failed at the start): only its recipe."""
+    return {p.name for p in visible_entries(path)} == {RECIPE} and _written_by_train(path / RECIPE)
+
+
 def open_run(run: Path, bank: Path | None = None) -> tuple[Recipe, Path]:
-    """The run's recipe and the bank to use (its own, or `bank`), or one clear error."""
+    """The run's recipe and the bank to use (its own, or `bank`: one trained for the same task and
+    labels, e.g. the run's exported bank), or one clear error."""
     run = Path(run)
     if not (run / RECIPE).exists():
         raise SveError(f"{run} is not a run directory (no {RECIPE}); train one with `sve train`")
@@ -30,4 +50,14 @@ def open_run(run: Path, bank: Path | None = None) -> tuple[Recipe, Path]:
     if not chosen.exists():
         raise SveError(f"{run} has no {BANK}: the run has not finished an evaluation yet"
                        if bank is None else f"bank {bank} does not exist")
-    return load_recipe(run / RECIPE), chosen
+    recipe = load_recipe(run / RECIPE)
+    if bank is not None:
+        from sve_cli.bank import read_bank_metadata
+
+        theirs = read_bank_metadata(chosen)
+        ours = read_bank_metadata(run / BANK) if (run / BANK).exists() else {}
+        for key in ("task", "label_names"):
+            if key in ours and theirs.get(key) != ours[key]:
+                raise SveError(f"bank {bank} was trained for another {key.replace('_', ' ')} "
+                               f"({theirs.get(key)}) than {run} ({ours[key]})")
+    return recipe, chosen

@@ -14,13 +14,11 @@ is at most r. `sve evaluate` stores them in the run directory (`thresholds.json`
 
 from __future__ import annotations
 
-import hashlib
 import math
-from pathlib import Path
 
 import torch
 
-from sve_cli.metrics import ood_scores
+from sve_cli.metrics import Prediction
 
 REPORTED_COVERAGES = (0.8, 0.9, 0.95)
 THRESHOLD_COVERAGES = tuple(round(0.5 + 0.01 * i, 2) for i in range(50)) + (0.995,)  # 0.50, 0.51, …, 0.99, 0.995
@@ -43,13 +41,11 @@ def accepted_count(coverage: float, total: int) -> int:
     return max(1, min(total, math.ceil(coverage * total - 1e-9)))
 
 
-def selective_metrics(logits: torch.Tensor, labels: torch.Tensor, how: str = "probs") -> dict[str, dict]:
-    """Per score: AURC and accuracy at the reported coverages, for `[N, M, C]` logits."""
-    from sve_cli.metrics import combine
-
-    correct = combine(logits, how).argmax(-1) == labels
+def selective_metrics(prediction: Prediction, labels: torch.Tensor) -> dict[str, dict]:
+    """Per score: AURC and accuracy at the reported coverages."""
+    correct = prediction.probs.argmax(-1) == labels
     results = {}
-    for name, scores in ood_scores(logits, how).items():
+    for name, scores in prediction.scores.items():
         _, risk = risk_coverage(scores, correct)
         ordered = correct[_order(scores)].double()
         results[name] = {"aurc": float(risk.mean()),
@@ -58,13 +54,11 @@ def selective_metrics(logits: torch.Tensor, labels: torch.Tensor, how: str = "pr
     return results
 
 
-def fit_thresholds(logits: torch.Tensor, labels: torch.Tensor, how: str = "probs") -> dict[str, dict]:
-    """Per score: the threshold for each coverage level and each target risk, on held-out logits."""
-    from sve_cli.metrics import combine
-
-    correct = combine(logits, how).argmax(-1) == labels
+def fit_thresholds(prediction: Prediction, labels: torch.Tensor) -> dict[str, dict]:
+    """Per score: the threshold for each coverage level and each target risk, on held-out predictions."""
+    correct = prediction.probs.argmax(-1) == labels
     fitted = {}
-    for name, scores in ood_scores(logits, how).items():
+    for name, scores in prediction.scores.items():
         ordered = scores.double()[_order(scores)]  # [N] ascending
         coverage, risk = risk_coverage(scores, correct)
         by_coverage = {f"{c:g}": float(ordered[accepted_count(c, len(ordered)) - 1]) for c in THRESHOLD_COVERAGES}
@@ -76,7 +70,3 @@ def fit_thresholds(logits: torch.Tensor, labels: torch.Tensor, how: str = "probs
                 by_risk[f"{target:g}"] = {"threshold": float(ordered[last]), "coverage": float(coverage[last])}
         fitted[name] = {"coverage": by_coverage, "risk": by_risk}
     return fitted
-
-
-def file_fingerprint(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -20,17 +20,19 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from sve_cli.bank import save_bank
 from sve_cli.data import load_splits
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import OutputExistsError, SveError
+from sve_cli.export import recipe_export_notes
 from sve_cli.inference import Parallel, member_chunks, predict
-from sve_cli.metrics import HIGHER_IS_BETTER, calibration_metrics
+from sve_cli.metrics import HIGHER_IS_BETTER, Prediction, calibration_metrics
 from sve_cli.pipeline import Pipeline
 from sve_cli.recipe import Recipe, load_recipe, recipe_yaml
-from sve_cli.rundir import BANK, CHECKPOINT, METRICS, RECIPE, STATE, THRESHOLDS
+from sve_cli.outputs import refuse_inputs
+from sve_cli.rundir import BANK, CHECKPOINT, METRICS, RECIPE, STATE, THRESHOLDS, is_run_directory, is_stub
 from sve_cli.writing import atomic_path, exclusive, fault_point, save_safetensors, visible_entries, write_json
 
 
@@ -58,9 +60,9 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, p
         resuming = (out / CHECKPOINT).exists()
         if not resuming and parallel.writer and on_note:
             on_note(f"{out} has no {CHECKPOINT} yet (killed before its first checkpoint): starting from step 0")
-    elif existing and not overwrite:
-        hint = "--resume to continue it or " if (out / RECIPE).exists() else ""
-        raise OutputExistsError(f"{out} already holds a run; pass {hint}--overwrite to replace it")
+    elif existing and not overwrite and not is_stub(out):
+        raise OutputExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite "
+                                "to replace it")
     if parallel.world > 1:
         dist.barrier()  # every rank has looked at `out` before rank 0 writes into it
     if parallel.writer and not resuming:  # what an earlier run wrote (and only that) goes
@@ -124,6 +126,14 @@ class MemberOrders:
         return [order[offset * size:(offset + 1) * size] for order in self._orders]
 
 
+def _diverged(step: int, recipe: Recipe, what: str, out: Path) -> SveError:
+    """The one line a diverging run stops with; what is on disk is the last good checkpoint and bank."""
+    rates = ", ".join(f"{key} {value:g}" for key, value in (("train.lr", recipe.train.lr),
+                                                          ("train.sigma_lr", recipe.train.sigma_lr)) if value)
+    kept = f"; {out} keeps its last good checkpoint and bank" if (out / CHECKPOINT).exists() else ""
+    return SveError(f"training diverged at step {step}: {what}; lower the learning rate ({rates}){kept}")
+
+
 def _save_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
     names = {id(p): n for n, p in model.trainable_parameters().items()}
     tensors = {f"param.{n}": p.detach() for n, p in model.trainable_parameters().items()}
@@ -139,17 +149,24 @@ def _save_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimize
 
 def _load_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimizer) -> dict:
     trainable = model.trainable_parameters()
-    with safe_open(str(out / CHECKPOINT), framework="pt") as handle:
-        state = json.loads(handle.metadata()["sve.trainer_state"])
-        with torch.no_grad():
-            for name, parameter in trainable.items():
-                parameter.copy_(handle.get_tensor(f"param.{name}"))
-        for group in optimizer.param_groups:
-            for parameter in group["params"]:
-                name = next(n for n, p in trainable.items() if p is parameter)
-                keys = [k for k in handle.keys() if k.startswith(f"optim.{name}.")]
-                optimizer.state[parameter] = {k.rsplit(".", 1)[1]: handle.get_tensor(k) for k in keys}
-        torch.set_rng_state(handle.get_tensor("rng.torch"))
+    try:
+        with safe_open(str(out / CHECKPOINT), framework="pt") as handle:
+            state = json.loads(handle.metadata()["sve.trainer_state"])
+            with torch.no_grad():
+                for name, parameter in trainable.items():
+                    stored = handle.get_tensor(f"param.{name}")
+                    if stored.shape != parameter.shape or not bool(torch.isfinite(stored).all()):
+                        raise ValueError(f"'{name}' has another shape or values that are not finite")
+                    parameter.copy_(stored)
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    name = next(n for n, p in trainable.items() if p is parameter)
+                    keys = [k for k in handle.keys() if k.startswith(f"optim.{name}.")]
+                    optimizer.state[parameter] = {k.rsplit(".", 1)[1]: handle.get_tensor(k) for k in keys}
+            torch.set_rng_state(handle.get_tensor("rng.torch"))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # a damaged file
+        raise SveError(f"--resume: {out / CHECKPOINT} is damaged ({str(error).splitlines()[0][:200]}); "
+                       "start the run again with --overwrite") from None
     return state
 
 
@@ -180,11 +197,29 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
     receives remarks worth a line (e.g. a resume that starts from step 0).
     """
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file")
+        raise OutputExistsError(f"--out {out} is a file, not a directory")
+    if out.exists() and visible_entries(out) and not is_run_directory(out):  # before its lock is created there
+        raise OutputExistsError(f"{out} holds files that are not an sve run; sve never writes there: "
+                                "choose another --out")
+    refuse_inputs(out, [recipe.model.path if Path(recipe.model.path).exists() else None,
+                        recipe.model.decomposition, recipe.task.dataset if Path(recipe.task.dataset).exists() else None])
     parallel = _init_parallel()
+    created = not out.exists()
     lock = exclusive(out, "train", wait=False) if parallel.writer else contextlib.nullcontext()
-    with lock:
-        return _train(recipe, out, resume, overwrite, parallel, on_step, on_eval, on_note)
+    try:
+        with lock:
+            return _train(recipe, out, resume, overwrite, parallel, on_step, on_eval, on_note)
+    except (Exception, KeyboardInterrupt):
+        if parallel.writer and is_stub(out):  # failed before its first checkpoint: nothing worth keeping
+            _remove_stub(out, created)
+        raise
+
+
+def _remove_stub(out: Path, created: bool) -> None:
+    """Remove what a run that never reached its first checkpoint wrote, so a rerun starts clean."""
+    (out / RECIPE).unlink(missing_ok=True)
+    if created and not visible_entries(out):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: Parallel,
@@ -198,6 +233,9 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
     pipeline = Pipeline(recipe)
     splits, label_names = load_splits(recipe.task, str(recipe.task.dataset))
     model = pipeline.build_model(label_names)
+    if parallel.writer and on_note and not resuming:
+        for note in recipe_export_notes(recipe):  # before training, not after
+            on_note(note)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if train_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -256,6 +294,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
                     labels = labels.expand(-1, members)  # [b, m]
                     loss = torch.nn.functional.cross_entropy(  # mean over rows and this chunk's members
                         logits.float().reshape(-1, classes), labels.reshape(-1))
+                    if not torch.isfinite(loss):
+                        raise _diverged(step + 1, recipe, f"the loss is {float(loss)}", out)
                     share = members / trained.members / train_cfg.gradient_accumulation
                     (loss * share).backward()
                 loss_sum += float(loss.detach()) * share
@@ -265,6 +305,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
         if train_cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(trained.trainable_parameters().values(), train_cfg.grad_clip)
         optimizer.step()
+        if not all(bool(torch.isfinite(p).all()) for p in trained.trainable_parameters().values()):
+            raise _diverged(step + 1, recipe, "a trained value is no longer finite", out)
         state["step"] = step = step + 1
         elapsed = time.perf_counter() - started
         on_step and on_step({"step": step, "total": total, "loss": loss_sum, "accuracy": correct / max(1, rows_seen),
@@ -279,7 +321,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
         if step % eval_every == 0 or step == total:
             logits = predict(trained, eval_data, recipe.eval.batch_size, parallel,
                              members_per_pass=train_cfg.members_per_pass)
-            numbers = calibration_metrics(logits, eval_data.labels, recipe.eval.bins, recipe.eval.combine)
+            numbers = calibration_metrics(Prediction.of(logits, recipe.eval.combine), eval_data.labels, recipe.eval.bins)
             line = {"step": step, "epoch": round(step / steps_per_epoch, 4), "split": recipe.eval.split,
                     "train_loss": loss_sum, **numbers}
             state["history"].append(line)

@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from sve_cli.checkpoint import tensor_fingerprint
 from sve_cli.errors import SveError
 
 _UMASK = os.umask(0)
@@ -46,6 +47,11 @@ def fault_point(name: str) -> None:
         _fault_counts[name] = _fault_counts.get(name, 0) + 1
         if _fault_counts[name] == int(count or 1):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def public_names(text: str) -> str:
+    """`text` with every temporary name (`.NAME.tmp-PID`, `.NAME.old-PID`) replaced by `NAME`."""
+    return re.sub(r"(?<![\w.])\.([^/\s]+?)\.(?:tmp|old)-\d+", r"\1", text)
 
 
 def is_bookkeeping(path: Path) -> bool:
@@ -139,6 +145,9 @@ SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }
+TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}  # "F32" -> torch.float32
+DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+               "bfloat16": torch.bfloat16}  # what --dtype options take
 Layout = Sequence[tuple[str, torch.dtype, Sequence[int]]]  # (name, dtype, shape) in file order
 
 
@@ -213,19 +222,21 @@ class ShardWriter:
     """Streams shards to disk tensor by tensor in a background thread.
 
     The caller declares a shard's layout (`begin`), hands over tensors as it computes them
-    (`add`), and `commit`s; meanwhile the previous tensor is written, so I/O overlaps compute and
-    at most two tensors are held. A shard lives under a temporary name until its commit, which
+    (`add`), and `commit`s; meanwhile the previous tensor is written (and, with `fingerprint`,
+    hashed for the caller's checksums), so I/O overlaps compute and at most two tensors are held. A shard lives under a temporary name until its commit, which
     may rewrite the header's metadata with final values of the same length (e.g. fixed-width
     numbers known only at the end), then fsyncs and renames it.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, fingerprint: bool = False):
         self.directory = Path(directory)
+        self.fingerprint = fingerprint
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sve-writer")
         self._pending: Future | None = None
         self._handle = None
         self._layout: Layout = []
         self._written = 0
+        self.fingerprints: dict[str, str] = {}  # tensor name -> `tensor_fingerprint`, computed as it is written
 
     def _submit(self, function, *args) -> None:
         self.wait()  # at most one write in flight: memory stays bounded
@@ -252,7 +263,12 @@ class ShardWriter:
         if (name, tensor.dtype, tuple(tensor.shape)) != (expected_name, dtype, tuple(shape)):
             raise ValueError(f"shard layout expects {expected_name} {dtype} {list(shape)}, got {name}")
         self._written += 1
-        self._submit(self._handle.write, _tensor_bytes(tensor))
+        self._submit(self._write, name, tensor)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        self._handle.write(_tensor_bytes(tensor))
+        if self.fingerprint:
+            self.fingerprints[name] = tensor_fingerprint(tensor)  # hashing overlaps the caller's next tensor
 
     def commit(self, metadata: dict[str, str] | None = None) -> None:
         if self._written != len(self._layout):

@@ -62,7 +62,7 @@ def test_decompose_then_rerun_reuses(sve, tiny_checkpoints, tmp_path):
     (lambda tmp, ck: (tmp / "empty").mkdir() or tmp / "empty", [], "no config.json"),
     (lambda tmp, ck: _config_only(tmp), [], "no *.safetensors weights"),
     (lambda tmp, ck: _corrupt(tmp, ck), [], "not a readable safetensors file"),
-    (lambda tmp, ck: _unknown_arch(tmp, ck), [], "no target preset for model_type 'mystery'"),
+    (lambda tmp, ck: _unknown_arch(tmp, ck), [], "model_type 'mystery' is neither known to sve nor to this transformers"),
     (lambda tmp, ck: ck["llama"], ["--targets", "*.nope.weight"], "matches no tensor"),
     (lambda tmp, ck: ck["llama"], ["--targets", "*.post_attention_layernorm.weight"], "only 2-D"),
     (lambda tmp, ck: ck["llama"], ["--max-shard-size", "big"], "cannot read size"),

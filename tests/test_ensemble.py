@@ -235,14 +235,16 @@ def test_representation_follows_the_checkpoints_own_pooling(tiny_checkpoints, mi
     classifier checkpoint is read through its pooler; a recipe may name another representation."""
     import json
 
+    from sve_cli.architectures import ARCHITECTURES
     from sve_cli.heads import resolve_representation, sentence_transformers_pooling
 
-    assert resolve_representation("auto", "bert", minilm_path) == "mean"
-    assert resolve_representation("auto", "bert", tiny_checkpoints["bert"]) == "pooler"
-    assert resolve_representation("cls", "bert", minilm_path) == "cls"
-    assert resolve_representation("auto", "llama", tiny_checkpoints["llama-cls"]) == "last_token"
+    bert, llama, vit = ARCHITECTURES["bert"], ARCHITECTURES["llama"], ARCHITECTURES["vit"]
+    assert resolve_representation("auto", bert, minilm_path) == "mean"
+    assert resolve_representation("auto", bert, tiny_checkpoints["bert"]) == "pooler"
+    assert resolve_representation("cls", bert, minilm_path) == "cls"
+    assert resolve_representation("auto", llama, tiny_checkpoints["llama-cls"]) == "last_token"
     with pytest.raises(SveError, match="does not apply to a vit"):
-        resolve_representation("pooler", "vit", tiny_checkpoints["vit"])
+        resolve_representation("pooler", vit, tiny_checkpoints["vit"])
     folder = tmp_path / "st"
     (folder / "pool").mkdir(parents=True)
     (folder / "modules.json").write_text(json.dumps([{"path": "pool", "type": "sentence_transformers.models.Pooling"}]))

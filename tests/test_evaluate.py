@@ -29,10 +29,10 @@ def test_report_numbers_equal_those_recomputed_from_predictions(sve, runs, tmp_p
     saved = load_file(tmp_path / "report" / "predictions.safetensors")
     logits, labels = saved["logits"], saved["labels"]
     assert logits.shape == (12, 3, 2) and report["data"]["sizes"]["in_distribution"] == 12
-    recomputed = metrics.calibration_metrics(logits, labels)
+    recomputed = metrics.calibration_metrics(metrics.Prediction.of(logits), labels)
     for key in ("accuracy", "nll", "brier", "ece", "adaptive_ece", "mce", "disagreement"):
         assert report["metrics"][key] == pytest.approx(recomputed[key], abs=1e-6), key
-    ood = metrics.ood_metrics(logits, saved["ood.tweets.logits"])
+    ood = metrics.ood_metrics(metrics.Prediction.of(logits), metrics.Prediction.of(saved["ood.tweets.logits"]))
     assert saved["ood.tweets.logits"].shape == (40, 3, 2)
     for score in ("msp", "entropy", "mutual_information"):
         assert report["ood"]["tweets"][score]["auroc"] == pytest.approx(ood[score]["auroc"], abs=1e-6)

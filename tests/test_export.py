@@ -174,7 +174,8 @@ def test_refusals(sve, runs, tmp_path):
     (out / "keep.txt").write_text("x")
     cases = [
         (["--format", "safetensors", "--member", "3"], "out of range: the run has 3 member(s)"),
-        (["--format", "safetensors", "--out", out], "already exists; pass --overwrite"),
+        (["--format", "safetensors", "--out", out], "exists and is not an sve export; sve never replaces it"),
+        (["--format", "safetensors", "--out", out, "--overwrite"], "exists and is not an sve export"),
         (["--format", "safetensors", "--member", "first"], "--member must be a member index or 'mean'"),
     ]
     for args, fragment in cases:

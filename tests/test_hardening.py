@@ -67,7 +67,7 @@ def test_forged_safetensors(sve, tmp_path, name):
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "does not hold a JSON object"),
     (b"\xff\xfe{}", "is not valid JSON"),
-    ("{}", "no target preset for model_type 'None'"),
+    ("{}", "has no model_type in its config.json"),
 ])
 def test_broken_config(sve, tiny_checkpoints, tmp_path, config, fragment):
     directory = _model_dir(tmp_path, "model", (tiny_checkpoints["bert"] / "model.safetensors").read_bytes())
@@ -252,7 +252,7 @@ RUN_INPUTS = {  # name -> (arguments, fragment of the one error line)
         ensemble={"representation": "pooler"})], "does not apply to a vit"),
     "evaluate a folder that is no run": (lambda tmp, run, tm, ck: ["evaluate", tmp], "is not a run directory"),
     "existing report": (lambda tmp, run, tm, ck: ["evaluate", run, "--report", _file(tmp, "x", "") and tmp],
-                        "already holds a report"),
+                        "exists and is not an sve report; sve never replaces it"),
     "export of a bankless run": (lambda tmp, run, tm, ck: ["export", _bankless(tmp, run), "--format", "sigma-bank"],
                                  "has not finished an evaluation yet"),
 }

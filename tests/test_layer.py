@@ -23,16 +23,23 @@ def _randomise(layer):
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator))
 
 
-@pytest.mark.parametrize("parameterisation", ["clamp", "softplus"])
+def _longhand_values(layer, member):
+    """The member's singular values written out from the docstring's definitions."""
+    sigma = layer.sigma[member]
+    if layer.parameterisation == "relative":
+        return layer.S * torch.clamp(1 + sigma, min=0)
+    return torch.clamp(sigma, min=0) if layer.parameterisation == "clamp" else torch.log1p(torch.exp(sigma))
+
+
+@pytest.mark.parametrize("parameterisation", ["relative", "clamp", "softplus"])
 @pytest.mark.parametrize("strategy", ["factored", "materialised", "auto"])
 def test_member_outputs_equal_a_dense_linear(strategy, parameterisation):
     layer, _, _ = _layer(strategy=strategy, parameterisation=parameterisation)
     _randomise(layer)
     x = torch.randn(3 * 2, 5, 8)  # [M·B, T, in], member-major
     y = layer(x)
-    activation = F.relu if parameterisation == "clamp" else F.softplus
     for member in range(3):
-        weight = layer.U @ torch.diag(activation(layer.sigma[member])) @ layer.Vh
+        weight = layer.U @ torch.diag(_longhand_values(layer, member)) @ layer.Vh
         expected = F.linear(x[member * 2:(member + 1) * 2], weight, layer.bias[member])
         torch.testing.assert_close(y[member * 2:(member + 1) * 2], expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer.member_weight(member), weight)
@@ -51,7 +58,7 @@ def test_strategies_agree_on_gradients():
 
 
 def test_init_follows_the_paper_and_is_seeded():
-    exact, weight, base_bias = _layer(sigma_init=0.0)
+    exact, weight, base_bias = _layer(sigma_init=0.0, parameterisation="clamp")
     S = torch.linalg.svd(weight, full_matrices=False).S
     assert torch.equal(exact.sigma, S[None].expand(3, -1)) and torch.equal(exact.bias, base_bias[None].expand(3, -1))
     assert torch.allclose(exact.member_weight(0), weight, atol=1e-5)
@@ -61,7 +68,7 @@ def test_init_follows_the_paper_and_is_seeded():
     assert torch.equal(one.sigma, same.sigma) and not torch.equal(one.sigma, other.sigma)
     big, _, _ = _layer(members=64, out=256, inp=256, sigma_init=0.01)
     S = torch.linalg.svd(torch.randn(256, 256, generator=torch.Generator().manual_seed(0)), full_matrices=False).S
-    epsilon = big.sigma.detach() / S - 1  # [M, k]
+    epsilon = big.singular_values().detach() / S - 1  # [M, k]
     assert abs(float(epsilon.mean())) < 1e-3 and abs(float(epsilon.std()) - 0.01) < 5e-4
     assert not torch.equal(big.sigma[0], big.sigma[1])  # members differ
 
@@ -72,10 +79,29 @@ def test_bias_free_layers_stay_bias_free():
     assert layer(torch.randn(3, 8)).shape == (3, 12)
 
 
-def test_softplus_starts_at_the_same_singular_values():
+@pytest.mark.parametrize("parameterisation", ["relative", "softplus"])
+def test_every_parameterisation_starts_at_the_same_singular_values(parameterisation):
     clamp, _, _ = _layer(parameterisation="clamp")
-    softplus, _, _ = _layer(parameterisation="softplus")
-    torch.testing.assert_close(softplus.singular_values(), clamp.singular_values(), rtol=1e-5, atol=1e-6)
+    other, _, _ = _layer(parameterisation=parameterisation)
+    torch.testing.assert_close(other.singular_values(), clamp.singular_values(), rtol=1e-5, atol=1e-6)
+
+
+def test_relative_steps_are_scale_free_and_decay_pulls_towards_the_pretrained_spectrum():
+    """One Adam step moves every singular value by the same factor (lr), whatever its size; weight
+    decay alone brings the members back to S, not to 0."""
+    layer, _, _ = _layer(parameterisation="relative", sigma_init=0.0, out=16, inp=16)
+    S = layer.S.clone()
+    assert float(S.max() / S.min()) > 10  # a spread of sizes, as in real weights
+    optimizer = torch.optim.AdamW([layer.sigma], lr=1e-2, weight_decay=0.0)
+    layer.singular_values().sum().backward()  # every gradient positive: each value steps down
+    optimizer.step()
+    torch.testing.assert_close(layer.singular_values() / S, torch.full_like(layer.sigma, 1 - 1e-2), rtol=0, atol=1e-6)
+    decay = torch.optim.AdamW([layer.sigma], lr=0.5, weight_decay=1.0)
+    for _ in range(40):
+        decay.zero_grad()
+        layer.sigma.grad = torch.zeros_like(layer.sigma)
+        decay.step()
+    torch.testing.assert_close(layer.singular_values(), S[None].expand(3, -1), rtol=1e-6, atol=1e-6)
 
 
 def test_eval_cache_is_reused_and_invalidated_when_sigma_changes():

@@ -83,13 +83,29 @@ def test_adaptive_ece_uses_equal_mass_bins():
 
 def test_mutual_information_and_entropy_inequalities():
     logits, _ = _random()
-    scores = metrics.ood_scores(logits)
+    scores = metrics.Prediction.of(logits).scores
     assert (scores["mutual_information"] >= 0).all()
     member_entropy = metrics.entropy(logits.double().softmax(-1)).mean(1)
     assert (scores["entropy"] >= member_entropy - 1e-12).all()  # entropy of the mean >= mean entropy
     agreeing = logits[:, :1].repeat(1, 4, 1)
-    assert torch.allclose(metrics.ood_scores(agreeing)["mutual_information"], torch.zeros(400, dtype=torch.float64), atol=1e-12)
-    assert "mutual_information" not in metrics.ood_scores(logits[:, :1])  # one member: not defined
+    assert torch.allclose(metrics.Prediction.of(agreeing).scores["mutual_information"],
+                          torch.zeros(400, dtype=torch.float64), atol=1e-12)
+    assert "mutual_information" not in metrics.Prediction.of(logits[:, :1]).scores  # one member: not defined
+
+
+def test_one_prediction_under_logit_averaging():
+    """Combining by logits changes the ensemble's probabilities, hence entropy and msp; the mutual
+    information stays BALD's (entropy of the members' mean probabilities minus their mean entropy)."""
+    logits, _ = _random()
+    by_logits = metrics.Prediction.of(logits, "logits")
+    probs = logits.double().mean(1).softmax(-1)
+    torch.testing.assert_close(by_logits.probs, probs)
+    torch.testing.assert_close(by_logits.scores["entropy"], -(probs * probs.log()).sum(-1))
+    torch.testing.assert_close(by_logits.scores["msp"], 1 - probs.max(-1).values)
+    member = logits.double().softmax(-1)
+    bald = -(member.mean(1) * member.mean(1).log()).sum(-1) + (member * member.log()).sum(-1).mean(1)
+    torch.testing.assert_close(by_logits.scores["mutual_information"], bald.clamp_min(0))
+    torch.testing.assert_close(by_logits.scores["mutual_information"], metrics.Prediction.of(logits).scores["mutual_information"])
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -122,19 +138,21 @@ def test_temperature_recovers_a_known_temperature():
 def test_disagreement():
     logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [3.0, 0.0]]])  # members vote 0, 1, 0; ensemble 0
     assert metrics.disagreement(logits, metrics.combine(logits)) == pytest.approx(1 / 3)
+    assert metrics.calibration_metrics(metrics.Prediction.of(logits), torch.tensor([0]))["disagreement"] == pytest.approx(1 / 3)
 
 
 def test_selective_metrics_against_a_longhand_implementation():
     """AURC, accuracy at coverage and the fitted thresholds, recomputed with plain Python loops."""
-    from sve_cli.metrics import combine, ood_scores
+    from sve_cli.metrics import Prediction, combine
     from sve_cli.selective import fit_thresholds, selective_metrics
 
     generator = torch.Generator().manual_seed(4)
     logits = torch.randn(203, 3, 4, generator=generator) * 2
     labels = torch.randint(0, 4, (203,), generator=generator)
     correct = (combine(logits).argmax(-1) == labels).tolist()
-    measured, fitted = selective_metrics(logits, labels), fit_thresholds(logits, labels)
-    for name, scores in ood_scores(logits).items():
+    prediction = Prediction.of(logits)
+    measured, fitted = selective_metrics(prediction, labels), fit_thresholds(prediction, labels)
+    for name, scores in prediction.scores.items():
         order = sorted(range(len(correct)), key=lambda i: (float(scores[i]), i))
         risks, errors = [], 0
         for accepted, index in enumerate(order, start=1):

@@ -47,11 +47,11 @@ def test_every_method_trains_and_its_bank_reloads(text_models, tmp_path, ensembl
     metadata = load_bank(model, out / "sigma_bank.safetensors")
     assert metadata["method"] == ensemble["method"] and metadata["label_names"] == ["0", "1"]
     from sve_cli.inference import predict
-    from sve_cli.metrics import calibration_metrics
+    from sve_cli.metrics import Prediction, calibration_metrics
 
     logits = predict(model, pipeline.encode(splits["validation"]), 16)
     best = next(line for line in lines if line["step"] == state["best_step"])
-    assert calibration_metrics(logits, splits["validation"].labels)["accuracy"] == pytest.approx(best["accuracy"])
+    assert calibration_metrics(Prediction.of(logits), splits["validation"].labels)["accuracy"] == pytest.approx(best["accuracy"])
 
 
 def test_frozen_parts_and_trainable_counts_per_method(text_models, tmp_path):
@@ -187,8 +187,10 @@ def test_cli_errors_are_one_line(sve, text_models, tmp_path):
     assert_one_error_line(result, "holds no run to resume")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    result = sve("train", recipe, "--out", tmp_path / "taken")
-    assert result.code == 2 and "--overwrite" in result.stderr
+    for extra in ([], ["--overwrite"]):
+        result = sve("train", recipe, "--out", tmp_path / "taken", *extra)
+        assert_one_error_line(result, "holds files that are not an sve run; sve never writes there")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 
 

@@ -1,0 +1,176 @@
+"""The output-safety rule every command follows before it writes.
+
+- An output is never one of the command's inputs and never contains one (paths compared resolved,
+  symlinks followed); a directory that is replaced whole (an export) is never the current directory
+  or one of its parents.
+- `--overwrite` replaces only what that command itself made, recognised by its own marker (an
+  export's `config.json` "sve" entry, a report's `report.json`, a Σ bank's metadata, a predictions
+  file's columns, a run's files), and never a directory that holds anything else.
+- Two commands writing one output are serialised: `output_lock` holds a lock on the output's parent
+  directory while the output is made and renamed into place, so the second one finds the first's
+  result (and refuses it without `--overwrite`); temporaries of killed writers are removed then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from sve_cli.errors import OutputExistsError, SveError
+from sve_cli.writing import visible_entries
+
+
+def resolved(path: Path | str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def refuse_inputs(out: Path, inputs: Iterable[Path | str | None], option: str = "--out") -> None:
+    """One clear error when `out` is one of `inputs` or holds one of them."""
+    target = resolved(out)
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        source = resolved(item)
+        if target == source:
+            raise SveError(f"{option} {out} is one of this command's inputs ({item}); choose another {option}")
+        if target in source.parents:
+            raise SveError(f"{option} {out} contains {item}, an input of this command; choose another {option}")
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command writes, and how to recognise an earlier one of its own."""
+
+    noun: str  # "an sve export", …: said in messages
+    is_directory: bool
+    recognise: Callable[[Path], bool]  # True when `path` is this command's own earlier output
+    own_entries: Callable[[Path], set[str] | None] = lambda path: None  # a directory's own names (None: any)
+    replaced_whole: bool = True  # False: the command writes its own files into the directory
+
+
+def check_output(out: Path, kind: OutputKind, overwrite: bool, inputs: Iterable[Path | str | None] = ()) -> bool:
+    """Refuse what the rule forbids; True when `out` exists and `--overwrite` will replace it."""
+    refuse_inputs(out, inputs)
+    cwd = Path.cwd().resolve()
+    if kind.is_directory and kind.replaced_whole and (resolved(out) == cwd or resolved(out) in cwd.parents):
+        raise SveError(f"--out {out} is the current directory or one of its parents; choose another --out")
+    if not out.exists() and not out.is_symlink():
+        return False
+    if kind.is_directory and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file, not a directory")
+    if not kind.is_directory and out.is_dir():
+        raise OutputExistsError(f"--out {out} is a directory, not a file")
+    if kind.is_directory and not visible_entries(out):
+        return False  # an empty directory (or one holding only sve's lock): nothing to lose
+    if not kind.recognise(out):
+        raise OutputExistsError(f"{out} exists and is not {kind.noun}; sve never replaces it: choose another --out")
+    own = kind.own_entries(out) if kind.is_directory else None
+    if own is not None:
+        foreign = sorted(p.name for p in visible_entries(out) if p.name not in own)
+        if foreign:
+            raise OutputExistsError(f"{out} holds files sve did not write there (e.g. {foreign[0]}); "
+                                    "sve never replaces it: choose another --out")
+    if not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    return True
+
+
+def leftover_pattern(out: Path) -> re.Pattern:
+    """Temporaries a writer of `out` leaves when killed: `.NAME.tmp-PID` and `.NAME.old-PID`."""
+    return re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-\d+")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out`'s parent directory for the block (a second writer waits), then
+    remove what killed writers of `out` left there."""
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        pattern = leftover_pattern(out)
+        for leftover in parent.iterdir():
+            if pattern.fullmatch(leftover.name):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def tool_files(directory: Path, name: str, section: str | None = None) -> set[str] | None:
+    """The `files` list an sve manifest (`name`, optionally under `section`) records, or None."""
+    payload = _json(directory / name)
+    if isinstance(payload, dict) and section:
+        payload = payload.get(section)
+    files = payload.get("files") if isinstance(payload, dict) else None
+    if not isinstance(files, list):
+        return None
+    return {f for f in files if isinstance(f, str) and f not in ("", ".", "..") and Path(f).name == f} | {name}
+
+
+def _is_sve_export(directory: Path) -> bool:
+    config = _json(directory / "config.json")
+    return isinstance(config, dict) and isinstance(config.get("sve"), dict) \
+        and str(config["sve"].get("tool", "")).startswith("sve")
+
+
+def _is_sve_report(directory: Path) -> bool:
+    report = _json(directory / "report.json")
+    return isinstance(report, dict) and str(report.get("tool", "")).startswith("sve")
+
+
+def _is_sve_bank(path: Path) -> bool:
+    from sve_cli.bank import read_bank_metadata
+
+    try:
+        read_bank_metadata(path)
+    except SveError:
+        return False
+    return True
+
+
+PREDICTION_COLUMNS = {"prediction", "confidence", "entropy"}
+
+
+def _is_sve_predictions(path: Path) -> bool:
+    """A predictions file `sve predict` wrote: its columns (jsonl, csv) or its schema marker (parquet)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return b"sve" in (pq.read_schema(path).metadata or {})
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline(1 << 20)
+        if suffix == ".jsonl":
+            row = json.loads(first)
+            return isinstance(row, dict) and PREDICTION_COLUMNS <= set(row)
+        return PREDICTION_COLUMNS <= {column.strip() for column in first.split(",")}
+    except (OSError, ValueError, ImportError):
+        return False
+    except Exception:  # pyarrow's own errors for a file that is not parquet
+        return False
+
+
+EXPORT = OutputKind("an sve export", True, _is_sve_export, lambda path: tool_files(path, "config.json", "sve"))
+REPORT = OutputKind("an sve report", True, _is_sve_report, lambda path: tool_files(path, "report.json"), False)
+BANK = OutputKind("an sve Σ bank", False, _is_sve_bank)
+PREDICTIONS = OutputKind("an sve predictions file", False, _is_sve_predictions)

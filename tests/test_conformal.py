@@ -1,0 +1,115 @@
+"""Split conformal prediction against MAPIE on the same probabilities, the finite-sample quantile by hand,
+and the guarantee it promises, measured."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sve_cli import conformal
+from sve_cli.metrics import Prediction
+
+
+def _probabilities(n: int, classes: int = 5, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 3, classes, generator=generator) * 1.5  # [N, M, C]
+    prediction = Prediction.of(logits)
+    labels = torch.multinomial(prediction.probs.float(), 1, generator=generator)[:, 0]  # a calibrated model
+    return prediction, labels
+
+
+class _Fixed:
+    """A prefit scikit-learn classifier whose "features" are row indices into fixed probabilities."""
+
+    def __init__(self, probs: np.ndarray):
+        self.probs, self.classes_ = probs, np.arange(probs.shape[1])
+
+    def fit(self, X, y):
+        return self
+
+    def predict_proba(self, X):
+        return self.probs[np.asarray(X)[:, 0].astype(int)]
+
+    def predict(self, X):
+        return self.predict_proba(X).argmax(1)
+
+    def __sklearn_is_fitted__(self):
+        return True
+
+
+def test_finite_sample_quantile_on_a_hand_made_example():
+    scores = torch.tensor([0.3, 0.1, 0.9, 0.5, 0.7, 0.2, 0.8, 0.4, 0.6])  # n = 9
+    # level 0.8: ⌈10 · 0.8⌉ = 8 -> the 8th smallest (0.8); level 0.9: ⌈9⌉ = 9 -> the largest (0.9)
+    assert conformal.quantile(scores, 0.8) == pytest.approx(0.8)
+    assert conformal.quantile(scores, 0.9) == pytest.approx(0.9)
+    assert conformal.quantile(scores, 0.95) == math.inf  # ⌈9.5⌉ = 10 > n: no finite threshold, every label
+    assert conformal.quantile(scores, 0.5) == pytest.approx(0.5)  # ⌈5⌉ = 5
+
+
+def test_lac_thresholds_and_sets_equal_mapies():
+    from mapie.classification import SplitConformalClassifier
+
+    calibration, labels = _probabilities(400)
+    test, _ = _probabilities(300, seed=1)
+    probs = np.concatenate([calibration.probs.numpy(), test.probs.numpy()])
+    for level in conformal.LEVELS:
+        mapie = SplitConformalClassifier(_Fixed(probs), confidence_level=level, conformity_score="lac", prefit=True)
+        mapie.conformalize(np.arange(400)[:, None], labels.numpy())
+        _, sets = mapie.predict_set(np.arange(400, 700)[:, None])
+        ours = conformal.fit(calibration, labels, (level,))["lac"][f"{level:g}"]
+        assert ours == pytest.approx(float(mapie._mapie_classifier.conformity_score_function_.quantiles_[0]), abs=1e-12)
+        assert np.array_equal(conformal.prediction_sets(test.probs, "lac", ours).numpy(), sets[:, :, 0])
+
+
+@pytest.mark.parametrize("score", ["aps", "raps"])
+def test_aps_and_raps_scores_and_sets_equal_mapies_non_randomised_ones(score):
+    """MAPIE's calibration scores for aps/raps are randomised (a uniform draw per example); their
+    deterministic part and its sets at a threshold (`include_last_label=True`) are ours."""
+    from mapie.conformity_scores.sets.aps import APSConformityScore
+    from mapie.conformity_scores.sets.raps import RAPSConformityScore
+
+    calibration, labels = _probabilities(400)
+    probs = calibration.probs.numpy()
+    cumulative, rank = APSConformityScore.get_true_label_cumsum_proba(labels.numpy(), probs, np.arange(5))
+    expected = cumulative[:, 0]
+    if score == "raps":
+        expected = RAPSConformityScore._regularize_conformity_score(
+            np.array([conformal.RAPS_K_REG]), conformal.RAPS_LAMBDA, cumulative.copy(), rank)[:, 0, 0]
+    np.testing.assert_allclose(conformal.calibration_scores(calibration.probs, labels, score).numpy(), expected, atol=1e-12)
+    threshold = conformal.quantile(conformal.calibration_scores(calibration.probs, labels, score), 0.9)
+    sets = conformal.prediction_sets(calibration.probs, score, threshold).numpy()
+    scorer = APSConformityScore() if score == "aps" else RAPSConformityScore()
+    scorer.quantiles_ = np.array([threshold])
+    if score == "raps":
+        scorer.k_star, scorer.lambda_star = np.array([conformal.RAPS_K_REG]), np.array([conformal.RAPS_LAMBDA])
+    theirs = scorer.get_prediction_sets(probs[:, :, None], expected, np.array([0.1]), cv="prefit", include_last_label=True)
+    assert np.array_equal(sets, theirs[:, :, 0])
+
+
+@pytest.mark.parametrize("score", conformal.SCORES)
+def test_coverage_holds_on_exchangeable_data(score):
+    """A perfectly calibrated model, 2,000 calibration and 20,000 test examples: coverage is at least the
+    level (up to sampling noise) and at most level + 1/(n+1) + noise for lac."""
+    calibration, labels = _probabilities(2000, seed=3)
+    test, test_labels = _probabilities(20000, seed=4)
+    thresholds = conformal.fit(calibration, labels)
+    report = conformal.evaluate(test, test_labels, {score: thresholds[score]}, 2000)
+    for level in conformal.LEVELS:
+        numbers = report[f"{level:g}"][score]
+        assert numbers["coverage"] >= level - 0.012, (level, numbers)
+        assert 1 <= numbers["mean_set_size"] <= 5 or score == "lac"
+        if score != "lac":
+            assert numbers["empty"] == 0.0  # aps/raps sets always hold the most probable label
+        assert set(numbers["coverage_per_class"]) == {"0", "1", "2", "3", "4"}
+
+
+def test_sets_hold_the_predicted_label_whenever_they_are_not_empty():
+    prediction, labels = _probabilities(500, seed=5)
+    for score in conformal.SCORES:
+        for threshold in (0.05, 0.3, 0.6, 0.95, math.inf):
+            sets = conformal.prediction_sets(prediction.probs, score, threshold)
+            predicted = sets.gather(-1, prediction.probs.argmax(-1, keepdim=True))[:, 0]
+            assert bool((predicted | ~sets.any(-1)).all()), (score, threshold)
