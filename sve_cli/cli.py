@@ -61,6 +61,12 @@ class Score(str, Enum):
     mutual_information = "mutual_information"
 
 
+class ConformalScore(str, Enum):
+    lac = "lac"
+    aps = "aps"
+    raps = "raps"
+
+
 class ExportDtype(str, Enum):
     float32 = "float32"
     float16 = "float16"
@@ -174,6 +180,11 @@ def train(
         return
     out = out or Path("runs") / recipe.stem
     rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0 and not resume:
+        from sve_cli.export import recipe_export_notes
+
+        for note in recipe_export_notes(loaded):  # what the export will be able to write: now, not after training
+            out_console.print(note, soft_wrap=True, highlight=False)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not rank0, transient=True) as progress:
@@ -192,8 +203,10 @@ def train(
         try:
             state = run_train(loaded, out, resume=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval,
                               on_note=lambda text: progress.console.print(text, soft_wrap=True))
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(_interrupted(recipe, out, overrides)) from None
+        except KeyboardInterrupt:  # typer would swallow the message: say it here, exit as an interrupt does
+            progress.stop()
+            console.print(f"[red]{_line(_interrupted(recipe, out, overrides))}[/red]", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     if rank0:
         best = state["history"][[h["step"] for h in state["history"]].index(state["best_step"])]
         table = Table(title=f"run {out}", show_header=False, title_justify="left")
@@ -227,7 +240,7 @@ def evaluate(
     """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs."""
     from sve_cli.evaluate import evaluate_run
     from sve_cli.outputs import REPORT, check_output, output_lock
-    from sve_cli.report import ROWS, write_report, write_thresholds
+    from sve_cli.report import ROWS, write_fitted, write_report
 
     def report_dir(run: Path) -> Path:
         return (report / run.name if len(runs) > 1 else report) if report else run / "report"
@@ -255,7 +268,8 @@ def evaluate(
             reports.append(write_report(evaluation, directory, save_predictions))
         console.print(f"report written to {directory}")
         if bank is None:  # thresholds belong to the run's own bank
-            console.print(f"abstention thresholds (fitted on validation) written to {write_thresholds(evaluation)}")
+            written = " and ".join(str(path) for path in write_fitted(evaluation))
+            console.print(f"abstention and conformal thresholds (fitted on validation) written to {written}")
 
     table = Table(title="in-distribution: " + reports[0]["data"]["in_distribution"], title_justify="left")
     table.add_column("metric")
@@ -270,6 +284,10 @@ def evaluate(
     for score in ("msp", "entropy", "mutual_information"):
         table.add_row(f"AURC {score}", *[f"{r['selective'][score]['aurc']:.4f}" if score in r["selective"] else "—"
                                          for r in reports])
+    for score in ("lac", "aps"):
+        table.add_row(f"90% sets ({score}): coverage (%) / mean size",
+                      *[f"{100 * r['conformal']['0.9'][score]['coverage']:.2f} / {r['conformal']['0.9'][score]['mean_set_size']:.2f}"
+                        for r in reports])
     table.add_row("acc. at 90% coverage (%, entropy)",
                   *[f"{100 * r['selective']['entropy']['accuracy_at_coverage']['0.9']:.2f}" for r in reports])
     for name in reports[0]["ood"]:
@@ -330,12 +348,17 @@ def predict(
                                                  "at most this."),
     abstain_threshold: Optional[float] = typer.Option(None, "--abstain-threshold",
                                                       help="Abstain when the score exceeds this value."),
+    conformal: Optional[float] = typer.Option(None, "--conformal", help="Give each row a prediction set that holds "
+                                              "the true label with this probability (0.8, 0.9 or 0.95; fitted by sve "
+                                              "evaluate)."),
+    conformal_score: ConformalScore = typer.Option(ConformalScore.lac, "--conformal-score",
+                                                   help="The conformal score the sets are built from."),
     bank: Optional[Path] = typer.Option(None, "--bank", help="With a run directory: use this Σ bank."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Label new inputs with probabilities and uncertainty; abstain where the ensemble is unsure."""
     from sve_cli.predict import (abstain_threshold as choose_threshold, answered_accuracy, check_predictions_output,
-                                 coverage_of, open_predictor, predict_rows, write_predictions)
+                                 conformal_threshold, coverage_of, open_predictor, predict_rows, write_predictions)
 
     if sum(option is not None for option in (abstain_coverage, abstain_risk, abstain_threshold)) > 1:
         raise SveError("give at most one of --abstain-coverage, --abstain-risk and --abstain-threshold")
@@ -348,11 +371,15 @@ def predict(
         predictor = open_predictor(source, bank)
     inputs.append(predictor.recipe.model.path if Path(predictor.recipe.model.path).exists() else None)
     threshold, where = choose_threshold(predictor, score.value, abstain_coverage, abstain_risk, abstain_threshold)
+    sets = None
+    if conformal is not None:
+        value, said = conformal_threshold(predictor, conformal, conformal_score.value)
+        sets, where = (conformal_score.value, value), f"{where}; {said}"
     columns = (TextColumn("[bold]{task.description}"), TextColumn("{task.completed} rows"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("predicting", total=None)
         rows = predict_rows(predictor, data, member, batch_size, score.value, threshold,
-                            on_rows=lambda count: progress.advance(task, count))
+                            on_rows=lambda count: progress.advance(task, count), sets=sets)
         summary = write_predictions(rows, out, overwrite, inputs)
     line = f"wrote {out}: {summary['rows']} rows"
     if threshold is not None:

@@ -82,6 +82,19 @@ def fit(validation: Prediction, labels: torch.Tensor, levels=LEVELS) -> dict[str
                     for level in levels} for score in SCORES}
 
 
+def curve(validation: Prediction, validation_labels: torch.Tensor, test: Prediction, labels: torch.Tensor,
+          levels=tuple(0.5 + 0.01 * i for i in range(50))) -> dict[str, list[tuple[float, float]]]:
+    """Per score, (test coverage, mean set size) at each level fitted on validation: set size against coverage."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for score in SCORES:
+        calibration = calibration_scores(validation.probs, validation_labels, score)
+        for level in levels:
+            sets = prediction_sets(test.probs, score, quantile(calibration, level))
+            covered = float(sets.gather(-1, labels[:, None]).double().mean())
+            points.setdefault(score, []).append((covered, float(sets.sum(-1).double().mean())))
+    return points
+
+
 def evaluate(test: Prediction, labels: torch.Tensor, thresholds: dict[str, dict[str, float]],
              calibration_size: int) -> dict[str, dict[str, dict]]:
     """`report.json["conformal"]`: per level, per score, the sets' coverage and sizes on the test split,

@@ -27,6 +27,7 @@ from sve_cli.factors import FORMAT_VERSION, INDEX, MANIFEST, SHARD_NAME
 from sve_cli.writing import (DTYPE_NAMES, Shard, ShardWriter, exclusive, fault_point, plan_shards, visible_entries, write_index,
                              write_json)
 from sve_cli.errors import OutputExistsError, SveError
+from sve_cli.outputs import refuse_inputs
 from sve_cli.targets import Target, resolve_targets
 
 PRECISIONS = ("float32", "float64")
@@ -249,6 +250,7 @@ def decompose(plan: DecomposePlan, out: Path, device: str = "cpu", overwrite: bo
     checkpoint, dtype = plan.checkpoint, DTYPE_NAMES[plan.precision]
     fingerprints = {t.name: tensor_fingerprint(checkpoint.read(t.name)) for t in plan.targets}
     identity = _identity(plan.precision, fingerprints)
+    refuse_inputs(out, [checkpoint.path])
     _check_output(out, identity, overwrite)  # before anything is created in `out`
     with exclusive(out, "decompose", wait=True, on_wait=on_wait):
         if _check_output(out, identity, overwrite):  # again: the lock's last holder may have changed it

@@ -16,6 +16,7 @@ import torch
 
 from sve_cli.data import (BUILTIN_DATA, Examples, Table, build_examples, load_source, load_splits, test_split,
                           unlabelled_examples)
+from sve_cli import conformal
 from sve_cli.errors import SveError
 from sve_cli.metrics import Prediction, calibration_metrics, fit_temperature, ood_metrics
 from sve_cli.pipeline import load_ensemble
@@ -51,6 +52,8 @@ class Evaluation:
     selective: dict = field(default_factory=dict)  # per score: AURC, accuracy at coverage (in-distribution)
     thresholds: dict = field(default_factory=dict)  # per score: fitted on validation (selective.fit_thresholds)
     bank_fingerprint: str = ""
+    conformal: dict = field(default_factory=dict)  # per level and score: coverage and set sizes (in-distribution)
+    conformal_thresholds: dict = field(default_factory=dict)  # per score and level: fitted on validation
     ood_sources: dict[str, str] = field(default_factory=dict)  # OOD set name in the report -> what was given
     bins: int = 15
 
@@ -122,7 +125,9 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
                         sizes={"in_distribution": len(examples), "validation": len(validation)},
                         data_name=data_name, selective=selective_metrics(prediction, examples.labels),
                         thresholds=fit_thresholds(validation_prediction, validation.labels),
-                        bank_fingerprint=file_fingerprint(bank), bins=bins)
+                        bank_fingerprint=file_fingerprint(bank), bins=bins,
+                        conformal_thresholds=conformal.fit(validation_prediction, validation.labels))
+    result.conformal = conformal.evaluate(prediction, examples.labels, result.conformal_thresholds, len(validation))
     if temperature:
         fitted = fit_temperature(validation_prediction.logits, validation.labels, combine_how)
         result.temperature = {"temperature": fitted, "fitted_on": recipe.task.validation_split,

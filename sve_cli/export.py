@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from sve_cli import __version__
 from sve_cli.bank import read_bank_metadata
-from sve_cli.checkpoint import Checkpoint, file_fingerprint, open_checkpoint, source_fingerprint, tensor_fingerprint
+from sve_cli.checkpoint import Checkpoint, open_checkpoint, source_fingerprint, tensor_fingerprint
 from sve_cli.writing import (DTYPE_NAMES, TORCH_DTYPES, ShardWriter, parse_size, plan_shards, save_safetensors, write_index,
                              write_json)
 from sve_cli.factors import FactorCache, default_output
@@ -36,7 +36,7 @@ from sve_cli.outputs import BANK as BANK_FILE, EXPORT, check_output, output_lock
 from sve_cli.architectures import Architecture, BackboneLayout, architecture
 from sve_cli.baselines import lora_merged
 from sve_cli.layer import merged_weight, singular_values
-from sve_cli.rundir import BANK, RECIPE, THRESHOLDS, open_run
+from sve_cli.rundir import BANK, CONFORMAL, RECIPE, THRESHOLDS, open_run, read_fitted
 
 ST_POOLING = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
               "last_token": "pooling_mode_lasttoken"}
@@ -374,8 +374,8 @@ or the Σ bank (`sve export --format sigma-bank`), for those. The recipe that pr
 
 def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
     """Write the run's Σ bank to `out` (atomically), with its resolved recipe and, when `sve
-    evaluate` fitted them for this bank, the abstention thresholds in its metadata: with the base
-    model it is all `sve predict` needs. Returns its size next to the base checkpoint's."""
+    evaluate` fitted them for this bank, the abstention and conformal thresholds in its metadata: with
+    the base model it is all `sve predict` needs. Returns its size next to the base checkpoint's."""
     bank = RunBank.open(run)
     inputs = [Path(run) / BANK, bank.base.path]
     check_output(out, BANK_FILE, overwrite, inputs)
@@ -383,11 +383,9 @@ def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         metadata = dict(handle.metadata() or {})
     metadata.setdefault("sve.recipe", json.dumps(bank.recipe.model_dump(mode="json")))
-    thresholds = Path(run) / THRESHOLDS
-    if thresholds.exists():
-        fitted = json.loads(thresholds.read_text(encoding="utf-8"))
-        if fitted.get("bank") == file_fingerprint(Path(run) / BANK):
-            metadata["sve.thresholds"] = json.dumps(fitted)
+    for key, name in (("sve.thresholds", THRESHOLDS), ("sve.conformal", CONFORMAL)):
+        if (fitted := read_fitted(Path(run) / name, Path(run) / BANK, stale_ok=True)) is not None:
+            metadata[key] = json.dumps(fitted)
     with output_lock(out):
         check_output(out, BANK_FILE, overwrite, inputs)
         save_safetensors(out, tensors, metadata)

@@ -20,16 +20,16 @@ import pandas as pd
 import torch
 
 from sve_cli.bank import read_bank_metadata
-from sve_cli.checkpoint import file_fingerprint
 from sve_cli.data import iter_chunks, unlabelled_examples
 from sve_cli import __version__
 from sve_cli.errors import SveError
+from sve_cli import conformal
 from sve_cli.metrics import Prediction
 from sve_cli.outputs import PREDICTIONS, check_output, output_lock
 from sve_cli.pipeline import Pipeline, load_ensemble
 from sve_cli.inference import predict
 from sve_cli.recipe import Recipe
-from sve_cli.rundir import THRESHOLDS, open_run
+from sve_cli.rundir import CONFORMAL, THRESHOLDS, open_run, read_fitted
 from sve_cli.selective import THRESHOLD_COVERAGES
 from sve_cli.writing import atomic_path
 
@@ -45,6 +45,7 @@ class Predictor:
     label_names: list[str]
     bank: Path
     thresholds: dict | None  # thresholds.json's content (or the bank's embedded copy), when present
+    conformal: dict | None  # conformal.json's content (or the bank's embedded copy), when present
 
     @property
     def recipe(self) -> Recipe:
@@ -56,7 +57,7 @@ def open_predictor(source: Path, bank: Path | None = None) -> Predictor:
     source = Path(source)
     if source.is_dir():
         recipe, bank = open_run(source, bank)
-        thresholds = _run_thresholds(source / THRESHOLDS, bank)
+        thresholds, sets = read_fitted(source / THRESHOLDS, bank), read_fitted(source / CONFORMAL, bank)
     elif source.is_file():
         bank, metadata = source, read_bank_metadata(source)
         if "recipe" not in metadata:
@@ -64,25 +65,11 @@ def open_predictor(source: Path, bank: Path | None = None) -> Predictor:
         recipe = Recipe.model_validate(metadata["recipe"])
         if recipe.model.decomposition and not Path(recipe.model.decomposition).exists():  # another machine
             recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"decomposition": None})})
-        thresholds = metadata.get("thresholds")
+        thresholds, sets = metadata.get("thresholds"), metadata.get("conformal")
     else:
         raise SveError(f"{source} is neither a run directory nor a Σ bank file")
     pipeline, model, metadata = load_ensemble(recipe, bank)
-    return Predictor(pipeline, model, list(metadata["label_names"]), bank, thresholds)
-
-
-def _run_thresholds(path: Path, bank: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        thresholds = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise SveError(f"{path} is not valid JSON (damaged?); run `sve evaluate` on the run again") from None
-    if not isinstance(thresholds, dict) or not isinstance(thresholds.get("scores"), dict):
-        raise SveError(f"{path} is not an sve thresholds file; run `sve evaluate` on the run again")
-    if thresholds.get("bank") != file_fingerprint(bank):
-        raise SveError(f"{path} was fitted for another bank than {bank}; run `sve evaluate` on the run again")
-    return thresholds
+    return Predictor(pipeline, model, list(metadata["label_names"]), bank, thresholds, sets)
 
 
 def abstain_threshold(predictor: Predictor, score: str, coverage: float | None, risk: float | None,
@@ -129,13 +116,38 @@ def _number(value: object) -> float:
     return float(value)
 
 
+def conformal_threshold(predictor: Predictor, level: float, score: str) -> tuple[float, str]:
+    """The conformal threshold of `score` at coverage `level`, and a sentence saying where it comes from."""
+    fitted = predictor.conformal
+    if fitted is None:
+        raise SveError("no conformal thresholds for this ensemble: run `sve evaluate` on the run first (it fits "
+                       "them on the validation split)")
+    if fitted.get("combine") != predictor.recipe.eval.combine:
+        raise SveError(f"the conformal thresholds were fitted with members combined by {fitted.get('combine')}, "
+                       f"this run combines them by {predictor.recipe.eval.combine}: run `sve evaluate` again")
+    levels = fitted["scores"].get(score)
+    if not isinstance(levels, dict) or f"{level:g}" not in levels:
+        known = ", ".join(levels) if isinstance(levels, dict) else "none"
+        raise SveError(f"--conformal {level:g} with --conformal-score {score} was not fitted (fitted levels: {known})")
+    value = levels[f"{level:g}"]
+    threshold = math.inf if value is None else _number(value)
+    where = (f"{score} sets at {100 * level:g}% coverage: threshold "
+             f"{'none (every label)' if value is None else f'{threshold:.6g}'}, fitted on {fitted.get('examples')} "
+             f"validation examples by `sve evaluate` ({str(fitted.get('created'))[:10]})")
+    return threshold, where
+
+
 def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size: int, score: str,
-                 threshold: float | None, on_rows: Callable[[int], None] | None = None) -> Iterator[list[dict]]:
-    """One list of output rows per chunk of the input."""
+                 threshold: float | None, on_rows: Callable[[int], None] | None = None,
+                 sets: tuple[str, float] | None = None) -> Iterator[list[dict]]:
+    """One list of output rows per chunk of the input; with `sets` (conformal score, threshold) each row
+    also gets its prediction set."""
     task, names = predictor.recipe.task, predictor.label_names
     members = predictor.model.members
     if member is not None and not 0 <= member < members:
         raise SveError(f"--member {member} is out of range: the ensemble has {members} member(s)")
+    if member is not None and sets is not None:
+        raise SveError("--conformal sets were fitted for the whole ensemble, not for one --member")
     if score == "mutual_information" and (members == 1 or member is not None):
         raise SveError("--score mutual_information needs the whole ensemble (more than one member)")
     first = 0
@@ -151,6 +163,7 @@ def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size
         probs, scores = prediction.probs, prediction.scores  # [n, C]
         confidence = probs.max(-1).values
         chosen = scores[score]
+        in_set = conformal.prediction_sets(probs, *sets).tolist() if sets is not None else None
         ids = table.frame["id"].tolist() if "id" in table.frame.columns else range(first, first + len(probs))
         rows = []
         for index, row_id in enumerate(ids):
@@ -162,6 +175,9 @@ def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size
                    "members": [names[int(c)] for c in prediction.member_probs[index].argmax(-1)]}
             if threshold is not None:
                 row["abstain"] = bool(chosen[index] > threshold)
+            if sets is not None:
+                row["prediction_set"] = [name for name, kept in zip(names, in_set[index]) if kept]
+                row["set_size"] = len(row["prediction_set"])
             if labels is not None:
                 row["label"] = names[int(labels[index])]
             rows.append(row)
@@ -171,10 +187,12 @@ def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size
 
 
 def _flat(row: dict) -> dict:
-    """A row for a table format: one column per class probability, members joined."""
-    flat = {key: value for key, value in row.items() if key not in ("probabilities", "members")}
+    """A row for a table format: one column per class probability, members (and the set) joined."""
+    flat = {key: value for key, value in row.items() if key not in ("probabilities", "members", "prediction_set")}
     flat.update({f"p_{name}": p for name, p in row["probabilities"].items()})
     flat["members"] = ",".join(row["members"])
+    if "prediction_set" in row:
+        flat["prediction_set"] = ",".join(row["prediction_set"])
     return flat
 
 

@@ -8,17 +8,18 @@ All written atomically.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from sve_cli import __version__
+from sve_cli import __version__, conformal
 from sve_cli.writing import atomic_path, save_safetensors, write_json
 from sve_cli.evaluate import Evaluation
 from sve_cli.metrics import CONVENTIONS, Prediction, equal_width_bins
 from sve_cli.outputs import tool_files
-from sve_cli.rundir import THRESHOLDS
+from sve_cli.rundir import CONFORMAL, THRESHOLDS
 from sve_cli.selective import risk_coverage
 
 ROWS = [("accuracy", "Acc", 100), ("nll", "NLL", 1), ("brier", "Brier", 1), ("ece", "ECE", 100),
@@ -40,6 +41,7 @@ def report_dict(evaluation: Evaluation) -> dict:
         "metrics": evaluation.metrics,
         "temperature_scaling": evaluation.temperature,
         "selective": evaluation.selective,
+        "conformal": evaluation.conformal,
         "ood": evaluation.ood,
     }
 
@@ -69,6 +71,15 @@ def markdown(report: dict) -> str:
               + " |", "| --- | --- |" + " --- |" * len(next(iter(report["selective"].values()))["accuracy_at_coverage"])]
     lines += [f"| {score} | {v['aurc']:.4f} | " + " | ".join(f"{100 * a:.2f}" for a in v["accuracy_at_coverage"].values())
               + " |" for score, v in report["selective"].items()]
+    if report.get("conformal"):
+        examples = next(iter(next(iter(report["conformal"].values())).values()))["calibration_examples"]
+        lines += ["", f"Conformal prediction sets (thresholds fitted on {examples} validation examples; the set holds "
+                  "the true label with probability ≥ the level):", "",
+                  "| level | score | coverage (%) | mean set size | singletons (%) | empty (%) | lowest class coverage (%) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {level} | {score} | {100 * v['coverage']:.2f} | {v['mean_set_size']:.3f} | {100 * v['singletons']:.1f} "
+                  f"| {100 * v['empty']:.1f} | {100 * v['lowest_class_coverage']:.2f} |"
+                  for level, scores in report["conformal"].items() for score, v in scores.items()]
     for name, scores in report["ood"].items():
         lines += ["", f"OOD set `{name}` ({report['data']['sizes'][f'ood.{name}']} examples):", "",
                   "| score | AUROC (%) | AUPR (%) | FPR@95%TPR (%) |", "| --- | --- | --- | --- |"]
@@ -130,6 +141,24 @@ def risk_coverage_png(path: Path, prediction: Prediction, labels: torch.Tensor, 
     _save_figure(figure, path)
 
 
+def conformal_png(path: Path, evaluation: Evaluation, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 4), dpi=100)
+    for score, points in conformal.curve(evaluation.validation, evaluation.validation_labels, evaluation.prediction,
+                                         evaluation.labels).items():
+        axis.plot([c for c, _ in points], [s for _, s in points], marker=".", label=score)
+    axis.set_xlabel("coverage on the test split (levels 0.50 … 0.99 fitted on validation)")
+    axis.set_ylabel("mean prediction-set size")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
 def histogram_png(path: Path, in_scores: dict, out_scores: dict, name: str) -> None:
     import matplotlib
 
@@ -169,6 +198,7 @@ def write_report(evaluation: Evaluation, directory: Path, save_predictions: bool
                     f"{Path(evaluation.run).name}: {report['model']['method']} M={report['model']['members']}")
     risk_coverage_png(directory / "risk_coverage.png", prediction, evaluation.labels,
                       f"{Path(evaluation.run).name}: risk–coverage")
+    conformal_png(directory / "conformal.png", evaluation, f"{Path(evaluation.run).name}: conformal sets")
     for name, outside in evaluation.ood_predictions.items():
         histogram_png(directory / f"ood_{name}.png", prediction.scores, outside.scores, name)
     if save_predictions:  # every member's logits: any number of the report can be recomputed from them
@@ -178,7 +208,7 @@ def write_report(evaluation: Evaluation, directory: Path, save_predictions: bool
         tensors.update({f"ood.{name}.logits": p.logits.float() for name, p in evaluation.ood_predictions.items()})
         save_safetensors(directory / "predictions.safetensors", tensors,
                          {"sve.label_names": json.dumps(report["data"]["label_names"]), "sve.combine": evaluation.combine})
-    written = {"report.md", "reliability.png", "risk_coverage.png", *(f"ood_{name}.png" for name in evaluation.ood_predictions),
+    written = {"report.md", "reliability.png", "risk_coverage.png", "conformal.png", *(f"ood_{name}.png" for name in evaluation.ood_predictions),
                *(["predictions.safetensors"] if save_predictions else [])}
     report["files"] = sorted(written | {"report.json"})
     write_json(directory / "report.json", report)
@@ -187,13 +217,18 @@ def write_report(evaluation: Evaluation, directory: Path, save_predictions: bool
     return report
 
 
-def write_thresholds(evaluation: Evaluation) -> Path:
-    """`RUN/thresholds.json`: the abstention thresholds fitted on validation, tied to the bank they
-    were fitted for (its sha256), for `sve predict --abstain-coverage` / `--abstain-risk`."""
-    path = Path(evaluation.run) / THRESHOLDS
-    write_json(path, {"tool": f"sve {__version__}", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "bank": evaluation.bank_fingerprint, "fitted_on": "validation",
-                      "examples": evaluation.sizes["validation"], "combine": evaluation.combine,
-                      "rule": "accept an input when its score is at most the threshold (higher score = less sure)",
-                      "scores": evaluation.thresholds})
-    return path
+def write_fitted(evaluation: Evaluation) -> list[Path]:
+    """`RUN/thresholds.json` (abstention, for `sve predict --abstain-coverage` / `--abstain-risk`) and
+    `RUN/conformal.json` (prediction sets, for `sve predict --conformal`): fitted on validation, tied to
+    the bank they were fitted for (its sha256) and to the way members were combined."""
+    common = {"tool": f"sve {__version__}", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "bank": evaluation.bank_fingerprint, "fitted_on": "validation",
+              "examples": evaluation.sizes["validation"], "combine": evaluation.combine}
+    thresholds, sets = Path(evaluation.run) / THRESHOLDS, Path(evaluation.run) / CONFORMAL
+    write_json(thresholds, {**common, "rule": "accept an input when its score is at most the threshold "
+                            "(higher score = less sure)", "scores": evaluation.thresholds})
+    write_json(sets, {**common, "rule": "a label is in the set when its score is at most the threshold (null: every "
+                      "label); the set holds the true label with probability at least the level",
+                      "scores": {score: {level: None if math.isinf(value) else value for level, value in levels.items()}
+                                 for score, levels in evaluation.conformal_thresholds.items()}})
+    return [thresholds, sets]

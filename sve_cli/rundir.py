@@ -7,6 +7,7 @@ make before reading it.
     trainer_state.json       the same state, readable
     metrics.jsonl            one line per evaluation
     thresholds.json          abstention thresholds fitted on validation (`sve evaluate`)
+    conformal.json           conformal thresholds (prediction sets) fitted on validation (`sve evaluate`)
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from sve_cli.errors import SveError
 from sve_cli.recipe import RUN_RECIPE_HEADER, Recipe, load_recipe
 from sve_cli.writing import visible_entries
 
-RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS = (
+RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS, CONFORMAL = (
     "recipe.yaml", "sigma_bank.safetensors", "checkpoint.safetensors", "trainer_state.json", "metrics.jsonl",
-    "thresholds.json")
+    "thresholds.json", "conformal.json")
 
 
 def _written_by_train(recipe: Path) -> bool:
@@ -38,6 +39,28 @@ def is_run_directory(path: Path) -> bool:
 def is_stub(path: Path) -> bool:
     """A run that never reached its first checkpoint (killed or failed at the start): only its recipe."""
     return {p.name for p in visible_entries(path)} == {RECIPE} and _written_by_train(path / RECIPE)
+
+
+def read_fitted(path: Path, bank: Path, stale_ok: bool = False) -> dict | None:
+    """A run's `thresholds.json` or `conformal.json` when `sve evaluate` fitted it for `bank` (its sha256);
+    None when there is none (or, with `stale_ok`, when it was fitted for an earlier bank)."""
+    import json
+
+    from sve_cli.checkpoint import file_fingerprint
+
+    if not path.exists():
+        return None
+    try:
+        fitted = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise SveError(f"{path} is not valid JSON (damaged?); run `sve evaluate` on the run again") from None
+    if not isinstance(fitted, dict) or not isinstance(fitted.get("scores"), dict):
+        raise SveError(f"{path} is not what `sve evaluate` writes; run `sve evaluate` on the run again")
+    if fitted.get("bank") != file_fingerprint(bank):
+        if stale_ok:
+            return None
+        raise SveError(f"{path} was fitted for another bank than {bank}; run `sve evaluate` on the run again")
+    return fitted
 
 
 def open_run(run: Path, bank: Path | None = None) -> tuple[Recipe, Path]:

@@ -26,13 +26,12 @@ from sve_cli.bank import save_bank
 from sve_cli.data import load_splits
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import OutputExistsError, SveError
-from sve_cli.export import recipe_export_notes
 from sve_cli.inference import Parallel, member_chunks, predict
 from sve_cli.metrics import HIGHER_IS_BETTER, Prediction, calibration_metrics
 from sve_cli.pipeline import Pipeline
 from sve_cli.recipe import Recipe, load_recipe, recipe_yaml
 from sve_cli.outputs import refuse_inputs
-from sve_cli.rundir import BANK, CHECKPOINT, METRICS, RECIPE, STATE, THRESHOLDS, is_run_directory, is_stub
+from sve_cli.rundir import BANK, CHECKPOINT, CONFORMAL, METRICS, RECIPE, STATE, THRESHOLDS, is_run_directory, is_stub
 from sve_cli.writing import atomic_path, exclusive, fault_point, save_safetensors, visible_entries, write_json
 
 
@@ -66,7 +65,7 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, p
     if parallel.world > 1:
         dist.barrier()  # every rank has looked at `out` before rank 0 writes into it
     if parallel.writer and not resuming:  # what an earlier run wrote (and only that) goes
-        for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS):
+        for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS, CONFORMAL):
             (out / name).unlink(missing_ok=True)
         for folder in ("report", "tensorboard"):
             shutil.rmtree(out / folder, ignore_errors=True)
@@ -233,9 +232,6 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
     pipeline = Pipeline(recipe)
     splits, label_names = load_splits(recipe.task, str(recipe.task.dataset))
     model = pipeline.build_model(label_names)
-    if parallel.writer and on_note and not resuming:
-        for note in recipe_export_notes(recipe):  # before training, not after
-            on_note(note)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if train_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()

@@ -3,6 +3,7 @@ and the guarantee it promises, measured."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -113,3 +114,75 @@ def test_sets_hold_the_predicted_label_whenever_they_are_not_empty():
             sets = conformal.prediction_sets(prediction.probs, score, threshold)
             predicted = sets.gather(-1, prediction.probs.argmax(-1, keepdim=True))[:, 0]
             assert bool((predicted | ~sets.any(-1)).all()), (score, threshold)
+
+
+# --------------------------------------------------------------------------- evaluate and predict
+
+
+@pytest.fixture(scope="module")
+def evaluated(text_models, tmp_path_factory):
+    from conftest import sentiment_file, train_run
+    from sve_cli.evaluate import evaluate_run
+    from sve_cli.report import write_fitted, write_report
+
+    root = tmp_path_factory.mktemp("conformal")
+    run = train_run(root, "run", text_models["bert"], sentiment_file(root, count=200), ensemble={"members": 3},
+                    train={"lr": 5e-2, "max_steps": 6, "eval_every_steps": 6})
+    evaluation = evaluate_run(run)
+    report = write_report(evaluation, run / "report", save_predictions=True)
+    write_fitted(evaluation)
+    return run, evaluation, report
+
+
+def test_evaluate_reports_every_score_at_every_level_as_recomputed_from_its_predictions(evaluated):
+    from safetensors.torch import load_file
+
+    run, evaluation, report = evaluated
+    saved = load_file(run / "report" / "predictions.safetensors")
+    validation, test = Prediction.of(saved["validation.logits"]), Prediction.of(saved["logits"])
+    thresholds = conformal.fit(validation, saved["validation.labels"])
+    expected = conformal.evaluate(test, saved["labels"], thresholds, len(saved["validation.labels"]))
+    assert set(report["conformal"]) == {"0.8", "0.9", "0.95"}
+    for level, scores in expected.items():
+        assert set(report["conformal"][level]) == {"lac", "aps", "raps"}
+        for score, numbers in scores.items():
+            for key in ("coverage", "mean_set_size", "singletons", "empty"):
+                assert report["conformal"][level][score][key] == pytest.approx(numbers[key], abs=1e-12)
+    markdown = (run / "report" / "report.md").read_text()
+    assert "Conformal prediction sets" in markdown and "| 0.9 | aps |" in markdown
+    fitted = json.loads((run / "conformal.json").read_text())
+    assert fitted["combine"] == "probs" and set(fitted["scores"]) == {"lac", "aps", "raps"}
+    assert (run / "report" / "conformal.png").stat().st_size > 1000
+
+
+def test_predict_writes_a_set_per_row_that_holds_the_prediction(sve, evaluated, tmp_path):
+    from conftest import sentiment_file
+
+    run, _, _ = evaluated
+    data = sentiment_file(tmp_path, count=40)
+    result = sve("predict", run, "--data", data, "--out", tmp_path / "sets.jsonl", "--conformal", "0.9",
+                 "--conformal-score", "aps")
+    assert result.code == 0, result.stderr
+    assert "aps sets at 90% coverage" in " ".join(result.stdout.split())
+    rows = [json.loads(line) for line in (tmp_path / "sets.jsonl").read_text().splitlines()]
+    threshold = json.loads((run / "conformal.json").read_text())["scores"]["aps"]["0.9"]
+    for row in rows:
+        assert row["set_size"] == len(row["prediction_set"]) >= 1
+        assert row["prediction"] in row["prediction_set"]
+        probs = torch.tensor([list(row["probabilities"].values())], dtype=torch.float64)
+        expected = conformal.prediction_sets(probs, "aps", threshold)[0]
+        assert row["prediction_set"] == [name for name, kept in zip(row["probabilities"], expected) if kept]
+
+
+def test_predict_refuses_sets_it_cannot_promise(sve, evaluated, text_models, tmp_path):
+    from conftest import assert_one_error_line, sentiment_file, train_run
+
+    run, _, _ = evaluated
+    data = sentiment_file(tmp_path, count=20)
+    assert_one_error_line(sve("predict", run, "--data", data, "--out", tmp_path / "a.jsonl", "--conformal", "0.85"),
+                          "--conformal 0.85 with --conformal-score lac was not fitted")
+    fresh = train_run(tmp_path, "fresh", text_models["bert"], data, train={"max_steps": 2})
+    assert_one_error_line(sve("predict", fresh, "--data", data, "--out", tmp_path / "b.jsonl", "--conformal", "0.9"),
+                          "no conformal thresholds for this ensemble: run `sve evaluate`")
+    assert_one_error_line(sve("predict", run, "--data", data, "--out", tmp_path / "c.jsonl", "--conformal", "0.9",
+                              "--member", "1"), "fitted for the whole ensemble")
