@@ -14,6 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -478,7 +479,7 @@ def main() -> None:
 
     try:
         code = app(standalone_mode=False, prog_name="sve")
-    except typer.TyperException as error:  # an unknown command or option, a missing or bad value
+    except click.ClickException as error:  # an unknown command or option, a missing or bad value
         error.show()
         sys.exit(error.exit_code)
     except SveError as error:
@@ -494,7 +495,7 @@ def main() -> None:
         console.print(f"[red]error:[/red] {_line(f'cannot read or write{where}: {error.strerror or error}')}",
                       highlight=False, soft_wrap=True)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt) as error:
+    except (click.exceptions.Abort, KeyboardInterrupt) as error:
         console.print(f"[red]{_line(error) or 'interrupted'}[/red]", highlight=False, soft_wrap=True)
         sys.exit(130)
     if isinstance(code, int) and code:  # typer.Exit(code) returns its code when not standalone

@@ -28,6 +28,25 @@ def test_every_command_help_ends_with_an_example(sve):
         assert collapsed.endswith(epilog), collapsed[-200:]  # the worked example is the last thing printed
 
 
+def test_help_reads_like_a_well_kept_tool(sve, monkeypatch):
+    """Arguments in capitals in the usage line, no `{recipe}` braces, and flags without a `<bool>` metavar
+    (what typer 0.27+ prints; constraints.txt pins a typer that does not)."""
+    from sve_cli.cli import app
+
+    import typer.main
+
+    monkeypatch.setenv("COLUMNS", "250")
+    usages = {"decompose": "MODEL", "train": "RECIPE", "evaluate": "RUNS...", "export": "RUN", "predict": "SOURCE"}
+    for name, command in typer.main.get_command(app).commands.items():
+        shown = sve(name, "--help").stdout
+        assert f"Usage: sve {name} [OPTIONS] {usages[name]}" in " ".join(shown.split()), shown[:300]
+        assert "{" not in shown.split("Arguments")[0] and "<bool>" not in shown and "<path>" not in shown
+        for param in command.params:
+            if getattr(param, "is_flag", False):
+                line = next(line for line in shown.splitlines() if f"{param.opts[0]} " in line)
+                assert "BOOLEAN" not in line and "<" not in line.split(param.opts[0])[1].split()[0], line
+
+
 def test_every_option_help_is_printed_whole(sve, monkeypatch):
     """Rich reads `[...]` as markup and silently drops it; every help string must reach the screen
     (on a terminal wide enough that no cell wraps into its neighbour)."""
@@ -132,8 +151,8 @@ COMMANDS = {"decompose": ["builtin:minilm"], "train": ["recipe.yaml"], "evaluate
 
 @pytest.mark.parametrize("args,message", [
     (["evalute"], "No such command 'evalute'"),
-    (["--frobnicate"], "No such option: --frobnicate"),
-    *[([name, *args, "--frobnicate"], "No such option: --frobnicate") for name, args in COMMANDS.items()],
+    (["--frobnicate"], "No such option '--frobnicate'"),
+    *[([name, *args, "--frobnicate"], "No such option '--frobnicate'") for name, args in COMMANDS.items()],
     *[([name], "Missing argument") for name in COMMANDS],
     (["export", "run"], "Missing option '--format'"),
     (["evaluate", "run", "--bins", "abc"], "Invalid value for '--bins'"),
