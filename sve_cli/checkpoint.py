@@ -104,11 +104,11 @@ def _download(repo_id: str) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-    except Exception as error:  # the hub client raises many types; all mean "not available"
-        reason = type(error).__name__
+    except Exception as error:  # the hub client raises many types (offline, gated, unknown, …): keep the cause
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
         raise CheckpointError(
-            f"'{repo_id}' is not a local path and could not be fetched from the Hugging Face Hub "
-            f"({reason}; offline?): pass a local checkpoint directory or check the name"
+            f"'{repo_id}' is not a local path and could not be fetched from the Hugging Face Hub ({reason}): "
+            "pass a local checkpoint directory, or check the name, your network and your access to it"
         ) from None
 
 

@@ -138,8 +138,9 @@ def _hub(name: str, config: str | None) -> dict[str, Table]:
     try:
         loaded = datasets.load_dataset(name, config)
     except Exception as error:  # offline, unknown name, …: all mean "not available"
-        raise SveError(f"data set '{name}' is not a local path and could not be loaded from the "
-                       f"Hugging Face Hub ({type(error).__name__}; offline?)") from None
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
+        raise SveError(f"data set '{name}' is not a local path and could not be loaded from the Hugging Face Hub "
+                       f"({reason}): check the name, your network and your access to it") from None
     return {split: Table(part.to_pandas()) for split, part in loaded.items()}
 
 

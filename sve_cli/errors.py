@@ -1,7 +1,8 @@
 """One exception family for user errors.
 
-The CLI catches `SveError` and prints its message as one line (exit code 2); anything else is
-our bug and keeps its traceback.
+The CLI catches `SveError` (and pydantic's validation errors, and the `OSError`s that are the
+environment's: a missing file, no permission, a full disk) and prints one line, exit code 2; anything
+else is our bug and keeps its traceback.
 """
 
 
