@@ -76,12 +76,20 @@ SETTINGS = {
                  "train.batch_size": 8},
         "small": {"task.max_train_examples": 480, "task.max_eval_examples": 100, "task.max_length": 96,
                   "train.batch_size": 8},
+        # 2 CPU cores: 60 steps of 8 articles of ≤ 96 tokens; the whole validation and test splits
+        "cpu": {"task.max_train_examples": 480, "task.max_eval_examples": None, "task.max_length": 96,
+                "train.batch_size": 8},
+        "cpu-grid": {"task.max_train_examples": 480, "task.max_eval_examples": 100, "task.max_length": 96,
+                     "train.batch_size": 8},
         # every training article, the whole validation and test splits, one epoch (a GPU)
         "gpu": {"task.max_train_examples": None, "task.max_eval_examples": None, "task.max_length": 160,
                 "train.batch_size": 16, "train.epochs": 1},
         "full": {}}),
     "tweets_mc": ("recipes/smollm2_tweets_mc.yaml", "bbc_news", {
         "tiny": {"task.max_train_examples": 64, "task.max_eval_examples": 48, "train.batch_size": 8},
+        # 2 CPU cores: 60 steps of 8 tweets, one validation at the end; 1,000 validation/test questions
+        "cpu": {"task.max_train_examples": 480, "task.max_eval_examples": 1000, "train.batch_size": 8},
+        "cpu-grid": {"task.max_train_examples": 480, "task.max_eval_examples": 300, "train.batch_size": 8},
         "gpu": {"task.max_train_examples": 2000}, "full": {}}),
 }
 ROWS = [("accuracy", "Acc", 100), ("ece", "ECE", 100), ("adaptive_ece", "aECE", 100), ("nll", "NLL", 1),
@@ -96,7 +104,8 @@ def peak_rss() -> int:
 
 
 def worker(recipe_path: str, out: str, ood: str, overrides: list[str]) -> None:
-    """Train and evaluate one run in this process; print wall time, peak RSS and trainable share."""
+    """Train (unless `out` was trained for these overrides and only lacks its evaluation) and, when `ood`
+    is not "-", evaluate one run in this process; print wall time, peak RSS and trainable share."""
     from sve_cli.checkpoint import open_checkpoint
     from sve_cli.evaluate import evaluate_run
     from sve_cli.report import write_report
@@ -104,14 +113,19 @@ def worker(recipe_path: str, out: str, ood: str, overrides: list[str]) -> None:
 
     recipe = load_recipe(recipe_path, overrides)
     started = time.perf_counter()
-    train(recipe, Path(out), overwrite=True)
-    seconds = time.perf_counter() - started
-    evaluation = evaluate_run(Path(out), ood=[ood])
-    write_report(evaluation, Path(out) / "report", save_predictions=True)
+    record = Path(out) / "cost.json"
+    trained = record.exists() and json.loads(record.read_text()).get("overrides") == overrides \
+        and load_recipe(Path(out) / "recipe.yaml") == recipe
+    if not trained:
+        train(recipe, Path(out), overwrite=True)
+    seconds = json.loads(record.read_text())["seconds"] if trained else time.perf_counter() - started
+    evaluated = time.perf_counter()
+    if ood != "-":
+        write_report(evaluate_run(Path(out), ood=[ood]), Path(out) / "report", save_predictions=True)
     trainable = _trainable(Path(out) / "sigma_bank.safetensors")
     base = open_checkpoint(recipe.model.path)
     base_parameters = sum(torch.Size(base.shape(n)).numel() for n in base.names)
-    print(json.dumps({"seconds": seconds, "evaluate_seconds": time.perf_counter() - started - seconds,
+    print(json.dumps({"seconds": seconds, "evaluate_seconds": time.perf_counter() - evaluated,
                       "peak_rss": peak_rss(), "trainable_share": trainable / base_parameters,
                       "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.machine()}))
 
@@ -130,21 +144,22 @@ def _flat(overrides: dict) -> list[str]:
     return [f"{key}={'null' if value is None else value}" for key, value in overrides.items()]
 
 
-def finished(recipe: str, out: Path, overrides: dict) -> dict | None:
-    """The cost of a finished run made with exactly these overrides, or None."""
+def finished(recipe: str, out: Path, overrides: dict, evaluated: bool = True) -> dict | None:
+    """The cost of a finished run made with exactly these overrides (and evaluated, when asked), or None."""
     record = out / "cost.json"
-    if not record.exists() or not (out / "report" / "report.json").exists():
+    if not record.exists() or (evaluated and not (out / "report" / "report.json").exists()):
         return None
     saved = json.loads(record.read_text())
     same = saved.get("recipe") == recipe and saved.get("overrides") == _flat(overrides)
     return saved if same and load_recipe(out / "recipe.yaml") == load_recipe(REPO / recipe, _flat(overrides)) else None
 
 
-def run_one(recipe: str, out: Path, overrides: dict, ood: str, fresh: bool) -> tuple[dict, bool]:
-    """Train and evaluate `out` (or reuse it when finished for these overrides); returns the cost and
-    whether it was reused."""
-    if not fresh and (cost := finished(recipe, out, overrides)) is not None:
+def run_one(recipe: str, out: Path, overrides: dict, ood: str | None, fresh: bool) -> tuple[dict, bool]:
+    """Train and (with an `ood` set) evaluate `out`, or reuse it when finished for these overrides;
+    returns the cost and whether it was reused."""
+    if not fresh and (cost := finished(recipe, out, overrides, ood is not None)) is not None:
         return cost, True
+    ood = ood or "-"
     result = subprocess.run([sys.executable, __file__, "--worker", recipe, str(out), ood, *_flat(overrides)],
                             capture_output=True, text=True, cwd=REPO)
     if result.returncode:
@@ -187,13 +202,17 @@ def main() -> None:
                         help="recipe overrides for every method (e.g. ensemble.parameterisation=relative)")
     parser.add_argument("--ablate", nargs="+", default=[], choices=list(ABLATIONS),
                         help="rows that change one thing of SVE (or SVF) at its chosen lr, first seed")
+    parser.add_argument("--grid-budget", default=None, help="a cheaper budget for the lr grids (validation only; "
+                        "the chosen rate is then trained again at --budget)")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], args.worker[2], args.worker[3:])
         return
 
     recipe, ood, budgets = SETTINGS[args.setting]
-    budget = {**budgets[args.budget], **dict(item.split("=", 1) for item in args.extra)}
+    extra = dict(item.split("=", 1) for item in args.extra)
+    budget = {**budgets[args.budget], **extra}
+    grid_budget = {**budgets[args.grid_budget], **extra} if args.grid_budget else budget
     head_lr = load_recipe(REPO / recipe, _flat(budget)).train.lr
     own = {method: [float(v) for v in values.split(",")] for method, values in
            (item.split("=") for item in args.lr_grid_for)}
@@ -201,20 +220,22 @@ def main() -> None:
     pool = ThreadPoolExecutor(max(1, args.parallel))
     root = args.out / args.setting
 
-    def start(name: str, overrides: dict):
+    def start(name: str, overrides: dict, evaluate: bool = True):
         out = root / name
         if args.no_train:
-            return pool.submit(lambda: (finished(recipe, out, overrides), True))
-        return pool.submit(run_one, recipe, out, overrides, ood, args.fresh)
+            return pool.submit(lambda: (finished(recipe, out, overrides, evaluate), True))
+        return pool.submit(run_one, recipe, out, overrides, ood if evaluate else None, args.fresh)
 
     def fixed_rates(method: str) -> dict:
         if method in ("single", "deep_ensemble") and DENSE_LR[args.setting]:
             return {"train.lr": DENSE_LR[args.setting], "train.head_lr": head_lr}
         return {"train.head_lr": head_lr} if method == "lora_ensemble" else {}
 
-    # 1. the lr grids (first seed), all at once
-    grid_jobs = {(method, lr): start(f"{method}-lr{lr:g}-seed{args.seeds[0]}",
-                                     {**budget, **METHODS[method], "train.lr": lr, "train.seed": args.seeds[0]})
+    # 1. the lr grids (first seed, validation only), all at once
+    grid_name = "grid-" if args.grid_budget else ""
+    grid_jobs = {(method, lr): start(f"{grid_name}{method}-lr{lr:g}-seed{args.seeds[0]}",
+                                     {**grid_budget, **METHODS[method], "train.lr": lr, "train.seed": args.seeds[0]},
+                                     evaluate=False)
                  for method in args.methods if grids[method] for lr in grids[method]}
     chosen: dict[str, dict] = {}
     for method in args.methods:
@@ -225,7 +246,7 @@ def main() -> None:
         for lr in grids[method]:
             cost, _ = _wait(grid_jobs[(method, lr)])
             if cost is not None:
-                scores[lr] = _validation_score(root / f"{method}-lr{lr:g}-seed{args.seeds[0]}")
+                scores[lr] = _validation_score(root / f"{grid_name}{method}-lr{lr:g}-seed{args.seeds[0]}")
                 print(f"{args.setting} {method} lr {lr:g}: validation acc {scores[lr][0]:.4f} nll {-scores[lr][1]:.4f}",
                       flush=True)
         if scores:

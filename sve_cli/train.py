@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,12 +24,13 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
 from sve_cli.bank import save_bank
-from sve_cli.data import load_splits
+from sve_cli.data import Encoded, load_splits
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.inference import Parallel, member_chunks, predict
 from sve_cli.metrics import HIGHER_IS_BETTER, Prediction, calibration_metrics
 from sve_cli.pipeline import Pipeline
+from sve_cli.schedule import MemberOrders, lr_factor, param_groups
 from sve_cli.recipe import Recipe, load_recipe, recipe_yaml
 from sve_cli.outputs import refuse_inputs
 from sve_cli.rundir import BANK, CHECKPOINT, CONFORMAL, METRICS, RECIPE, STATE, THRESHOLDS, is_run_directory, is_stub
@@ -72,57 +74,6 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, p
         with atomic_path(out / RECIPE) as temporary:
             temporary.write_text(recipe_yaml(recipe), encoding="utf-8")
     return resuming
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Linear warm-up over `warmup` steps, then cosine / linear decay to 0, or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
-
-
-def _param_groups(model: SVEModel, recipe: Recipe) -> list[dict]:
-    """AdamW groups: sigma (`sigma_lr`, `sigma_weight_decay`), heads (`head_lr`), the rest (`lr`)."""
-    train = recipe.train
-    trainable = model.trainable_parameters()
-    sigma = [p for name, p in trainable.items() if name.endswith(".sigma")]
-    heads = [p for name, p in trainable.items() if name.startswith("head.")]
-    other = [p for name, p in trainable.items() if not name.endswith(".sigma") and not name.startswith("head.")]
-    sigma_decay = train.weight_decay if train.sigma_weight_decay is None else train.sigma_weight_decay
-    groups = [("other", other, train.lr, train.weight_decay), ("heads", heads, train.head_lr or train.lr, train.weight_decay),
-              ("sigma", sigma, train.sigma_lr or train.lr, sigma_decay)]
-    return [{"params": params, "lr": lr, "weight_decay": decay, "base_lr": lr, "name": name}
-            for name, params, lr, decay in groups if params]
-
-
-class MemberOrders:
-    """The order each member sees the training data in, epoch by epoch (`train.member_batches`).
-
-    shared: one seeded permutation per epoch for every member (the default, as before);
-    shuffled: each member its own permutation; bootstrap: each member its own draw of N rows
-    with replacement. All are seeded by (seed, epoch, member), so a resumed run sees the same
-    batches; the step costs the same as with shared batches (the `[M·B]` batch exists anyway).
-    """
-
-    def __init__(self, rows: int, members: int, seed: int, mode: str):
-        self.rows, self.seed, self.mode = rows, seed, mode
-        self.members = 1 if mode == "shared" else members
-        self._epoch, self._orders = -1, []
-
-    def _order(self, epoch: int, member: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + member * 1_000_003)
-        if self.mode == "bootstrap":
-            return torch.randint(self.rows, (self.rows,), generator=generator)
-        return torch.randperm(self.rows, generator=generator)
-
-    def batch(self, epoch: int, offset: int, size: int) -> list[torch.Tensor]:
-        """Rows of batch `offset` of `epoch`, one tensor per member (one in all for shared)."""
-        if epoch != self._epoch:
-            self._epoch, self._orders = epoch, [self._order(epoch, m) for m in range(self.members)]
-        return [order[offset * size:(offset + 1) * size] for order in self._orders]
 
 
 def _diverged(step: int, recipe: Recipe, what: str, out: Path) -> SveError:
@@ -169,17 +120,67 @@ def _load_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimize
     return state
 
 
-def _tensorboard(out: Path, recipe: Recipe, parallel: Parallel, step: int):
-    """A SummaryWriter on RUN/tensorboard (rank 0, when the recipe asks); a resumed run drops the
-    events logged after its checkpoint (`purge_step`), so curves match an uninterrupted run."""
-    if not (recipe.train.log_tensorboard and parallel.writer):
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise SveError("train.log_tensorboard needs the tensorboard package: "
-                       "pip install 'sve-cli[tensorboard]'") from None
-    return SummaryWriter(str(out / "tensorboard"), purge_step=step or None)
+class Listener:
+    """Receives a run's events: `on_step(info)` after every optimiser step, `on_eval(line)` after every
+    evaluation, `close()` at the end (the progress line, TensorBoard)."""
+
+    def on_step(self, info: dict) -> None:
+        pass
+
+    def on_eval(self, line: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Callbacks(Listener):
+    """The caller's `on_step` / `on_eval` functions (e.g. the CLI's progress line)."""
+
+    def __init__(self, on_step: Callable[[dict], None] | None, on_eval: Callable[[dict], None] | None):
+        self.step_function, self.eval_function = on_step, on_eval
+
+    def on_step(self, info: dict) -> None:
+        if self.step_function:
+            self.step_function(info)
+
+    def on_eval(self, line: dict) -> None:
+        if self.eval_function:
+            self.eval_function(line)
+
+
+class TensorBoard(Listener):
+    """Loss, member accuracy, learning rates and validation metrics in RUN/tensorboard; a resumed run drops
+    the events logged after its checkpoint (`purge_step`), so curves match an uninterrupted run."""
+
+    def __init__(self, out: Path, split: str, step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SveError("train.log_tensorboard needs the tensorboard package: "
+                           "pip install 'sve-cli[tensorboard]'") from None
+        self.writer, self.split = SummaryWriter(str(out / "tensorboard"), purge_step=step or None), split
+
+    def on_step(self, info: dict) -> None:
+        self.writer.add_scalar("train/loss", info["loss"], info["step"])
+        self.writer.add_scalar("train/member_accuracy", info["accuracy"], info["step"])
+        for name, lr in info["learning_rates"].items():
+            self.writer.add_scalar(f"lr/{name}", lr, info["step"])
+
+    def on_eval(self, line: dict) -> None:
+        for key in ("accuracy", "nll", "brier", "ece", "disagreement"):
+            self.writer.add_scalar(f"{self.split}/{key}", line[key], line["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _tensorboard(session: "Session") -> list[Listener]:
+    recipe = session.recipe
+    if not (recipe.train.log_tensorboard and session.parallel.writer):
+        return []
+    return [TensorBoard(session.out, recipe.eval.split, session.state["step"])]
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
@@ -207,7 +208,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
     lock = exclusive(out, "train", wait=False) if parallel.writer else contextlib.nullcontext()
     try:
         with lock:
-            return _train(recipe, out, resume, overwrite, parallel, on_step, on_eval, on_note)
+            return _train(recipe, out, resume, overwrite, parallel, [Callbacks(on_step, on_eval)], on_note)
     except (Exception, KeyboardInterrupt):
         if parallel.writer and is_stub(out):  # failed before its first checkpoint: nothing worth keeping
             _remove_stub(out, created)
@@ -221,125 +222,166 @@ def _remove_stub(out: Path, created: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: Parallel,
-           on_step: Callable[[dict], None] | None, on_eval: Callable[[dict], None] | None,
-           on_note: Callable[[str], None] | None) -> dict:
-    resuming = _prepare_run_dir(out, recipe, resume, overwrite, parallel, on_note)
-    train_cfg = recipe.train
-    torch.manual_seed(train_cfg.seed)
+@dataclass
+class Session:
+    """A run between two steps: the model, its optimiser and data, the step plan, and the trainer state."""
 
-    # data and model
+    recipe: Recipe
+    out: Path
+    parallel: Parallel
+    model: torch.nn.Module  # the ensemble, wrapped by DDP under torchrun
+    ensemble: SVEModel
+    optimizer: torch.optim.Optimizer
+    train_data: Encoded
+    eval_data: Encoded
+    orders: MemberOrders
+    device: torch.device
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    state: dict
+    bank_extra: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    tokens_seen: float = 0.0
+    last_loss: float = math.nan
+
+    @property
+    def due_for_evaluation(self) -> bool:
+        step = self.state["step"]
+        return step % (self.recipe.train.eval_every_steps or self.steps_per_epoch) == 0 or step == self.total
+
+
+def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: Parallel,
+           listeners: list, on_note: Callable[[str], None] | None) -> dict:
+    """Set up, then one optimiser step at a time: evaluate and keep the best bank when due, checkpoint."""
+    session = _setup(recipe, out, resume, overwrite, parallel, on_note)
+    listeners = listeners + _tensorboard(session)
+    while session.state["step"] < session.total:
+        info = _step(session)
+        for listener in listeners:
+            listener.on_step(info)
+        if session.due_for_evaluation:
+            line = _evaluate_and_keep_best(session)
+            for listener in listeners:
+                listener.on_eval(line)
+        elif session.state["step"] % recipe.train.checkpoint_every_steps == 0 and parallel.writer:
+            _save_checkpoint(out, session.ensemble, session.optimizer, session.state)
+    for listener in listeners:
+        listener.close()
+    if parallel.world > 1:
+        dist.barrier()
+    return session.state
+
+
+def _setup(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: Parallel,
+           on_note: Callable[[str], None] | None) -> Session:
+    """The run directory, data, model, optimiser and step plan (restored from a checkpoint when resuming)."""
+    resuming = _prepare_run_dir(out, recipe, resume, overwrite, parallel, on_note)
+    config = recipe.train
+    torch.manual_seed(config.seed)
     pipeline = Pipeline(recipe)
     splits, label_names = load_splits(recipe.task, str(recipe.task.dataset))
-    model = pipeline.build_model(label_names)
+    ensemble = pipeline.build_model(label_names)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if train_cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    if train_cfg.precision == "bf16" and device.type == "cuda":
-        model.use_low_precision(torch.bfloat16)
-    model.to(device)
-    data = {name: pipeline.encode(examples) for name, examples in splits.items()}
-    train_data, eval_data = data[recipe.task.train_split], data[recipe.eval.split]
-    if train_cfg.batch_size % parallel.world:
-        raise SveError(f"train.batch_size {train_cfg.batch_size} is not divisible by {parallel.world} processes")
-    batches_per_epoch = len(train_data) // train_cfg.batch_size
-    if batches_per_epoch < train_cfg.gradient_accumulation:
+    if config.gradient_checkpointing:
+        ensemble.enable_gradient_checkpointing()
+    if config.precision == "bf16" and device.type == "cuda":
+        ensemble.use_low_precision(torch.bfloat16)
+    ensemble.to(device)
+    train_data = pipeline.encode(splits[recipe.task.train_split])  # the test split is never needed here
+    eval_data = pipeline.encode(splits[recipe.eval.split])
+    if config.batch_size % parallel.world:
+        raise SveError(f"train.batch_size {config.batch_size} is not divisible by {parallel.world} processes")
+    batches_per_epoch = len(train_data) // config.batch_size
+    if batches_per_epoch < config.gradient_accumulation:
         raise SveError(f"{len(train_data)} training examples are fewer than one step "
                        f"(train.batch_size × train.gradient_accumulation)")
-    steps_per_epoch = batches_per_epoch // train_cfg.gradient_accumulation
-    total = train_cfg.max_steps or max(1, math.ceil(train_cfg.epochs * steps_per_epoch))
-    warmup = int(train_cfg.warmup_ratio * total)
-    eval_every = train_cfg.eval_every_steps or steps_per_epoch
-
-    optimizer = torch.optim.AdamW(_param_groups(model, recipe))
-    trained = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    if parallel.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    steps_per_epoch = batches_per_epoch // config.gradient_accumulation
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(param_groups(ensemble, recipe))
+    model = torch.nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False) if parallel.world > 1 \
+        else ensemble
     state = {"step": 0, "total_steps": total, "best": None, "best_step": None, "history": [],
              "finished": False, "label_names": label_names}
     if resuming:
-        state = _load_checkpoint(out, trained, optimizer)
-    bank_extra = {"label_names": label_names, "task": recipe.task.type, "letters": pipeline.letters,
-                  "recipe": recipe.model_dump(mode="json")}  # a bank alone can be predicted with
-
-    metric, higher = recipe.eval.metric, HIGHER_IS_BETTER[recipe.eval.metric]
-    chunks = member_chunks(trained.members, train_cfg.members_per_pass)
-    orders = MemberOrders(len(train_data), trained.members, train_cfg.seed, train_cfg.member_batches)
-    shared = train_cfg.member_batches == "shared"
-    board = _tensorboard(out, recipe, parallel, state["step"])
+        state = _load_checkpoint(out, ensemble, optimizer)
     model.train()
-    started, tokens_seen = time.perf_counter(), 0.0
-    while state["step"] < total:
-        step = state["step"]
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(step, total, warmup, train_cfg.schedule)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, correct, rows_seen = 0.0, 0.0, 0
-        for micro in range(train_cfg.gradient_accumulation):
-            epoch, offset = divmod(step * train_cfg.gradient_accumulation + micro, batches_per_epoch)
-            member_rows = [rows[parallel.rank::parallel.world]  # each member's rows of this batch
-                           for rows in orders.batch(epoch, offset, train_cfg.batch_size)]
-            for start, stop in chunks:
-                # one batch that the model repeats for every member, or each member's own rows, member-major
-                rows = member_rows[0] if shared else torch.cat(member_rows[start:stop])  # [b] or [m·b]
-                batch = {k: v.to(device) for k, v in train_data.batch(rows).items()}
-                with trained.active_members(start, stop):  # also around backward: checkpointing recomputes
-                    logits = model(member_major=not shared, **batch)  # [b, m, C]
-                    members, classes = logits.shape[1:]
-                    labels = train_data.labels[rows].to(device).reshape(-1, len(member_rows[0])).T  # [b, 1] or [b, m]
-                    labels = labels.expand(-1, members)  # [b, m]
-                    loss = torch.nn.functional.cross_entropy(  # mean over rows and this chunk's members
-                        logits.float().reshape(-1, classes), labels.reshape(-1))
-                    if not torch.isfinite(loss):
-                        raise _diverged(step + 1, recipe, f"the loss is {float(loss)}", out)
-                    share = members / trained.members / train_cfg.gradient_accumulation
-                    (loss * share).backward()
-                loss_sum += float(loss.detach()) * share
-                correct += float((logits.argmax(-1) == labels).float().mean(1).sum()) * members / trained.members
-            rows_seen += len(member_rows[0])
-            tokens_seen += sum(train_data.tokens(rows) for rows in member_rows) / len(member_rows)
-        if train_cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trained.trainable_parameters().values(), train_cfg.grad_clip)
-        optimizer.step()
-        if not all(bool(torch.isfinite(p).all()) for p in trained.trainable_parameters().values()):
-            raise _diverged(step + 1, recipe, "a trained value is no longer finite", out)
-        state["step"] = step = step + 1
-        elapsed = time.perf_counter() - started
-        on_step and on_step({"step": step, "total": total, "loss": loss_sum, "accuracy": correct / max(1, rows_seen),
-                             "tokens_per_second": tokens_seen * parallel.world / max(elapsed, 1e-9),
-                             "epoch": step / steps_per_epoch})
-        if board is not None:
-            board.add_scalar("train/loss", loss_sum, step)
-            board.add_scalar("train/member_accuracy", correct / max(1, rows_seen), step)
-            for group in optimizer.param_groups:
-                board.add_scalar(f"lr/{group['name']}", group["lr"], step)
+    return Session(recipe, out, parallel, model, ensemble, optimizer, train_data, eval_data,
+                   MemberOrders(len(train_data), ensemble.members, config.seed, config.member_batches), device,
+                   batches_per_epoch, steps_per_epoch, total, int(config.warmup_ratio * total), state,
+                   {"label_names": label_names, "task": recipe.task.type, "letters": pipeline.letters,
+                    "recipe": recipe.model_dump(mode="json")})  # a bank alone can be predicted with
 
-        if step % eval_every == 0 or step == total:
-            logits = predict(trained, eval_data, recipe.eval.batch_size, parallel,
-                             members_per_pass=train_cfg.members_per_pass)
-            numbers = calibration_metrics(Prediction.of(logits, recipe.eval.combine), eval_data.labels, recipe.eval.bins)
-            line = {"step": step, "epoch": round(step / steps_per_epoch, 4), "split": recipe.eval.split,
-                    "train_loss": loss_sum, **numbers}
-            state["history"].append(line)
-            if board is not None:
-                for key in ("accuracy", "nll", "brier", "ece", "disagreement"):
-                    board.add_scalar(f"{recipe.eval.split}/{key}", numbers[key], step)
-                board.flush()
-            value = numbers[metric]
-            improved = state["best"] is None or (value > state["best"] if higher else value < state["best"])
-            if improved:
-                state["best"], state["best_step"] = value, step
-                if parallel.writer:
-                    save_bank(trained, out / BANK, {**bank_extra, "step": step, metric: value})
-            state["finished"] = step == total
-            if parallel.writer:
-                _write_metrics(out, state["history"])
-                _save_checkpoint(out, trained, optimizer, state)
-            on_eval and on_eval(line)
-        elif step % train_cfg.checkpoint_every_steps == 0 and parallel.writer:
-            _save_checkpoint(out, trained, optimizer, state)
-    if board is not None:
-        board.close()
-    if parallel.world > 1:
-        dist.barrier()
-    return state
+
+def _step(session: Session) -> dict:
+    """One optimiser step: every micro-batch and member chunk forward and backward (gradients averaged over
+    ranks once, on the last backward), clipping, AdamW; returns what the progress line shows."""
+    config, ensemble, data = session.recipe.train, session.ensemble, session.train_data
+    step, parallel = session.state["step"], session.parallel
+    for group in session.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(step, session.total, session.warmup, config.schedule)
+    session.optimizer.zero_grad(set_to_none=True)
+    shared = config.member_batches == "shared"
+    chunks = member_chunks(ensemble.members, config.members_per_pass)
+    passes = [(micro, chunk) for micro in range(config.gradient_accumulation) for chunk in chunks]
+    loss_sum, correct, rows_seen = 0.0, 0.0, 0
+    for index, (micro, (start, stop)) in enumerate(passes):
+        epoch, offset = divmod(step * config.gradient_accumulation + micro, session.batches_per_epoch)
+        member_rows = [rows[parallel.rank::parallel.world]  # each member's rows of this batch
+                       for rows in session.orders.batch(epoch, offset, config.batch_size)]
+        # one batch that the model repeats for every member, or each member's own rows, member-major
+        rows = member_rows[0] if shared else torch.cat(member_rows[start:stop])  # [b] or [m·b]
+        batch = {k: v.to(session.device) for k, v in data.batch(rows).items()}
+        last = index == len(passes) - 1
+        sync = contextlib.nullcontext() if last or parallel.world == 1 else session.model.no_sync()
+        with sync, ensemble.active_members(start, stop):  # also around backward: checkpointing recomputes
+            logits = session.model(member_major=not shared, **batch)  # [b, m, C]
+            members, classes = logits.shape[1:]
+            labels = data.labels[rows].to(session.device).reshape(-1, len(member_rows[0])).T  # [b, 1] or [b, m]
+            labels = labels.expand(-1, members)  # [b, m]
+            loss = torch.nn.functional.cross_entropy(  # mean over rows and this chunk's members
+                logits.float().reshape(-1, classes), labels.reshape(-1))
+            if not torch.isfinite(loss):
+                raise _diverged(step + 1, session.recipe, f"the loss is {float(loss)}", session.out)
+            share = members / ensemble.members / config.gradient_accumulation
+            (loss * share).backward()
+        loss_sum += float(loss.detach()) * share
+        correct += float((logits.argmax(-1) == labels).float().mean(1).sum()) * members / ensemble.members
+        if stop == ensemble.members:  # the micro-batch's last chunk
+            rows_seen += len(member_rows[0])
+            session.tokens_seen += sum(data.tokens(r) for r in member_rows) / len(member_rows)
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(ensemble.trainable_parameters().values(), config.grad_clip)
+    session.optimizer.step()
+    if not all(bool(torch.isfinite(p).all()) for p in ensemble.trainable_parameters().values()):
+        raise _diverged(step + 1, session.recipe, "a trained value is no longer finite", session.out)
+    session.state["step"] = step = step + 1
+    session.last_loss = loss_sum
+    elapsed = max(time.perf_counter() - session.started, 1e-9)
+    return {"step": step, "total": session.total, "loss": loss_sum, "accuracy": correct / max(1, rows_seen),
+            "tokens_per_second": session.tokens_seen * parallel.world / elapsed, "epoch": step / session.steps_per_epoch,
+            "learning_rates": {group["name"]: group["lr"] for group in session.optimizer.param_groups}}
+
+
+def _evaluate_and_keep_best(session: Session) -> dict:
+    """Score the validation split; write the bank when the metric improved, then metrics and checkpoint."""
+    recipe, state, parallel = session.recipe, session.state, session.parallel
+    logits = predict(session.ensemble, session.eval_data, recipe.eval.batch_size, parallel,
+                     members_per_pass=recipe.train.members_per_pass)
+    numbers = calibration_metrics(Prediction.of(logits, recipe.eval.combine), session.eval_data.labels, recipe.eval.bins)
+    step = state["step"]
+    line = {"step": step, "epoch": round(step / session.steps_per_epoch, 4), "split": recipe.eval.split,
+            "train_loss": session.last_loss, **numbers}
+    state["history"].append(line)
+    metric, value = recipe.eval.metric, numbers[recipe.eval.metric]
+    higher = HIGHER_IS_BETTER[metric]
+    if state["best"] is None or (value > state["best"] if higher else value < state["best"]):
+        state["best"], state["best_step"] = value, step
+        if parallel.writer:
+            save_bank(session.ensemble, session.out / BANK, {**session.bank_extra, "step": step, metric: value})
+    state["finished"] = step == session.total
+    if parallel.writer:
+        _write_metrics(session.out, state["history"])
+        _save_checkpoint(session.out, session.ensemble, session.optimizer, state)
+    return line

@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from sve_cli.recipe import load_recipe
-from sve_cli.train import lr_factor, train
+from sve_cli.schedule import lr_factor
+from sve_cli.train import train
 
 from conftest import REPO, assert_one_error_line, sentiment_file, sve_subprocess, write_recipe
 
@@ -196,13 +197,13 @@ def test_cli_errors_are_one_line(sve, text_models, tmp_path):
 
 def test_learning_rate_groups(text_models, tmp_path):
     from sve_cli.pipeline import Pipeline
-    from sve_cli.train import _param_groups
+    from sve_cli.schedule import param_groups
 
     path = write_recipe(tmp_path / "recipe.yaml", text_models["bert"], sentiment_file(tmp_path), ensemble={"method": "sve", "members": 2},
                    train={"lr": 1e-3, "sigma_lr": 2e-3, "head_lr": 3e-3, "sigma_weight_decay": 0.0})
     recipe = load_recipe(path)
     model = Pipeline(recipe).build_model(["0", "1"])
-    groups = {g["lr"]: g for g in _param_groups(model, recipe)}
+    groups = {g["lr"]: g for g in param_groups(model, recipe)}
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)].rsplit(".", 1)[1] for p in groups[2e-3]["params"]} == {"sigma"} and groups[2e-3]["weight_decay"] == 0.0
     assert {names[id(p)] for p in groups[3e-3]["params"]} == {"head.weight", "head.bias"}
