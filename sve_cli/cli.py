@@ -98,8 +98,9 @@ def _root(
 
 @app.command(epilog="Example:  sve decompose builtin:minilm --targets attention --dry-run")
 def decompose(
-    model: str = typer.Argument(..., help="Checkpoint directory, .safetensors/.gguf file, "
-                                "builtin:minilm, builtin:smollm2, or a hub id."),
+    model: str = typer.Argument(..., help="Checkpoint directory, .safetensors/.gguf file, builtin:minilm, "
+                                "builtin:smollm2, a hub id, or one of the paper's models by name: llama-2-7b, "
+                                "llama-2-13b, llama-2-70b, bert-base, dino-vits16, dinov2-vits14."),
     out: Optional[Path] = typer.Option(None, "--out", help="Cache directory (default: a folder named "
                                        "after the model in $SVE_HOME/decompositions)."),
     targets: Optional[str] = typer.Option(None, "--targets", help="Preset (all, attention, mlp, "
@@ -123,7 +124,7 @@ def decompose(
     from sve_cli.factors import default_output
 
     with console.status(f"opening {model}…"):  # a GGUF file is dequantised here, once
-        plan = plan_decomposition(model, targets, dtype.value, parse_size(max_shard_size))
+        plan = plan_decomposition(model, targets, dtype.value, parse_size(max_shard_size), shapes_only=dry_run)
     out = out or default_output(model, targets)
     if dry_run:
         _print_plan(plan, out)

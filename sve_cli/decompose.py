@@ -150,10 +150,12 @@ class DecomposePlan:
 
 
 def plan_decomposition(model: str, targets: str | None = None, precision: str = "float32",
-                       max_shard_size: int = 1_000_000_000) -> DecomposePlan:
+                       max_shard_size: int = 1_000_000_000, shapes_only: bool = False) -> DecomposePlan:
+    """What `decompose` will do; with `shapes_only` (a dry run) one of the paper's checkpoints that
+    cannot be fetched is planned from its shipped config."""
     if precision not in PRECISIONS:
         raise SveError(f"unknown --dtype '{precision}' (use float32 or float64)")
-    checkpoint = open_checkpoint(model)
+    checkpoint = open_checkpoint(model, shapes_only)
     resolved = resolve_targets(checkpoint, targets)
     element_size = DTYPE_NAMES[precision].itemsize
     sizes = [(t.name, t.factor_bytes(element_size)) for t in resolved]

@@ -143,7 +143,7 @@ def recipe_export_notes(recipe) -> list[str]:
     from sve_cli.heads import resolve_representation
     from sve_cli.targets import resolve_targets
 
-    base = open_checkpoint(recipe.model.path)
+    base = open_checkpoint(recipe.model.path, shapes_only=True)
     spec = architecture(base)
     letters = recipe.task.type == "multiple_choice"
     representation = "last_token" if letters else resolve_representation(recipe.ensemble.representation, spec,

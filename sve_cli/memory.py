@@ -141,7 +141,7 @@ def estimate_memory(recipe: Recipe, classes: int, device: str = "cpu", capacity:
                     world: int = 1, suggest: bool = True) -> MemoryEstimate:
     """Estimated peak memory of training `recipe` (with `classes` output classes) on `device`;
     when it does not fit `capacity`, the first option set that would make it fit."""
-    checkpoint = open_checkpoint(recipe.model.path)
+    checkpoint = open_checkpoint(recipe.model.path, shapes_only=True)
     config, spec = checkpoint.config, architecture(checkpoint)
     ensemble, train = recipe.ensemble, recipe.train
     targets = resolve_targets(checkpoint, ensemble.targets)
@@ -215,11 +215,14 @@ def device_capacity(device: str) -> int | None:
 
 
 def plan_training(recipe: Recipe, device: str, capacity: int | None) -> MemoryEstimate:
-    """`sve train --dry-run`: the tokenizer and data are loaded (the run holds them too, and they
-    give the number of classes); no model is built."""
-    from sve_cli.data import load_splits
-    from sve_cli.pipeline import Pipeline
+    """`sve train --dry-run`: nothing is built; the data is read only when the recipe does not say how
+    many classes there are (label_names, or a multiple-choice task's letters), so planning a run on one
+    of the paper's checkpoints works offline."""
+    task = recipe.task
+    if task.label_names or task.type == "multiple_choice":
+        classes = len(task.label_names or task.letters)
+    else:
+        from sve_cli.data import load_splits
 
-    Pipeline(recipe)
-    _, label_names = load_splits(recipe.task, str(recipe.task.dataset))
-    return estimate_memory(recipe, len(label_names), device, capacity)
+        classes = len(load_splits(task, str(task.dataset))[1])
+    return estimate_memory(recipe, classes, device, capacity)

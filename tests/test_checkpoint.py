@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 from sve_cli import checkpoint as ckpt
 from sve_cli.errors import CheckpointError
 
+from conftest import assert_one_error_line
+
 
 def test_single_and_sharded_checkpoints_read_the_same_tensors(tiny_checkpoints):
     single = ckpt.open_checkpoint(str(tiny_checkpoints["llama"]))
@@ -127,3 +129,22 @@ def test_builtin_smollm2_gguf_is_dequantised_once_into_safetensors():
                  "model.embed_tokens.weight"):
         assert torch.equal(opened.read(name), reference[name])
     assert ckpt.resolve_model("builtin:smollm2") == path  # cached: converted once
+
+
+def test_the_papers_models_by_short_name_plan_offline(sve, tmp_path):
+    """`sve decompose llama-2-7b` as users write it: offline, the dry run plans from the shipped config
+    (224 targets, stored names), and the real run names the hub id it tried, in one line."""
+    from sve_cli.checkpoint import SHORT_NAMES, open_checkpoint, shipped_config
+
+    for short, repo in SHORT_NAMES.items():
+        assert shipped_config(short) == shipped_config(repo) and shipped_config(short)["model_type"]
+    plan = sve("decompose", "llama-2-7b", "--dry-run", "--out", tmp_path / "cache")
+    assert plan.code == 0, plan.stderr
+    assert "224 targets in llama-2-7b" in " ".join(plan.stdout.split())
+    assert_one_error_line(sve("decompose", "llama-2-7b", "--out", tmp_path / "cache"),
+                          "'llama-2-7b' (meta-llama/Llama-2-7b-hf on the Hugging Face Hub) is not a local path")
+    vit = open_checkpoint("dino-vits16", shapes_only=True)  # ViT's names as checkpoints store them, not as loaded
+    assert "encoder.layer.0.attention.attention.query.weight" in vit.names
+    assert vit.shape("encoder.layer.0.intermediate.dense.weight") == (1536, 384)
+    with pytest.raises(CheckpointError, match="only its configuration is known here"):
+        vit.read("encoder.layer.0.intermediate.dense.weight")

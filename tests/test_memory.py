@@ -154,3 +154,13 @@ def test_dry_run_says_what_would_make_a_recipe_fit(sve, text_models, tmp_path):
     changes = [suggestion[i + 1] for i in range(0, len(suggestion), 2)]
     assert estimate_memory(load_recipe(recipe, changes), 2, "cpu").peak_bytes <= 0.9 * capacity
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_papers_llm_recipe_plans_offline(sve):
+    """The memory plan the README promises before anything loads: arc_easy.yaml (LLaMA-2-7B, M=16) with no
+    network, from the shipped config alone."""
+    result = sve("train", "recipes/arc_easy.yaml", "--dry-run", "--device", "cuda", "--memory", "80GB")
+    assert result.code == 0, result.stderr
+    shown = " ".join(result.stdout.replace("│", " ").split())
+    assert "0.223% of the base" in shown and "fits yes: 80.0 GB available" in shown
+    assert "LlamaForCausalLM" in shown
