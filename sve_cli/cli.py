@@ -237,6 +237,8 @@ def evaluate(
     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="Cap each set's size."),
     bank: Optional[Path] = typer.Option(None, "--bank", help="Evaluate this Σ bank (e.g. an exported one) "
                                         "instead of the run's own."),
+    cache_budget: Optional[str] = typer.Option(None, "--cache-budget", help="Memory the members' cached weights may "
+                                               "use (auto, 0 or a size such as 4GB; default: the recipe's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report directory."),
 ) -> None:
     """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs."""
@@ -263,7 +265,7 @@ def evaluate(
                     tasks[name] = progress.add_task(f"{run.name}: {name}", total=total)
                 progress.update(tasks[name], completed=done)
 
-            evaluation = evaluate_run(run, data, ood, bins, how, temperature, max_examples, on_batch, bank)
+            evaluation = evaluate_run(run, data, ood, bins, how, temperature, max_examples, on_batch, bank, cache_budget)
         directory = report_dir(run)
         with output_lock(directory):
             check_output(directory, REPORT, overwrite, [run, bank, *paths])
@@ -356,6 +358,8 @@ def predict(
     conformal_score: ConformalScore = typer.Option(ConformalScore.lac, "--conformal-score",
                                                    help="The conformal score the sets are built from."),
     bank: Optional[Path] = typer.Option(None, "--bank", help="With a run directory: use this Σ bank."),
+    cache_budget: Optional[str] = typer.Option(None, "--cache-budget", help="Memory the members' cached weights may "
+                                               "use (auto, 0 or a size such as 4GB; default: the recipe's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Label new inputs with probabilities and uncertainty; abstain where the ensemble is unsure."""
@@ -381,7 +385,7 @@ def predict(
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("predicting", total=None)
         rows = predict_rows(predictor, data, member, batch_size, score.value, threshold,
-                            on_rows=lambda count: progress.advance(task, count), sets=sets)
+                            on_rows=lambda count: progress.advance(task, count), sets=sets, cache_budget=cache_budget)
         summary = write_predictions(rows, out, overwrite, inputs)
     line = f"wrote {out}: {summary['rows']} rows"
     if threshold is not None:

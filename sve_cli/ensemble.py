@@ -119,6 +119,22 @@ class SVEModel(nn.Module):
                 representation = self.stem(representation)  # [m·B, d']
         return self.head(representation)  # [B, m, C]
 
+    def eval_cache_bytes(self) -> int:
+        """What caching every SVE layer's `[M, out, in]` member weights for evaluation would hold."""
+        return sum(layer.members * layer.out_features * layer.in_features * layer.U.element_size()
+                   for layer in self.layers.values() if isinstance(layer, SVELinear))
+
+    def fit_eval_cache(self, budget: int) -> bool:
+        """Allow the eval weight cache only when all of it fits `budget` bytes; otherwise evaluation takes the
+        factored path, which never builds a member's weight. Returns whether the cache is allowed."""
+        allowed = self.eval_cache_bytes() <= budget
+        for layer in self.layers.values():
+            if isinstance(layer, SVELinear):
+                layer.eval_factored, layer.cache_weights = not allowed, allowed
+                if not allowed:
+                    layer._cache = None
+        return allowed
+
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 

@@ -88,7 +88,8 @@ def _short_name(name: str, taken) -> str:
 
 def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: int | None = None,
                  combine_how: str | None = None, temperature: bool = False, max_examples: int | None = None,
-                 on_batch: Callable[[str, int, int], None] | None = None, bank: Path | None = None) -> Evaluation:
+                 on_batch: Callable[[str, int, int], None] | None = None, bank: Path | None = None,
+                 cache_budget: str | None = None) -> Evaluation:
     """Predict, score and compare one run (with its own bank, or `bank`, e.g. an exported one).
     `bins` and `combine_how` default to the recipe's `eval` section; `--data` and every `--ood` set are
     capped at `max_examples` (or the recipe's max_eval_examples) by the same seeded sample.
@@ -96,6 +97,7 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
     run = Path(run)
     recipe, bank = open_run(run, bank)
     bins, combine_how = bins or recipe.eval.bins, combine_how or recipe.eval.combine
+    budget = cache_budget or recipe.eval.cache_budget
     pipeline, model, metadata = load_ensemble(recipe, bank)
     label_names = list(metadata["label_names"])
     limit = max_examples or recipe.task.max_eval_examples
@@ -109,7 +111,8 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
             on_batch and on_batch(name, done[0], len(encoded))
 
         return Prediction.of(predict(model, encoded, recipe.eval.batch_size, on_batch=progress,
-                                     members_per_pass=recipe.train.members_per_pass), combine_how)
+                                     members_per_pass=recipe.train.members_per_pass,
+                                     budget=budget), combine_how)
 
     splits, _ = load_splits(recipe.task, str(run / RECIPE))
     if data is None:

@@ -33,13 +33,32 @@ def member_chunks(members: int, per_pass: int | None) -> list[tuple[int, int]]:
     return [(start, min(start + size, members)) for start in range(0, members, size)]
 
 
+def cache_budget(spec: str, device: torch.device) -> int:
+    """The eval weight cache's budget in bytes: "auto" is a quarter of the free memory of `device` (GPU) or of
+    the RAM available; "0" turns the cache off; otherwise a size ("4GB")."""
+    from sve_cli.writing import parse_size
+
+    if spec != "auto":
+        return parse_size(spec)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")) // 4
+    except (OSError, StopIteration):
+        return 0
+
+
 @torch.no_grad()
 def predict(model: SVEModel, data: Encoded, batch_size: int, parallel: Parallel = Parallel(),
-            on_batch: Callable[[int], None] | None = None, members_per_pass: int | None = None) -> torch.Tensor:
-    """Logits `[N, M, C]` of every example; under torchrun each rank does a strided share."""
+            on_batch: Callable[[int], None] | None = None, members_per_pass: int | None = None,
+            budget: str = "auto") -> torch.Tensor:
+    """Logits `[N, M, C]` of every example; under torchrun each rank does a strided share. Members' dense
+    weights are cached for the pass only while all of them fit `budget` (`cache_budget`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    model.fit_eval_cache(cache_budget(budget, device))
     rows = torch.arange(parallel.rank, len(data), parallel.world)
     outputs = []
     for start in range(0, len(rows), batch_size):

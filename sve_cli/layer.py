@@ -132,6 +132,7 @@ class SVELinear(MemberSlice):
             self.register_parameter("bias", None)
         self._cache: tuple[tuple, torch.Tensor] | None = None
         self.cache_weights = True  # False: never keep the [M, out, in] weights between eval calls (memory)
+        self.eval_factored = False  # True: in eval, the factored path only (the weights would not fit a budget)
 
     @property
     def rank(self) -> int:
@@ -153,6 +154,8 @@ class SVELinear(MemberSlice):
     def choose(self, tokens: int) -> str:
         if self.strategy != "auto":
             return self.strategy
+        if self.eval_factored and not self.training:
+            return "factored"
         cached = (not self.training and self.cache_weights and self._cache is not None
                   and self._cache[0] == self._cache_key())
         costs = strategy_costs(len(self.active), tokens, self.out_features, self.in_features, self.rank,

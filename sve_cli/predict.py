@@ -139,7 +139,7 @@ def conformal_threshold(predictor: Predictor, level: float, score: str) -> tuple
 
 def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size: int, score: str,
                  threshold: float | None, on_rows: Callable[[int], None] | None = None,
-                 sets: tuple[str, float] | None = None) -> Iterator[list[dict]]:
+                 sets: tuple[str, float] | None = None, cache_budget: str | None = None) -> Iterator[list[dict]]:
     """One list of output rows per chunk of the input; with `sets` (conformal score, threshold) each row
     also gets its prediction set."""
     task, names = predictor.recipe.task, predictor.label_names
@@ -156,7 +156,8 @@ def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size
             continue
         examples, labels = unlabelled_examples(table, task, names, data)
         logits = predict(predictor.model, predictor.pipeline.encode(examples), batch_size,
-                         members_per_pass=predictor.recipe.train.members_per_pass)  # [n, M, C]
+                         members_per_pass=predictor.recipe.train.members_per_pass,
+                         budget=cache_budget or predictor.recipe.eval.cache_budget)  # [n, M, C]
         if member is not None:
             logits = logits[:, member:member + 1]
         prediction = Prediction.of(logits, predictor.recipe.eval.combine)  # members combined as the run says

@@ -162,6 +162,21 @@ class EvalSection(_Section):
     bins: int = Field(15, gt=0, le=MAX_BINS)
     batch_size: int = Field(64, gt=0)
     combine: Literal["probs", "logits"] = "probs"
+    cache_budget: str = Field("auto", description="memory the eval weight cache (every member's dense weights) may "
+                              "use: auto = a quarter of the free GPU memory or RAM, 0 = never, or a size (4GB); past it "
+                              "evaluation takes the factored path")
+
+    @field_validator("cache_budget")
+    @classmethod
+    def _a_size(cls, value: str) -> str:
+        from sve_cli.writing import parse_size
+
+        if value != "auto":
+            try:
+                parse_size(value)
+            except SveError as error:
+                raise ValueError(str(error)) from None
+        return value
 
 
 class Recipe(_Section):

@@ -368,7 +368,7 @@ def _evaluate_and_keep_best(session: Session) -> dict:
     """Score the validation split; write the bank when the metric improved, then metrics and checkpoint."""
     recipe, state, parallel = session.recipe, session.state, session.parallel
     logits = predict(session.ensemble, session.eval_data, recipe.eval.batch_size, parallel,
-                     members_per_pass=recipe.train.members_per_pass)
+                     members_per_pass=recipe.train.members_per_pass, budget=recipe.eval.cache_budget)
     numbers = calibration_metrics(Prediction.of(logits, recipe.eval.combine), session.eval_data.labels, recipe.eval.bins)
     step = state["step"]
     line = {"step": step, "epoch": round(step / session.steps_per_epoch, 4), "split": recipe.eval.split,
