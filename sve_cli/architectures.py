@@ -158,7 +158,7 @@ def meta_model(directory, cls: str | None = None, num_labels: int | None = None,
         return None
 
 
-def _block_list(model):
+def block_list(model):
     """The longest `nn.ModuleList` whose children are all of one class: the transformer blocks."""
     from torch import nn
 
@@ -185,7 +185,7 @@ def infer(directory, names: tuple[str, ...]) -> Architecture:
         raise TargetError(f"model_type '{_model_type(directory)}' is neither known to sve nor to this transformers: "
                           "pass --targets with globs such as '*.q_proj.weight,*.v_proj.weight'")
     config, model_type = base.config, base.config.model_type
-    blocks_name, blocks = _block_list(base)
+    blocks_name, blocks = block_list(base)
     if blocks is None:
         raise TargetError(f"cannot find the transformer blocks of a {model_type} model: pass --targets")
     attention, mlp, conv1d = [], [], False

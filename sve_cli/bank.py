@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sve_cli import __version__
+from sve_cli.distributed import full
 from sve_cli.writing import save_safetensors
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import SveError
@@ -24,16 +25,18 @@ from sve_cli.errors import SveError
 
 def bank_tensors(model: SVEModel) -> dict[str, torch.Tensor]:
     """Every trainable tensor: `{module}.sigma`/`.bias` for SVE (`.weight` for dense members,
-    `.lora_A`/`.lora_B` for LoRA), the heads, and the frozen stem the heads read."""
+    `.lora_A`/`.lora_B` for LoRA), the heads, and the frozen stem the heads read; whole tensors even when
+    FSDP shards them (then every rank must call this)."""
     tensors = {}
     for name, layer in model.layers.items():
         module = name.removesuffix(".weight")
         for parameter_name, parameter in layer.named_parameters(recurse=False):
-            tensors[f"{module}.{parameter_name}"] = parameter.detach()
+            if parameter.requires_grad:  # not the frozen factors or weights
+                tensors[f"{module}.{parameter_name}"] = full(parameter.detach())
     for parameter_name, parameter in model.head.named_parameters(recurse=False):
-        tensors[f"head.{parameter_name}"] = parameter.detach()
+        tensors[f"head.{parameter_name}"] = full(parameter.detach())
     if model.stem is not None:  # frozen, but possibly initialised here rather than read from the checkpoint
-        tensors["stem.weight"], tensors["stem.bias"] = model.stem.weight.detach(), model.stem.bias.detach()
+        tensors["stem.weight"], tensors["stem.bias"] = full(model.stem.weight.detach()), full(model.stem.bias.detach())
     return tensors
 
 
@@ -56,9 +59,11 @@ def bank_metadata(model: SVEModel, extra: dict[str, object] | None = None) -> di
     return {f"sve.{key}": json.dumps(value) for key, value in metadata.items()}
 
 
-def save_bank(model: SVEModel, path: Path, extra: dict[str, object] | None = None) -> None:
-    """Write the bank atomically (temporary name, then rename)."""
-    save_safetensors(Path(path), bank_tensors(model), bank_metadata(model, extra))
+def save_bank(model: SVEModel, path: Path, extra: dict[str, object] | None = None,
+              tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the bank atomically (temporary name, then rename); `tensors`: `bank_tensors(model)` gathered
+    already (by every rank of a sharded model)."""
+    save_safetensors(Path(path), bank_tensors(model) if tensors is None else tensors, bank_metadata(model, extra))
 
 
 REQUIRED_METADATA = ("base_model", "decomposition_fingerprint", "source_fingerprint", "members", "targets", "method",

@@ -60,8 +60,8 @@ class LoRAMembersLinear(_MemberLinear):
                  alpha: float, generator: torch.Generator):
         super().__init__(members)
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach().clone(), persistent=False)  # [out, in], frozen
-        self.register_buffer("base_bias", None if bias is None else bias.detach().clone(), persistent=False)
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)  # [out, in], frozen (FSDP shards it)
+        self.base_bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and peft
         lora_a = (torch.rand(members, rank, self.in_features, generator=generator) * 2 - 1) * bound
         self.lora_A = nn.Parameter(lora_a)  # [M, r, in]

@@ -244,7 +244,7 @@ def evaluate(
     """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs."""
     from sve_cli.evaluate import evaluate_run
     from sve_cli.outputs import REPORT, check_output, output_lock
-    from sve_cli.report import ROWS, write_fitted, write_report
+    from sve_cli.report import summary_table, write_fitted, write_report
 
     def report_dir(run: Path) -> Path:
         return (report / run.name if len(runs) > 1 else report) if report else run / "report"
@@ -256,8 +256,9 @@ def evaluate(
     reports = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, every rank predicts and rank 0 writes
     for run in runs:
-        with Progress(*columns, console=console, transient=True) as progress:
+        with Progress(*columns, console=console, transient=True, disable=not rank0) as progress:
             tasks: dict[str, int] = {}
 
             def on_batch(name: str, done: int, total: int) -> None:
@@ -266,6 +267,8 @@ def evaluate(
                 progress.update(tasks[name], completed=done)
 
             evaluation = evaluate_run(run, data, ood, bins, how, temperature, max_examples, on_batch, bank, cache_budget)
+        if not rank0:
+            continue
         directory = report_dir(run)
         with output_lock(directory):
             check_output(directory, REPORT, overwrite, [run, bank, *paths])
@@ -275,30 +278,8 @@ def evaluate(
             written = " and ".join(str(path) for path in write_fitted(evaluation))
             console.print(f"abstention and conformal thresholds (fitted on validation) written to {written}")
 
-    table = Table(title="in-distribution: " + reports[0]["data"]["in_distribution"], title_justify="left")
-    table.add_column("metric")
-    for run, result in zip(runs, reports):
-        table.add_column(f"{run.name}\n{result['model']['method']} M={result['model']['members']}", justify="right")
-    for key, label, scale in ROWS:
-        table.add_row(label + (" (%)" if scale == 100 else ""),
-                      *[f"{r['metrics'][key] * scale:.2f}" if scale == 100 else f"{r['metrics'][key]:.4f}" for r in reports])
-    if temperature:
-        table.add_row("T (fitted)", *[f"{r['temperature_scaling']['temperature']:.3f}" for r in reports])
-        table.add_row("ECE after T (%)", *[f"{100 * r['temperature_scaling']['after']['ece']:.2f}" for r in reports])
-    for score in ("msp", "entropy", "mutual_information"):
-        table.add_row(f"AURC {score}", *[f"{r['selective'][score]['aurc']:.4f}" if score in r["selective"] else "—"
-                                         for r in reports])
-    for score in ("lac", "aps"):
-        table.add_row(f"90% sets ({score}): coverage (%) / mean size",
-                      *[f"{100 * r['conformal']['0.9'][score]['coverage']:.2f} / {r['conformal']['0.9'][score]['mean_set_size']:.2f}"
-                        for r in reports])
-    table.add_row("acc. at 90% coverage (%, entropy)",
-                  *[f"{100 * r['selective']['entropy']['accuracy_at_coverage']['0.9']:.2f}" for r in reports])
-    for name in reports[0]["ood"]:
-        for score in ("msp", "entropy", "mutual_information"):
-            table.add_row(f"OOD {name} AUROC {score} (%)",
-                          *[f"{100 * r['ood'][name][score]['auroc']:.2f}" if score in r["ood"][name] else "—" for r in reports])
-    out_console.print(table)
+    if rank0:
+        out_console.print(summary_table(runs, reports, temperature))
 
 
 @app.command(epilog="Example:  sve export runs/quickstart --format safetensors --member 0 --out exported/")
@@ -382,10 +363,15 @@ def predict(
         value, said = conformal_threshold(predictor, conformal, conformal_score.value)
         sets, where = (conformal_score.value, value), f"{where}; {said}"
     columns = (TextColumn("[bold]{task.description}"), TextColumn("{task.completed} rows"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    rank0 = predictor.parallel.writer  # under torchrun, every rank predicts a share and rank 0 writes
+    with Progress(*columns, console=console, transient=True, disable=not rank0) as progress:
         task = progress.add_task("predicting", total=None)
         rows = predict_rows(predictor, data, member, batch_size, score.value, threshold,
                             on_rows=lambda count: progress.advance(task, count), sets=sets, cache_budget=cache_budget)
+        if not rank0:
+            for _ in rows:  # the other ranks take part in every chunk's collectives
+                pass
+            return
         summary = write_predictions(rows, out, overwrite, inputs)
     line = f"wrote {out}: {summary['rows']} rows"
     if threshold is not None:

@@ -20,6 +20,7 @@ from sve_cli import conformal
 from sve_cli.errors import SveError
 from sve_cli.metrics import Prediction, calibration_metrics, fit_temperature, ood_metrics
 from sve_cli.pipeline import load_ensemble
+from sve_cli.distributed import for_inference
 from sve_cli.inference import predict
 from sve_cli.rundir import RECIPE, open_run
 from sve_cli.checkpoint import file_fingerprint
@@ -99,6 +100,7 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
     bins, combine_how = bins or recipe.eval.bins, combine_how or recipe.eval.combine
     budget = cache_budget or recipe.eval.cache_budget
     pipeline, model, metadata = load_ensemble(recipe, bank)
+    parallel = for_inference(model, recipe.train.parallelism)
     label_names = list(metadata["label_names"])
     limit = max_examples or recipe.task.max_eval_examples
 
@@ -110,7 +112,7 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
             done[0] += count
             on_batch and on_batch(name, done[0], len(encoded))
 
-        return Prediction.of(predict(model, encoded, recipe.eval.batch_size, on_batch=progress,
+        return Prediction.of(predict(model, encoded, recipe.eval.batch_size, parallel, on_batch=progress,
                                      members_per_pass=recipe.train.members_per_pass,
                                      budget=budget), combine_how)
 

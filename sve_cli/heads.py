@@ -137,4 +137,4 @@ class MemberHead(MemberSlice):
         logits = torch.einsum("mbd,mcd->mbc", rows, self.chunk(self.weight))  # [m, B, C]
         if self.bias is not None:
             logits = logits + self.chunk(self.bias)[:, None, :]
-        return logits.transpose(0, 1)  # [B, m, C]
+        return logits.transpose(0, 1).contiguous()  # [B, m, C]

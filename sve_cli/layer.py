@@ -119,8 +119,9 @@ class SVELinear(MemberSlice):
             raise ValueError(f"strategy must be one of {STRATEGIES}")
         self.parameterisation, self.strategy = parameterisation, strategy
         self.out_features, self.in_features = U.shape[0], Vh.shape[1]
-        self.register_buffer("U", U.detach().clone(), persistent=False)  # [out, k]
-        self.register_buffer("Vh", Vh.detach().clone(), persistent=False)  # [k, in]
+        # frozen parameters rather than buffers, so FSDP shards them like the backbone's weights
+        self.U = nn.Parameter(U.detach().clone(), requires_grad=False)  # [out, k]
+        self.Vh = nn.Parameter(Vh.detach().clone(), requires_grad=False)  # [k, in]
         self.register_buffer("S", S.detach().clone(), persistent=False)  # [k], pretrained
         noise = torch.randn(members, S.shape[0], generator=generator, dtype=S.dtype) * sigma_init  # [M, k]
         self.sigma = nn.Parameter(initial_sigma(S, noise, parameterisation).to(U.dtype))

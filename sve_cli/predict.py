@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,6 +27,7 @@ from sve_cli import conformal
 from sve_cli.metrics import Prediction
 from sve_cli.outputs import PREDICTIONS, check_output, output_lock
 from sve_cli.pipeline import Pipeline, load_ensemble
+from sve_cli.distributed import Parallel, for_inference
 from sve_cli.inference import predict
 from sve_cli.recipe import Recipe
 from sve_cli.rundir import CONFORMAL, THRESHOLDS, open_run, read_fitted
@@ -46,6 +47,7 @@ class Predictor:
     bank: Path
     thresholds: dict | None  # thresholds.json's content (or the bank's embedded copy), when present
     conformal: dict | None  # conformal.json's content (or the bank's embedded copy), when present
+    parallel: Parallel = field(default_factory=Parallel)  # the ranks of torchrun, when it started this
 
     @property
     def recipe(self) -> Recipe:
@@ -69,7 +71,8 @@ def open_predictor(source: Path, bank: Path | None = None) -> Predictor:
     else:
         raise SveError(f"{source} is neither a run directory nor a Σ bank file")
     pipeline, model, metadata = load_ensemble(recipe, bank)
-    return Predictor(pipeline, model, list(metadata["label_names"]), bank, thresholds, sets)
+    parallel = for_inference(model, recipe.train.parallelism)
+    return Predictor(pipeline, model, list(metadata["label_names"]), bank, thresholds, sets, parallel)
 
 
 def abstain_threshold(predictor: Predictor, score: str, coverage: float | None, risk: float | None,
@@ -155,7 +158,7 @@ def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size
         if len(table.frame) == 0:
             continue
         examples, labels = unlabelled_examples(table, task, names, data)
-        logits = predict(predictor.model, predictor.pipeline.encode(examples), batch_size,
+        logits = predict(predictor.model, predictor.pipeline.encode(examples), batch_size, predictor.parallel,
                          members_per_pass=predictor.recipe.train.members_per_pass,
                          budget=cache_budget or predictor.recipe.eval.cache_budget)  # [n, M, C]
         if member is not None:

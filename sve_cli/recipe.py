@@ -154,6 +154,8 @@ class TrainSection(_Section):
     checkpoint_every_steps: int = Field(50, gt=0)
     log_tensorboard: bool = Field(False, description="also log loss, learning rates and validation metrics to "
                                   "RUN/tensorboard (needs the tensorboard package: pip install 'sve-cli[tensorboard]')")
+    parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (every rank holds the whole "
+                                                "model) or fsdp (weights, factors and what trains sharded across ranks)")
 
 
 class EvalSection(_Section):

@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
-from sve_cli.bank import save_bank
+from sve_cli.bank import bank_tensors, save_bank
 from sve_cli.data import Encoded, load_splits
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import OutputExistsError, SveError
-from sve_cli.inference import Parallel, member_chunks, predict
+from sve_cli.distributed import (Parallel, any_rank, average, barrier, full, gradient_sync, init_parallel, like, settle,
+                                 wrap)
+from sve_cli.inference import member_chunks, predict
 from sve_cli.metrics import HIGHER_IS_BETTER, Prediction, calibration_metrics
 from sve_cli.pipeline import Pipeline
 from sve_cli.schedule import MemberOrders, lr_factor, param_groups
@@ -36,15 +37,6 @@ from sve_cli.outputs import refuse_inputs
 from sve_cli.rundir import BANK, CHECKPOINT, CONFORMAL, METRICS, RECIPE, STATE, THRESHOLDS, is_run_directory, is_stub
 from sve_cli.writing import atomic_path, exclusive, fault_point, save_safetensors, visible_entries, write_json
 
-
-
-def _init_parallel() -> Parallel:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Parallel()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Parallel(dist.get_rank(), world)
 
 
 def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, parallel: Parallel,
@@ -64,8 +56,7 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, p
     elif existing and not overwrite and not is_stub(out):
         raise OutputExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite "
                                 "to replace it")
-    if parallel.world > 1:
-        dist.barrier()  # every rank has looked at `out` before rank 0 writes into it
+    barrier(parallel)  # every rank has looked at `out` before rank 0 writes into it
     if parallel.writer and not resuming:  # what an earlier run wrote (and only that) goes
         for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS, CONFORMAL):
             (out / name).unlink(missing_ok=True)
@@ -84,17 +75,22 @@ def _diverged(step: int, recipe: Recipe, what: str, out: Path) -> SveError:
     return SveError(f"training diverged at step {step}: {what}; lower the learning rate ({rates}){kept}")
 
 
-def _save_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def _save_checkpoint(session: "Session") -> None:
+    """Trainable state, AdamW moments, RNG and step, whole (gathered from every rank of a sharded model),
+    written by rank 0: the file one process writes, which resumes on any number of ranks."""
+    model, optimizer, state = session.ensemble, session.optimizer, session.state
+    settle(model, session.parallel)
     names = {id(p): n for n, p in model.trainable_parameters().items()}
-    tensors = {f"param.{n}": p.detach() for n, p in model.trainable_parameters().items()}
+    tensors = {f"param.{n}": full(p.detach()) for n, p in model.trainable_parameters().items()}
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             for key, value in optimizer.state.get(parameter, {}).items():
-                tensors[f"optim.{names[id(parameter)]}.{key}"] = value.detach().reshape(value.shape)
+                tensors[f"optim.{names[id(parameter)]}.{key}"] = full(value.detach())
     tensors["rng.torch"] = torch.get_rng_state()
-    fault_point("checkpoint-write")
-    save_safetensors(out / CHECKPOINT, tensors, {"sve.trainer_state": json.dumps(state)})
-    write_json(out / STATE, state)
+    if session.parallel.writer:
+        fault_point("checkpoint-write")
+        save_safetensors(session.out / CHECKPOINT, tensors, {"sve.trainer_state": json.dumps(state)})
+        write_json(session.out / STATE, state)
 
 
 def _load_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimizer) -> dict:
@@ -107,12 +103,14 @@ def _load_checkpoint(out: Path, model: SVEModel, optimizer: torch.optim.Optimize
                     stored = handle.get_tensor(f"param.{name}")
                     if stored.shape != parameter.shape or not bool(torch.isfinite(stored).all()):
                         raise ValueError(f"'{name}' has another shape or values that are not finite")
-                    parameter.copy_(stored)
+                    parameter.copy_(like(parameter, stored))
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     name = next(n for n, p in trainable.items() if p is parameter)
                     keys = [k for k in handle.keys() if k.startswith(f"optim.{name}.")]
-                    optimizer.state[parameter] = {k.rsplit(".", 1)[1]: handle.get_tensor(k) for k in keys}
+                    optimizer.state[parameter] = {k.rsplit(".", 1)[1]: like(parameter, handle.get_tensor(k))
+                                                  if handle.get_slice(k).get_shape() == list(parameter.shape)
+                                                  else handle.get_tensor(k) for k in keys}
             torch.set_rng_state(handle.get_tensor("rng.torch"))
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # a damaged file
         raise SveError(f"--resume: {out / CHECKPOINT} is damaged ({str(error).splitlines()[0][:200]}); "
@@ -203,7 +201,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
                                 "choose another --out")
     refuse_inputs(out, [recipe.model.path if Path(recipe.model.path).exists() else None,
                         recipe.model.decomposition, recipe.task.dataset if Path(recipe.task.dataset).exists() else None])
-    parallel = _init_parallel()
+    parallel = init_parallel(recipe.train.parallelism)
     created = not out.exists()
     lock = exclusive(out, "train", wait=False) if parallel.writer else contextlib.nullcontext()
     try:
@@ -265,12 +263,11 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
             line = _evaluate_and_keep_best(session)
             for listener in listeners:
                 listener.on_eval(line)
-        elif session.state["step"] % recipe.train.checkpoint_every_steps == 0 and parallel.writer:
-            _save_checkpoint(out, session.ensemble, session.optimizer, session.state)
+        elif session.state["step"] % recipe.train.checkpoint_every_steps == 0:
+            _save_checkpoint(session)
     for listener in listeners:
         listener.close()
-    if parallel.world > 1:
-        dist.barrier()
+    barrier(parallel)
     return session.state
 
 
@@ -299,9 +296,8 @@ def _setup(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
                        f"(train.batch_size × train.gradient_accumulation)")
     steps_per_epoch = batches_per_epoch // config.gradient_accumulation
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    model = wrap(ensemble, parallel)  # DDP, or sharded by FSDP in place (before the optimiser sees the parameters)
     optimizer = torch.optim.AdamW(param_groups(ensemble, recipe))
-    model = torch.nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False) if parallel.world > 1 \
-        else ensemble
     state = {"step": 0, "total_steps": total, "best": None, "best_step": None, "history": [],
              "finished": False, "label_names": label_names}
     if resuming:
@@ -333,8 +329,7 @@ def _step(session: Session) -> dict:
         # one batch that the model repeats for every member, or each member's own rows, member-major
         rows = member_rows[0] if shared else torch.cat(member_rows[start:stop])  # [b] or [m·b]
         batch = {k: v.to(session.device) for k, v in data.batch(rows).items()}
-        last = index == len(passes) - 1
-        sync = contextlib.nullcontext() if last or parallel.world == 1 else session.model.no_sync()
+        sync = gradient_sync(session.model, parallel, index == len(passes) - 1)  # reduced once per step
         with sync, ensemble.active_members(start, stop):  # also around backward: checkpointing recomputes
             logits = session.model(member_major=not shared, **batch)  # [b, m, C]
             members, classes = logits.shape[1:]
@@ -342,7 +337,7 @@ def _step(session: Session) -> dict:
             labels = labels.expand(-1, members)  # [b, m]
             loss = torch.nn.functional.cross_entropy(  # mean over rows and this chunk's members
                 logits.float().reshape(-1, classes), labels.reshape(-1))
-            if not torch.isfinite(loss):
+            if any_rank(not torch.isfinite(loss), parallel):  # every rank stops together
                 raise _diverged(step + 1, session.recipe, f"the loss is {float(loss)}", session.out)
             share = members / ensemble.members / config.gradient_accumulation
             (loss * share).backward()
@@ -354,12 +349,14 @@ def _step(session: Session) -> dict:
     if config.grad_clip:
         torch.nn.utils.clip_grad_norm_(ensemble.trainable_parameters().values(), config.grad_clip)
     session.optimizer.step()
-    if not all(bool(torch.isfinite(p).all()) for p in ensemble.trainable_parameters().values()):
+    finite = all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()) for p in ensemble.trainable_parameters().values())
+    if any_rank(not finite, parallel):
         raise _diverged(step + 1, session.recipe, "a trained value is no longer finite", session.out)
     session.state["step"] = step = step + 1
+    loss_sum, accuracy = average([loss_sum, correct / max(1, rows_seen)], parallel)  # over every rank's rows
     session.last_loss = loss_sum
     elapsed = max(time.perf_counter() - session.started, 1e-9)
-    return {"step": step, "total": session.total, "loss": loss_sum, "accuracy": correct / max(1, rows_seen),
+    return {"step": step, "total": session.total, "loss": loss_sum, "accuracy": accuracy,
             "tokens_per_second": session.tokens_seen * parallel.world / elapsed, "epoch": step / session.steps_per_epoch,
             "learning_rates": {group["name"]: group["lr"] for group in session.optimizer.param_groups}}
 
@@ -378,10 +375,12 @@ def _evaluate_and_keep_best(session: Session) -> dict:
     higher = HIGHER_IS_BETTER[metric]
     if state["best"] is None or (value > state["best"] if higher else value < state["best"]):
         state["best"], state["best_step"] = value, step
+        settle(session.ensemble, parallel)
+        tensors = bank_tensors(session.ensemble)  # gathered by every rank of a sharded model
         if parallel.writer:
-            save_bank(session.ensemble, session.out / BANK, {**session.bank_extra, "step": step, metric: value})
+            save_bank(session.ensemble, session.out / BANK, {**session.bank_extra, "step": step, metric: value}, tensors)
     state["finished"] = step == session.total
     if parallel.writer:
         _write_metrics(session.out, state["history"])
-        _save_checkpoint(session.out, session.ensemble, session.optimizer, state)
+    _save_checkpoint(session)
     return line

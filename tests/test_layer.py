@@ -75,7 +75,7 @@ def test_init_follows_the_paper_and_is_seeded():
 
 def test_bias_free_layers_stay_bias_free():
     layer, _, _ = _layer(bias=False)
-    assert layer.bias is None and [n for n, _ in layer.named_parameters()] == ["sigma"]
+    assert layer.bias is None and [n for n, p in layer.named_parameters() if p.requires_grad] == ["sigma"]
     assert layer(torch.randn(3, 8)).shape == (3, 12)
 
 
