@@ -18,9 +18,8 @@ import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
-from sve_cli import __version__
+from sve_cli import __version__, display
 from sve_cli.errors import SveError
 
 app = typer.Typer(
@@ -74,14 +73,6 @@ class ExportDtype(str, Enum):
     bfloat16 = "bfloat16"
 
 
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(nbytes) < 1000 or unit == "TB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    raise AssertionError("unreachable")
-
-
 def _version(value: bool) -> None:
     if value:
         print(f"sve {__version__}")
@@ -127,7 +118,8 @@ def decompose(
         plan = plan_decomposition(model, targets, dtype.value, parse_size(max_shard_size), shapes_only=dry_run)
     out = out or default_output(model, targets)
     if dry_run:
-        _print_plan(plan, out)
+        for item in display.decomposition_plan(plan, out):
+            out_console.print(item)
         return
 
     work = plan.work
@@ -146,17 +138,7 @@ def decompose(
         result = run_decompose(plan, out, device=device.value, overwrite=overwrite, on_target=on_target,
                                on_wait=on_wait)
 
-    manifest = result.manifest
-    table = Table(title=f"decomposition of {model}", show_header=False, title_justify="left")
-    table.add_row("targets", f"{len(plan.targets)} ({len(result.computed)} decomposed, "
-                  f"{len(result.reused)} reused)")
-    table.add_row("shards", str(len(plan.shards)))
-    table.add_row("cache size", _human(manifest["total_size"]))
-    table.add_row("max rel. error", f"{max(t['rel_error'] for t in manifest['targets']):.2e}")
-    table.add_row("precision", manifest["precision"])
-    table.add_row("time", f"{result.seconds:.1f} s")
-    table.add_row("written to", str(out))
-    out_console.print(table)
+    out_console.print(display.decomposition(model, plan, result, out))
 
 
 @app.command(epilog="Example:  sve train recipes/quickstart.yaml --set train.epochs=1")
@@ -171,6 +153,8 @@ def train(
     device: Device = typer.Option(Device.auto, "--device", help="With --dry-run: the device to estimate for."),
     memory: Optional[str] = typer.Option(None, "--memory", help="With --dry-run: the memory to fit in, e.g. "
                                          "80GB (default: the device's)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="With --dry-run: the ranks torchrun would start (figures "
+                              "per rank; train.parallelism: fsdp shards weights and factors across them)."),
 ) -> None:
     """Joint M-member fine-tuning from a YAML recipe (SVE and its baselines)."""
     from sve_cli.recipe import load_recipe
@@ -178,7 +162,7 @@ def train(
 
     loaded = load_recipe(recipe, overrides)
     if dry_run:
-        _print_memory_plan(loaded, device, memory)
+        _print_memory_plan(loaded, device, memory, nproc)
         return
     out = out or Path("runs") / recipe.stem
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -210,13 +194,7 @@ def train(
             console.print(f"[red]{_line(_interrupted(recipe, out, overrides))}[/red]", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
     if rank0:
-        best = state["history"][[h["step"] for h in state["history"]].index(state["best_step"])]
-        table = Table(title=f"run {out}", show_header=False, title_justify="left")
-        table.add_row("best step", f"{state['best_step']} of {state['total_steps']} ({loaded.eval.metric})")
-        for key in ("accuracy", "nll", "brier", "ece"):
-            table.add_row(f"{loaded.eval.split} {key}", f"{best[key]:.4f}")
-        table.add_row("bank", str(out / "sigma_bank.safetensors"))
-        out_console.print(table)
+        out_console.print(display.run_summary(out, loaded, state))
 
 
 @app.command(epilog="Example:  sve evaluate runs/quickstart --ood bbc_news --temperature")
@@ -244,7 +222,7 @@ def evaluate(
     """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs."""
     from sve_cli.evaluate import evaluate_run
     from sve_cli.outputs import REPORT, check_output, output_lock
-    from sve_cli.report import summary_table, write_fitted, write_report
+    from sve_cli.report import write_fitted, write_report
 
     def report_dir(run: Path) -> Path:
         return (report / run.name if len(runs) > 1 else report) if report else run / "report"
@@ -279,7 +257,7 @@ def evaluate(
             console.print(f"abstention and conformal thresholds (fitted on validation) written to {written}")
 
     if rank0:
-        out_console.print(summary_table(runs, reports, temperature))
+        out_console.print(display.evaluation(runs, reports, temperature))
 
 
 @app.command(epilog="Example:  sve export runs/quickstart --format safetensors --member 0 --out exported/")
@@ -301,8 +279,8 @@ def export(
 
     if format == ExportFormat.sigma_bank:
         result = export_bank(run, out or run / "sigma_bank-export.safetensors", overwrite)
-        out_console.print(f"wrote {result['out']}: {_human(result['bytes'])} for {result['members']} members, "
-                          f"{100 * result['share']:.2f}% of the base checkpoint ({_human(result['base_bytes'])})")
+        out_console.print(f"wrote {result['out']}: {display.human(result['bytes'])} for {result['members']} members, "
+                          f"{100 * result['share']:.2f}% of the base checkpoint ({display.human(result['base_bytes'])})")
         return
     if member != "mean" and not member.isdigit():
         raise SveError(f"--member must be a member index or 'mean', not '{member}'")
@@ -311,7 +289,7 @@ def export(
         result = export_merged(run, out or run / f"export-member{member}", chosen, dtype and dtype.value,
                                max_shard_size, overwrite)
     kind = "SentenceTransformer" if result["library"] == "sentence-transformers" else result["architecture"]
-    out_console.print(f"wrote {result['out']}: {result['architecture']}, {_human(result['bytes'])} in "
+    out_console.print(f"wrote {result['out']}: {result['architecture']}, {display.human(result['bytes'])} in "
                       f"{result['shards']} shard(s); load it with {result['library']}' {kind}")
 
 
@@ -395,7 +373,7 @@ def _interrupted(recipe: Path, out: Path, overrides: list[str]) -> str:
     return f"interrupted; `sve train {recipe} --out {out}{sets} --resume` continues from step {step}"
 
 
-def _print_memory_plan(recipe, device: Device, memory: str | None) -> None:
+def _print_memory_plan(recipe, device: Device, memory: str | None, nproc: int) -> None:
     import torch
 
     from sve_cli.export import recipe_export_notes
@@ -405,49 +383,8 @@ def _print_memory_plan(recipe, device: Device, memory: str | None) -> None:
     chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == Device.auto else device.value
     capacity = parse_size(memory) if memory else device_capacity(chosen)
     with console.status(f"reading {recipe.model.path} and {recipe.task.dataset}…"):
-        estimate = plan_training(recipe, chosen, capacity)
-    ensemble, train = recipe.ensemble, recipe.train
-    table = Table(title=f"{ensemble.method} M={ensemble.members} on {recipe.model.path}, {chosen}"
-                  f"{' bf16' if train.precision == 'bf16' and chosen == 'cuda' else ' fp32'}", show_header=False,
-                  title_justify="left")
-    table.add_row("trainable parameters", f"{estimate.trainable_parameters:,} "
-                  f"({100 * estimate.trainable_parameters / estimate.base_parameters:.3f}% of the base)")
-    table.add_row("frozen weights", _human(estimate.frozen_weight_bytes))
-    table.add_row("shared factors (U, Vh)", _human(estimate.factor_bytes))
-    table.add_row("trainable + grads + AdamW", _human(estimate.trainable_bytes))
-    table.add_row("activations", f"{_human(estimate.activation_bytes)} (members per pass "
-                  f"{train.members_per_pass or ensemble.members}, gradient checkpointing "
-                  f"{'on' if train.gradient_checkpointing else 'off'})")
-    table.add_row("runtime", _human(estimate.runtime_bytes))
-    table.add_row("estimated peak", _human(estimate.peak_bytes))
-    if capacity is None:
-        table.add_row("fits", "unknown (pass --memory)")
-    else:
-        verdict = "yes" if estimate.fits else "no"
-        table.add_row("fits", f"{verdict}: {_human(capacity)} available, "
-                      f"{100 * (1 - estimate.peak_bytes / capacity):.0f}% headroom (10% wanted)")
-    for suggestion in estimate.suggestions:
-        table.add_row("would fit with", suggestion)
-    for note in recipe_export_notes(recipe):
-        table.add_row("export", note.removeprefix("export: "))
-    out_console.print(table)
-
-
-def _print_plan(plan, out: Path) -> None:
-    table = Table(title=f"{len(plan.targets)} targets in {plan.checkpoint.source}",
-                  title_justify="left")
-    for column in ("parameter", "shape", "k", "dtype", "factors"):
-        table.add_column(column, justify="left" if column == "parameter" else "right")
-    element_size = 8 if plan.precision == "float64" else 4
-    for target in plan.targets:
-        table.add_row(target.name, f"{target.out_features}×{target.in_features}", str(target.k),
-                      target.dtype, _human(target.factor_bytes(element_size)))
-    out_console.print(table)
-    if plan.inferred:
-        out_console.print(f"{plan.checkpoint.model_type} has no spec in sve: these targets were inferred (every linear "
-                          "layer of its transformer blocks); --targets narrows them")
-    out_console.print(f"would write {_human(plan.total_size)} in {len(plan.shards)} shard(s) "
-                      f"to {out} ({plan.precision})")
+        estimate = plan_training(recipe, chosen, capacity, nproc)
+    out_console.print(display.memory_plan(recipe, estimate, chosen, capacity, recipe_export_notes(recipe)))
 
 
 USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR,

@@ -25,6 +25,7 @@ the factors are in memory at once.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from sve_cli.architectures import BackboneLayout, architecture
@@ -40,6 +41,8 @@ KEPT_SHARE = {"cpu": 1.0, "cuda": 0.8}  # of those, what the device's attention 
 BACKWARD_BLOCKS = {"cpu": 3.0, "cuda": 0.3}  # gradients and temporaries of the block being differentiated
 CUDA_CONTEXT = 600_000_000  # bytes the CUDA runtime and its kernels hold outside PyTorch's allocator
 ADAM_BYTES = 16  # float32 parameter + gradient + two moments
+GATHERED_BLOCKS = 2  # FSDP gathers one block and prefetches the next
+BLOCK_NAME = re.compile(r"\.\d+\.")  # a tensor inside a numbered transformer block
 
 
 @dataclass
@@ -54,6 +57,9 @@ class MemoryEstimate:
     runtime_bytes: int
     build_bytes: int
     capacity: int | None = None
+    world: int = 1
+    sharded: bool = False
+    inference_bytes: int = 0  # `sve evaluate` / `sve predict` on the same ranks (plus at most the eval cache budget)
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -139,8 +145,10 @@ def _process_rss() -> int:
 
 def estimate_memory(recipe: Recipe, classes: int, device: str = "cpu", capacity: int | None = None,
                     world: int = 1, suggest: bool = True) -> MemoryEstimate:
-    """Estimated peak memory of training `recipe` (with `classes` output classes) on `device`;
-    when it does not fit `capacity`, the first option set that would make it fit."""
+    """Estimated peak memory of training `recipe` (with `classes` output classes) on `device`, per rank of
+    `world` (each rank takes batch_size / world rows; under `parallelism: fsdp` weights, factors and what
+    trains are split across the ranks, plus the blocks gathered at a time); when it does not fit
+    `capacity`, the first option set that would make it fit."""
     checkpoint = open_checkpoint(recipe.model.path, shapes_only=True)
     config, spec = checkpoint.config, architecture(checkpoint)
     ensemble, train = recipe.ensemble, recipe.train
@@ -165,8 +173,24 @@ def estimate_memory(recipe: Recipe, classes: int, device: str = "cpu", capacity:
                                     "cuda" if device == "cuda" else "cpu")
     runtime = CUDA_CONTEXT if device == "cuda" else _process_rss()
     build = 4 * (sum(backbone.values()) + factors) + runtime if device == "cpu" else 0
-    estimate = MemoryEstimate(device, trainable, base_parameters, element * frozen, element * factors,
-                              ADAM_BYTES * trainable, activations, runtime, build, capacity)
+    frozen_bytes, factor_bytes, trainable_bytes = element * frozen, element * factors, ADAM_BYTES * trainable
+    if world > 1 and train.parallelism == "fsdp":
+        blocks = _blocks(config)
+        in_blocks = sum(n for name, n in backbone.items() if BLOCK_NAME.search(name)
+                        and not (replaced and name in target_names))
+        gathered = GATHERED_BLOCKS * element * (in_blocks + factors) / blocks  # the blocks unsharded at a time
+        root = element * (frozen - in_blocks)  # embeddings and final norm: the root stays gathered
+        frozen_bytes = int(element * frozen / world + root * (1 - 1 / world) + gathered)
+        factor_bytes, trainable_bytes = factor_bytes // world, trainable_bytes // world
+        build = 0  # each rank builds then shards; the whole model never waits for its shards on one rank
+    eval_tokens = members_per_pass * max(1, recipe.eval.batch_size // world) * (tokens // max(1, members_per_pass * rows))
+    per_hidden, per_intermediate = ACTIVATIONS["decoder" if spec.decoder else "encoder"]
+    hidden, intermediate = int(config.get("hidden_size", 0)), int(config.get("intermediate_size", 0))
+    eval_activations = int(2 * element * eval_tokens * (per_hidden * hidden + per_intermediate * intermediate))
+    inference = frozen_bytes + factor_bytes + trainable_bytes // 4 + eval_activations + runtime  # no grads, no moments
+    estimate = MemoryEstimate(device, trainable, base_parameters, frozen_bytes, factor_bytes,
+                              trainable_bytes, activations, runtime, build, capacity, world=world,
+                              sharded=world > 1 and train.parallelism == "fsdp", inference_bytes=inference)
     if suggest:
         estimate.suggestions = _suggestions(recipe, estimate, classes, device, capacity, world)
     return estimate
@@ -214,7 +238,7 @@ def device_capacity(device: str) -> int | None:
     return available + _process_rss()
 
 
-def plan_training(recipe: Recipe, device: str, capacity: int | None) -> MemoryEstimate:
+def plan_training(recipe: Recipe, device: str, capacity: int | None, world: int = 1) -> MemoryEstimate:
     """`sve train --dry-run`: nothing is built; the data is read only when the recipe does not say how
     many classes there are (label_names, or a multiple-choice task's letters), so planning a run on one
     of the paper's checkpoints works offline."""
@@ -225,4 +249,4 @@ def plan_training(recipe: Recipe, device: str, capacity: int | None) -> MemoryEs
         from sve_cli.data import load_splits
 
         classes = len(load_splits(task, str(task.dataset))[1])
-    return estimate_memory(recipe, classes, device, capacity)
+    return estimate_memory(recipe, classes, device, capacity, world)

@@ -46,36 +46,6 @@ def report_dict(evaluation: Evaluation) -> dict:
     }
 
 
-def summary_table(runs: list[Path], reports: list[dict], temperature: bool):
-    """The table `sve evaluate` prints: one column per run."""
-    from rich.table import Table
-
-    table = Table(title="in-distribution: " + reports[0]["data"]["in_distribution"], title_justify="left")
-    table.add_column("metric")
-    for run, result in zip(runs, reports):
-        table.add_column(f"{run.name}\n{result['model']['method']} M={result['model']['members']}", justify="right")
-    for key, label, scale in ROWS:
-        table.add_row(label + (" (%)" if scale == 100 else ""),
-                      *[f"{r['metrics'][key] * scale:.2f}" if scale == 100 else f"{r['metrics'][key]:.4f}" for r in reports])
-    if temperature:
-        table.add_row("T (fitted)", *[f"{r['temperature_scaling']['temperature']:.3f}" for r in reports])
-        table.add_row("ECE after T (%)", *[f"{100 * r['temperature_scaling']['after']['ece']:.2f}" for r in reports])
-    for score in ("msp", "entropy", "mutual_information"):
-        table.add_row(f"AURC {score}", *[f"{r['selective'][score]['aurc']:.4f}" if score in r["selective"] else "—"
-                                         for r in reports])
-    for score in ("lac", "aps"):
-        table.add_row(f"90% sets ({score}): coverage (%) / mean size",
-                      *[f"{100 * r['conformal']['0.9'][score]['coverage']:.2f} / {r['conformal']['0.9'][score]['mean_set_size']:.2f}"
-                        for r in reports])
-    table.add_row("acc. at 90% coverage (%, entropy)",
-                  *[f"{100 * r['selective']['entropy']['accuracy_at_coverage']['0.9']:.2f}" for r in reports])
-    for name in reports[0]["ood"]:
-        for score in ("msp", "entropy", "mutual_information"):
-            table.add_row(f"OOD {name} AUROC {score} (%)",
-                          *[f"{100 * r['ood'][name][score]['auroc']:.2f}" if score in r["ood"][name] else "—" for r in reports])
-    return table
-
-
 def _fmt(value: float, scale: float) -> str:
     return f"{value * scale:.2f}" if scale == 100 else f"{value:.4f}"
 

@@ -164,3 +164,21 @@ def test_the_papers_llm_recipe_plans_offline(sve):
     shown = " ".join(result.stdout.replace("│", " ").split())
     assert "0.223% of the base" in shown and "fits yes: 80.0 GB available" in shown
     assert "LlamaForCausalLM" in shown
+
+
+def test_per_rank_plans_shard_weights_and_factors_under_fsdp_only():
+    """--nproc N: FSDP splits weights, factors and AdamW's state across the ranks (plus the two blocks it
+    gathers at a time and the root it keeps whole); DDP replicates them and splits only the batch."""
+    from sve_cli.memory import estimate_memory
+    from sve_cli.recipe import load_recipe
+
+    plans = {}
+    for parallelism in ("ddp", "fsdp"):
+        recipe = load_recipe("recipes/arc_easy_70b.yaml", [f"train.parallelism={parallelism}"])
+        plans[parallelism] = {n: estimate_memory(recipe, 5, "cuda", 80_000_000_000, n, suggest=False) for n in (1, 4, 8)}
+    one, four, eight = (plans["fsdp"][n] for n in (1, 4, 8))
+    assert four.factor_bytes == one.factor_bytes // 4 and eight.trainable_bytes == one.trainable_bytes // 8
+    assert not one.fits and four.fits and eight.peak_bytes < four.peak_bytes < one.peak_bytes / 3
+    ddp = plans["ddp"][4]
+    assert ddp.factor_bytes == one.factor_bytes and ddp.activation_bytes < one.activation_bytes and not ddp.fits
+    assert four.sharded and not ddp.sharded and four.world == 4
