@@ -218,12 +218,16 @@ def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int, prefix: s
     return shards
 
 
+IN_FLIGHT = 3  # tensors handed to the writer thread and not yet written (a target's U, S and Vh)
+
+
 class ShardWriter:
     """Streams shards to disk tensor by tensor in a background thread.
 
     The caller declares a shard's layout (`begin`), hands over tensors as it computes them
-    (`add`), and `commit`s; meanwhile the previous tensor is written (and, with `fingerprint`,
-    hashed for the caller's checksums), so I/O overlaps compute and at most two tensors are held. A shard lives under a temporary name until its commit, which
+    (`add`), and `commit`s; meanwhile earlier tensors are written (and, with `fingerprint`, hashed for
+    the caller's checksums) by one thread, up to `IN_FLIGHT` of them: a target's U, S and Vh are written
+    while the next SVD runs, and memory stays bounded. A shard lives under a temporary name until its commit, which
     may rewrite the header's metadata with final values of the same length (e.g. fixed-width
     numbers known only at the end), then fsyncs and renames it.
     """
@@ -232,20 +236,20 @@ class ShardWriter:
         self.directory = Path(directory)
         self.fingerprint = fingerprint
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sve-writer")
-        self._pending: Future | None = None
+        self._pending: list[Future] = []  # writes queued to the writer thread, oldest first
         self._handle = None
         self._layout: Layout = []
         self._written = 0
         self.fingerprints: dict[str, str] = {}  # tensor name -> `tensor_fingerprint`, computed as it is written
 
     def _submit(self, function, *args) -> None:
-        self.wait()  # at most one write in flight: memory stays bounded
-        self._pending = self._executor.submit(function, *args)
+        while len(self._pending) >= IN_FLIGHT:  # memory stays bounded
+            self._pending.pop(0).result()
+        self._pending.append(self._executor.submit(function, *args))
 
     def wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        while self._pending:
+            self._pending.pop(0).result()
 
     def begin(self, filename: str, layout: Layout, metadata: dict[str, str]) -> None:
         self.wait()
