@@ -279,12 +279,12 @@ def open_checkpoint(spec: str, shapes_only: bool = False) -> Checkpoint:
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{spec} is not a .safetensors, .gguf or checkpoint directory")
-        config = _read_json(path.parent / "config.json") if (path.parent / "config.json").exists() else {}
+        config = read_json(path.parent / "config.json") if (path.parent / "config.json").exists() else {}
         return Checkpoint(spec, path, _keys_of([path]), config)
     config_path = path / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{spec} has no config.json: not a Hugging Face checkpoint directory")
-    config = _read_json(config_path)
+    config = read_json(config_path)
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} does not hold a JSON object")
     index_path = path / "model.safetensors.index.json"
@@ -297,11 +297,12 @@ def open_checkpoint(spec: str, shapes_only: bool = False) -> Checkpoint:
     return Checkpoint(spec, path, files, config)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, remedy: str = "") -> object:
+    """A JSON file's content, or one clear error naming the file (and `remedy`, what to do about it)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+        raise CheckpointError(f"{path} is not valid JSON ({error}){'; ' + remedy if remedy else ''}") from None
 
 
 def _open_safetensors(path: Path):
@@ -324,7 +325,7 @@ def _keys_of(shards: Sequence[Path]) -> dict[str, Path]:
 
 
 def _files_from_index(directory: Path, index_path: Path) -> dict[str, Path]:
-    index = _read_json(index_path)
+    index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path} has no 'weight_map' object")

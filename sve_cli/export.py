@@ -392,10 +392,3 @@ def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
     base_bytes = sum(f.stat().st_size for f in set(bank.base.files.values()))
     return {"out": out, "bytes": out.stat().st_size, "base_bytes": base_bytes,
             "share": out.stat().st_size / base_bytes, "members": bank.metadata["members"]}
-
-
-def bank_share_from_shapes(shapes: list[tuple[int, int]], members: int, bias: bool, base_parameters: int,
-                           base_bytes_per_parameter: int, head: tuple[int, int] = (0, 0)) -> float:
-    """Bank bytes (float32) over the base checkpoint's bytes, from shapes alone."""
-    per_member = sum(min(out, inp) + (out if bias else 0) for out, inp in shapes) + head[0] * (head[1] + 1)
-    return 4 * members * per_member / (base_parameters * base_bytes_per_parameter)

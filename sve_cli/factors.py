@@ -12,14 +12,13 @@ Layout (written by `sve_cli.decompose`):
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from sve_cli.checkpoint import sve_home, tensor_fingerprint
+from sve_cli.checkpoint import read_json, sve_home, tensor_fingerprint
 from sve_cli.errors import SveError
 
 MANIFEST = "decomposition.json"
@@ -48,10 +47,7 @@ def load_manifest(cache: Path) -> dict:
     path = Path(cache) / MANIFEST
     if not path.exists():
         raise SveError(f"{cache} is not a complete decomposition cache (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise SveError(f"{path} is not valid JSON (damaged?); decompose again with --overwrite") from None
+    manifest = read_json(path, "decompose again with --overwrite")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("targets"), list):
         raise SveError(f"{path} is not an sve decomposition manifest; decompose again with --overwrite")
     return manifest

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from sve_cli.data import Encoded
+from sve_cli.pipeline import Encoded
 from sve_cli.distributed import Parallel
 from sve_cli.ensemble import SVEModel
 

@@ -1,4 +1,5 @@
-"""From a recipe to a model and encoded inputs: tokenizer, answer letters, ensemble, encoding.
+"""From a recipe to a model and encoded inputs: tokenizer, answer letters, ensemble, encoding
+(`Encoded`: a split as model inputs, padded batch by batch).
 
 Shared by `train` and `evaluate`, so a run is always evaluated with exactly the preprocessing it
 was trained with.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from sve_cli.bank import load_bank, read_bank_metadata
 from sve_cli.checkpoint import open_checkpoint, quiet_transformers
-from sve_cli.data import Encoded, Examples
+from sve_cli.data import Examples
 from sve_cli.ensemble import SVEModel, build_ensemble
 from sve_cli.errors import SveError
 from sve_cli.images import pixel_values
@@ -83,3 +86,50 @@ class Pipeline:
             return Encoded(examples, pixels=pixel_values(examples.images, self.checkpoint.directory, self.config,
                                                          task.image_size))
         return Encoded(examples, self.tokenizer, task.max_length, truncate_left=task.type == "multiple_choice")
+
+
+class Encoded:
+    """A split turned into model inputs; `batch(indices)` pads to the batch's longest row."""
+
+    def __init__(self, examples: Examples, tokenizer=None, max_length: int = 128, truncate_left: bool = False,
+                 pixels: torch.Tensor | None = None):
+        self.labels = examples.labels  # [N]
+        self.images = pixels  # [N, C, H, W], preprocessed (sve_cli.images)
+        if examples.images is not None:
+            if pixels is None:
+                raise SveError("images need pixel values from the model's image processor")
+            return
+        if tokenizer is None:
+            raise SveError("text data needs a tokenizer; this model has none")
+        tokenizer.truncation_side = "left" if truncate_left else "right"
+        encoded = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
+        self.input_ids: list[list[int]] = encoded["input_ids"]
+        self.token_type_ids: list[list[int]] | None = encoded.get("token_type_ids")
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def tokens(self, indices: torch.Tensor) -> int:
+        """Real (unpadded) tokens in these rows, for throughput reporting."""
+        if self.images is not None:
+            return len(indices)
+        return sum(len(self.input_ids[i]) for i in indices.tolist())
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.images is not None:
+            return {"pixel_values": self.images[indices]}
+        rows = [self.input_ids[i] for i in indices.tolist()]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row_index, row in enumerate(rows):  # right padding, as HF's classifiers expect
+            input_ids[row_index, :len(row)] = torch.tensor(row)
+            attention_mask[row_index, :len(row)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.token_type_ids is not None:
+            types = torch.zeros((len(rows), width), dtype=torch.long)
+            for row_index, i in enumerate(indices.tolist()):
+                types[row_index, :len(self.token_type_ids[i])] = torch.tensor(self.token_type_ids[i])
+            batch["token_type_ids"] = types
+        return batch

@@ -44,16 +44,11 @@ def is_stub(path: Path) -> bool:
 def read_fitted(path: Path, bank: Path, stale_ok: bool = False) -> dict | None:
     """A run's `thresholds.json` or `conformal.json` when `sve evaluate` fitted it for `bank` (its sha256);
     None when there is none (or, with `stale_ok`, when it was fitted for an earlier bank)."""
-    import json
-
-    from sve_cli.checkpoint import file_fingerprint
+    from sve_cli.checkpoint import file_fingerprint, read_json
 
     if not path.exists():
         return None
-    try:
-        fitted = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise SveError(f"{path} is not valid JSON (damaged?); run `sve evaluate` on the run again") from None
+    fitted = read_json(path, "run `sve evaluate` on the run again")
     if not isinstance(fitted, dict) or not isinstance(fitted.get("scores"), dict):
         raise SveError(f"{path} is not what `sve evaluate` writes; run `sve evaluate` on the run again")
     if fitted.get("bank") != file_fingerprint(bank):

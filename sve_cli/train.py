@@ -23,14 +23,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sve_cli.bank import bank_tensors, save_bank
-from sve_cli.data import Encoded, load_splits
+from sve_cli.data import load_splits
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.distributed import (Parallel, any_rank, average, barrier, full, gradient_sync, init_parallel, like, settle,
                                  wrap)
 from sve_cli.inference import member_chunks, predict
 from sve_cli.metrics import HIGHER_IS_BETTER, Prediction, calibration_metrics
-from sve_cli.pipeline import Pipeline
+from sve_cli.pipeline import Encoded, Pipeline
 from sve_cli.schedule import MemberOrders, lr_factor, param_groups
 from sve_cli.recipe import Recipe, load_recipe, recipe_yaml
 from sve_cli.outputs import refuse_inputs

@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sve_cli.data import Encoded, Examples, build_examples, load_source, load_splits, seeded_splits
+from sve_cli.data import Examples, build_examples, load_source, load_splits, seeded_splits
+from sve_cli.pipeline import Encoded
 from sve_cli.errors import SveError
 from sve_cli.recipe import TaskSection
 

@@ -12,7 +12,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sve_cli.bank import load_bank
-from sve_cli.export import bank_share_from_shapes
 from sve_cli.pipeline import Pipeline
 from sve_cli.recipe import load_recipe
 from sve_cli.train import train
@@ -198,19 +197,6 @@ def test_changed_base_is_refused(sve, runs, text_models, tmp_path):
     (run / "sigma_bank.safetensors").write_bytes((runs["bert"] / "sigma_bank.safetensors").read_bytes())
     result = sve("export", run, "--format", "safetensors")
     assert result.code == 2 and "no longer matches the bank" in result.stderr
-
-
-def test_bank_shares_computed_from_shapes():
-    # MiniLM: 6 blocks of 4 (384×384) + (1536×384) + (384×1536); base 22.7M float32 parameters
-    minilm = [(384, 384)] * 4 + [(1536, 384), (384, 1536)]
-    share = bank_share_from_shapes(minilm * 6, members=4, bias=True, base_parameters=22_713_216,
-                                   base_bytes_per_parameter=4, head=(3, 384))
-    assert share < 0.05
-    # LLaMA-2-7B, all 7 projections of 32 blocks, M = 16, bias-free, against the fp16 checkpoint
-    llama = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
-    share = bank_share_from_shapes(llama * 32, members=16, bias=False, base_parameters=6_738_415_616,
-                                   base_bytes_per_parameter=2, head=(5, 4096))
-    assert share < 0.01
 
 
 @pytest.mark.slow
