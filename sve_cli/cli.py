@@ -158,7 +158,7 @@ def train(
 ) -> None:
     """Joint M-member fine-tuning from a YAML recipe (SVE and its baselines)."""
     from sve_cli.recipe import load_recipe
-    from sve_cli.train import train as run_train
+    from sve_cli.train import interrupted_message, train as run_train
 
     loaded = load_recipe(recipe, overrides)
     if dry_run:
@@ -191,7 +191,7 @@ def train(
                               on_note=lambda text: progress.console.print(text, soft_wrap=True))
         except KeyboardInterrupt:  # typer would swallow the message: say it here, exit as an interrupt does
             progress.stop()
-            console.print(f"[red]{_line(_interrupted(recipe, out, overrides))}[/red]", highlight=False, soft_wrap=True)
+            console.print(f"[red]{_line(interrupted_message(recipe, out, overrides))}[/red]", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
     if rank0:
         out_console.print(display.run_summary(out, loaded, state))
@@ -357,20 +357,6 @@ def predict(
     if (accuracy := answered_accuracy(summary)) is not None:
         line += f", accuracy on the answered labelled rows {100 * accuracy:.2f}%"
     out_console.print(f"{line}; {where}", soft_wrap=True, highlight=False)
-
-
-def _interrupted(recipe: Path, out: Path, overrides: list[str]) -> str:
-    """What an interrupted `sve train` says: where `--resume` would continue from."""
-    import json
-
-    from sve_cli.rundir import STATE
-
-    try:
-        step = json.loads((out / STATE).read_text(encoding="utf-8"))["step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "interrupted before the first checkpoint: nothing was kept; run the command again to start over"
-    sets = "".join(f" --set {item}" for item in overrides)
-    return f"interrupted; `sve train {recipe} --out {out}{sets} --resume` continues from step {step}"
 
 
 def _print_memory_plan(recipe, device: Device, memory: str | None, nproc: int) -> None:

@@ -213,6 +213,16 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
         raise
 
 
+def interrupted_message(recipe: Path, out: Path, overrides: list[str]) -> str:
+    """What an interrupted `sve train` says: where `--resume` would continue from."""
+    try:
+        step = json.loads((out / STATE).read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "interrupted before the first checkpoint: nothing was kept; run the command again to start over"
+    sets = "".join(f" --set {item}" for item in overrides)
+    return f"interrupted; `sve train {recipe} --out {out}{sets} --resume` continues from step {step}"
+
+
 def _remove_stub(out: Path, created: bool) -> None:
     """Remove what a run that never reached its first checkpoint wrote, so a rerun starts clean."""
     (out / RECIPE).unlink(missing_ok=True)
