@@ -221,7 +221,13 @@ def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: Ensemble
                              parameterisation=config.parameterisation, strategy=config.strategy,
                              generator=generator)
 
-        layers = _replace_targets(backbone, cache.manifest["targets"], make_sve, f"decomposition {cache.directory}")
+        try:
+            layers = _replace_targets(backbone, cache.manifest["targets"], make_sve, f"decomposition {cache.directory}")
+        except SveError:
+            if decomposition is not None:
+                raise
+            cache = ensure_decomposition(checkpoint.source, None, config.targets, refresh=True)  # stale: redone
+            layers = _replace_targets(backbone, cache.manifest["targets"], make_sve, f"decomposition {cache.directory}")
         return layers, cache.fingerprint, cache.manifest["source"]["fingerprint"]
 
     targets = _checkpoint_targets(checkpoint, config.targets)
@@ -238,15 +244,22 @@ def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: Ensemble
     return _replace_targets(backbone, targets, make_layer, checkpoint.source), source, source
 
 
-def ensure_decomposition(model: str, decomposition: Path | None, targets: str | None) -> FactorCache:
-    """The given cache, or the model's default cache under `$SVE_HOME`, brought up to date.
+def ensure_decomposition(model: str, decomposition: Path | None, targets: str | None,
+                         refresh: bool = False) -> FactorCache:
+    """The given cache, or the model's default cache under `$SVE_HOME`.
 
-    The default cache is sve's own: it is (re)made when absent, unfinished or stale (its source
-    fingerprints differ from the checkpoint's), and reused shard by shard otherwise.
+    The default cache is sve's own: it is made when absent or unfinished, and a complete one is used as
+    it is — matching it to the model's weights (`_replace_targets`) proves it current without hashing
+    the checkpoint a second time; `refresh` brings a stale one up to date (reused shard by shard).
     """
     if decomposition is not None:
         return FactorCache(decomposition)
     out = default_output(model, targets)
+    if (out / MANIFEST).exists() and not refresh:
+        try:
+            return FactorCache(out)
+        except SveError:  # written by an older sve: made again below
+            pass
     if not (out / MANIFEST).exists():
         log.info("decomposing %s into %s (no model.decomposition given: done once, then reused)", model, out)
     result = decompose(plan_decomposition(model, targets), out, overwrite=True)
