@@ -169,7 +169,7 @@ def test_family_exports_its_own_classifier_and_reproduces_the_member(exported, f
     expected = FAMILIES[family][4]
     shown = "SentenceTransformer" if result["export"]["library"] == "sentence-transformers" else result["export"]["architecture"]
     assert shown == expected
-    assert 0.0 <= result["evaluation"].metrics["accuracy"] <= 1.0 and result["evaluation"].logits.shape[1] == 2
+    assert 0.0 <= result["evaluation"].metrics["accuracy"] <= 1.0 and result["evaluation"].prediction.members == 2
     torch.testing.assert_close(result["plain"], result["ours"], rtol=1e-4, atol=1e-4)
 
 

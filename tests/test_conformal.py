@@ -22,25 +22,6 @@ def _probabilities(n: int, classes: int = 5, seed: int = 0):
     return prediction, labels
 
 
-class _Fixed:
-    """A prefit scikit-learn classifier whose "features" are row indices into fixed probabilities."""
-
-    def __init__(self, probs: np.ndarray):
-        self.probs, self.classes_ = probs, np.arange(probs.shape[1])
-
-    def fit(self, X, y):
-        return self
-
-    def predict_proba(self, X):
-        return self.probs[np.asarray(X)[:, 0].astype(int)]
-
-    def predict(self, X):
-        return self.predict_proba(X).argmax(1)
-
-    def __sklearn_is_fitted__(self):
-        return True
-
-
 def test_finite_sample_quantile_on_a_hand_made_example():
     scores = torch.tensor([0.3, 0.1, 0.9, 0.5, 0.7, 0.2, 0.8, 0.4, 0.6])  # n = 9
     # level 0.8: ⌈10 · 0.8⌉ = 8 -> the 8th smallest (0.8); level 0.9: ⌈9⌉ = 9 -> the largest (0.9)
@@ -51,18 +32,15 @@ def test_finite_sample_quantile_on_a_hand_made_example():
 
 
 def test_lac_thresholds_and_sets_equal_mapies():
-    from mapie.classification import SplitConformalClassifier
+    from benchmarks.conformal_mapie import mapie_sets
 
     calibration, labels = _probabilities(400)
     test, _ = _probabilities(300, seed=1)
-    probs = np.concatenate([calibration.probs.numpy(), test.probs.numpy()])
     for level in conformal.LEVELS:
-        mapie = SplitConformalClassifier(_Fixed(probs), confidence_level=level, conformity_score="lac", prefit=True)
-        mapie.conformalize(np.arange(400)[:, None], labels.numpy())
-        _, sets = mapie.predict_set(np.arange(400, 700)[:, None])
+        sets, threshold = mapie_sets(calibration.probs.numpy(), labels.numpy(), test.probs.numpy(), "lac", level)
         ours = conformal.fit(calibration, labels, (level,))["lac"][f"{level:g}"]
-        assert ours == pytest.approx(float(mapie._mapie_classifier.conformity_score_function_.quantiles_[0]), abs=1e-12)
-        assert np.array_equal(conformal.prediction_sets(test.probs, "lac", ours).numpy(), sets[:, :, 0])
+        assert ours == pytest.approx(threshold, abs=1e-12)
+        assert np.array_equal(conformal.prediction_sets(test.probs, "lac", ours).numpy(), sets)
 
 
 @pytest.mark.parametrize("score", ["aps", "raps"])
