@@ -99,10 +99,12 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
     recipe, bank = open_run(run, bank)
     bins, combine_how = bins or recipe.eval.bins, combine_how or recipe.eval.combine
     budget = cache_budget or recipe.eval.cache_budget
+    limit = max_examples or recipe.task.max_eval_examples
+    data_table = None if data is None else _table(data, recipe.task.config, any_hub_name=True, what="data set").sample(limit)
+    ood_tables = [_table(name).sample(limit) for name in ood]  # a bad set fails before the model loads
     pipeline, model, metadata = load_ensemble(recipe, bank)
     parallel = for_inference(model, recipe.train.parallelism)
     label_names = list(metadata["label_names"])
-    limit = max_examples or recipe.task.max_eval_examples
 
     def run_set(name: str, examples: Examples) -> Prediction:
         encoded = pipeline.encode(examples)
@@ -120,8 +122,7 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
     if data is None:
         examples, data_name = splits[recipe.task.test_split], f"{recipe.task.dataset} [{recipe.task.test_split}]"
     else:
-        examples, data_name = build_examples(_table(data, recipe.task.config, any_hub_name=True, what="data set").sample(limit), recipe.task,
-                                             label_names, data), data
+        examples, data_name = build_examples(data_table, recipe.task, label_names, data), data
     prediction = run_set("in-distribution", examples)
     validation = splits[recipe.task.validation_split]
     validation_prediction = run_set("validation", validation)  # abstention thresholds, temperature
@@ -138,10 +139,10 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
         result.temperature = {"temperature": fitted, "fitted_on": recipe.task.validation_split,
                               "after": calibration_metrics(prediction.scaled(fitted), examples.labels, bins)}
 
-    for name in ood:
+    for name, table in zip(ood, ood_tables):
         short = _short_name(name, result.ood_predictions)
         result.ood_sources[short] = name
-        ood_examples, _ = unlabelled_examples(_table(name).sample(limit), recipe.task, label_names,
+        ood_examples, _ = unlabelled_examples(table, recipe.task, label_names,
                                               f"OOD set '{short}'", keep_labels=False)
         result.ood_predictions[short] = run_set(f"OOD {short}", ood_examples)
         result.ood[short] = ood_metrics(prediction, result.ood_predictions[short])

@@ -1,9 +1,4 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +9,6 @@ from sve_cli.decompose import decompose, plan_decomposition, svd_factors
 from sve_cli.factors import load_manifest
 from sve_cli.errors import OutputExistsError, SveError
 
-from conftest import sve_subprocess
 
 
 def _run(model, out, **kwargs):
@@ -196,28 +190,3 @@ def _synthetic_checkpoint(directory: Path, layers: int = 12, size: int = 256) ->
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text('{"model_type": "llama"}')
     return directory
-
-
-@pytest.mark.slow
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
-    model = _synthetic_checkpoint(tmp_path / "model")
-    options = ["--targets", "*.q_proj.weight", "--max-shard-size", "300KB"]
-    reference = tmp_path / "reference"
-    assert sve_subprocess("decompose", model, "--out", reference, *options).returncode == 0
-    interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sve_cli", "decompose", str(model), "--out", str(interrupted), *options],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(interrupted.glob("factors-*.safetensors"))) < 3:
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (interrupted / "decomposition.json").exists(), "killed too late to test a resume"
-    rerun = sve_subprocess("decompose", model, "--out", interrupted, *options)
-    assert rerun.returncode == 0, rerun.stderr
-    assert "reused" in rerun.stdout
-    leftovers = [p.name for p in interrupted.iterdir() if ".tmp-" in p.name]
-    for name in leftovers:  # a temporary from the killed process is never read; only cleaned up
-        (interrupted / name).unlink()
-    assert _cache_files(interrupted) == _cache_files(reference)

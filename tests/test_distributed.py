@@ -60,25 +60,29 @@ def test_two_sharded_ranks_give_one_process_bank(setting, accumulation):
     assert lines[0]["train_loss"] == pytest.approx(lines[1]["train_loss"], abs=1e-5)  # the mean over both ranks' rows
 
 
-def test_a_killed_sharded_run_resumes_to_the_same_bank(setting):
+@pytest.fixture(scope="module")
+def sharded_run(setting):
+    """A run trained by 2 FSDP ranks, uninterrupted: its recipe and directory."""
     root, env, data, model = setting
     recipe = write_recipe(root / "resume.yaml", model, data, ensemble={"strategy": "factored"},
                           train={"max_steps": 6, "eval_every_steps": 2, "batch_size": 8, "parallelism": "fsdp"})
     reference = _run("train", recipe, "--out", root / "uninterrupted", env=env, ranks=2)
     assert reference.returncode == 0, reference.stderr[-2000:]
+    return recipe, root / "uninterrupted"
+
+
+def test_a_killed_sharded_run_resumes_to_the_same_bank(setting, sharded_run):
+    root, env, data, model = setting
+    recipe, uninterrupted = sharded_run
     killed = _run("train", recipe, "--out", root / "killed", env={**env, "SVE_KILL_AT": "checkpoint-write:2"}, ranks=2)
     assert killed.returncode != 0 and json.loads((root / "killed" / "trainer_state.json").read_text())["step"] == 2
     resumed = _run("train", recipe, "--out", root / "killed", "--resume", env=env, ranks=2)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    _assert_same_bank(root / "uninterrupted" / "sigma_bank.safetensors", root / "killed" / "sigma_bank.safetensors",
-                      tolerance=0)
+    _assert_same_bank(uninterrupted / "sigma_bank.safetensors", root / "killed" / "sigma_bank.safetensors", tolerance=0)
 
 
-def test_evaluate_and_predict_sharded_give_one_report_and_one_file(setting, tmp_path):
-    root, env, data, model = setting
-    recipe = write_recipe(root / "eval.yaml", model, data, train={"max_steps": 2, "parallelism": "fsdp"})
-    assert _run("train", recipe, "--out", root / "evaluated", env=env).returncode == 0
-    run = root / "evaluated"
+def test_evaluate_and_predict_sharded_give_one_report_and_one_file(setting, sharded_run, tmp_path):
+    env, run = setting[1], sharded_run[1]
     alone = _run("evaluate", run, "--report", tmp_path / "one", "--save-predictions", "--ood", "tweets",
                  "--max-examples", "25", env=env)
     sharded = _run("evaluate", run, "--report", tmp_path / "two", "--save-predictions", "--ood", "tweets",

@@ -77,6 +77,19 @@ def test_bad_input_is_one_line(sve, runs, tmp_path, make_args, fragment):
     assert_one_error_line(sve("evaluate", *make_args(runs, tmp_path)), fragment)
 
 
+def test_a_missing_set_is_refused_before_the_model_loads(runs, tmp_path, monkeypatch):
+    from sve_cli import evaluate
+    from sve_cli.errors import SveError
+
+    def load_ensemble(*args, **kwargs):
+        raise AssertionError("the model was loaded before the sets were read")
+
+    monkeypatch.setattr(evaluate, "load_ensemble", load_ensemble)
+    for options in ({"ood": [str(tmp_path / "missing.jsonl")]}, {"data": str(tmp_path / "missing.jsonl")}):
+        with pytest.raises(SveError, match="missing.jsonl"):
+            evaluate.evaluate_run(runs["sve"], **options)
+
+
 def _bankless(runs, tmp):
     target = tmp / "bankless"
     target.mkdir()

@@ -78,12 +78,16 @@ def test_members_per_pass_predicts_the_same_logits(text_models, tmp_path):
         torch.testing.assert_close(predict(model, encoded, 16, members_per_pass=per_pass), whole, rtol=1e-5, atol=1e-6)
 
 
+# `sve train --dry-run`'s estimate (plan_training) made in a fresh process, then that process trains
 PEAK = """
 import sys
 from pathlib import Path
+from sve_cli.memory import plan_training
 from sve_cli.recipe import load_recipe
 from sve_cli.train import train
-train(load_recipe(sys.argv[1]), Path(sys.argv[2]))
+recipe = load_recipe(sys.argv[1])
+print(plan_training(recipe, "cpu", None).peak_bytes)
+train(recipe, Path(sys.argv[2]))
 print([l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")][0].split()[1])
 """
 
@@ -126,14 +130,8 @@ def test_dry_run_estimate_is_within_25_percent_of_the_measured_peak(small_models
     run = subprocess.run([sys.executable, "-c", PEAK, str(path), str(tmp_path / "run")], capture_output=True,
                          text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr[-2000:]
-    measured = int(run.stdout.strip().splitlines()[-1]) * 1024
-    dry = subprocess.run([sys.executable, "-m", "sve_cli", "train", str(path), "--dry-run", "--device", "cpu"],
-                         capture_output=True, text=True, cwd=REPO, env={"COLUMNS": "200", **__import__("os").environ})
-    assert dry.returncode == 0, dry.stderr
-    assert not (tmp_path / "dry").exists()
-    line = next(line for line in dry.stdout.splitlines() if "estimated peak" in line)
-    number, unit = line.split("estimated peak")[1].strip(" │").split()[:2]
-    estimated = float(number) * {"MB": 1e6, "GB": 1e9}[unit]
+    lines = run.stdout.strip().splitlines()
+    estimated, measured = int(lines[0]), int(lines[-1]) * 1024
     assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
 
 

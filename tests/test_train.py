@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from sve_cli.recipe import load_recipe
 from sve_cli.schedule import lr_factor
 from sve_cli.train import train
 
-from conftest import REPO, assert_one_error_line, sentiment_file, sve_subprocess, write_recipe
+from conftest import REPO, assert_one_error_line, sentiment_file, write_recipe
 
 
 @pytest.mark.parametrize("ensemble", [
@@ -106,34 +104,6 @@ def _bank(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_an_uninterrupted_run(text_models, tmp_path):
-    recipe = write_recipe(tmp_path / "recipe.yaml", text_models["bert"], sentiment_file(tmp_path),
-                     train={"max_steps": 12, "eval_every_steps": 4, "checkpoint_every_steps": 1, "batch_size": 8})
-    reference = sve_subprocess("train", recipe, "--out", tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr
-    process = subprocess.Popen([sys.executable, "-m", "sve_cli", "train", str(recipe), "--out", str(tmp_path / "killed")],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_file = tmp_path / "killed" / "trainer_state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if state_file.exists() and 3 <= json.loads(state_file.read_text())["step"] < 10:
-            break
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert json.loads(state_file.read_text())["step"] < 12, "killed too late to test a resume"
-    refused = sve_subprocess("train", recipe, "--out", tmp_path / "killed")
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = sve_subprocess("train", recipe, "--out", tmp_path / "killed", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    expected, actual = _bank(tmp_path / "reference"), _bank(tmp_path / "killed")
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        assert torch.equal(expected[name], actual[name]), name
-    assert (tmp_path / "killed" / "metrics.jsonl").read_text() == (tmp_path / "reference" / "metrics.jsonl").read_text()
-
-
-@pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(text_models, tmp_path):
     """Both runs take the same code path (factored, one thread each); the DDP ranks start on a cold
     decomposition cache, which one of them makes while the other waits for it (a lock)."""
@@ -172,7 +142,7 @@ def test_real_minilm_on_tweets_loss_goes_down(tmp_path):
     path = REPO / "recipes" / "quickstart.yaml"
     recipe = load_recipe(path, ["task.max_train_examples=480", "task.max_eval_examples=64", "train.max_steps=30",
                                 "train.batch_size=16", "task.max_length=32", "train.eval_every_steps=30",
-                                "ensemble.members=2", "train.lr=3e-3"])
+                                "ensemble.members=2"])
     losses = []
     state = train(recipe, tmp_path / "run", on_step=lambda info: losses.append(info["loss"]))
     assert len(losses) == 30 and state["finished"]
