@@ -142,7 +142,7 @@ def test_real_minilm_on_tweets_loss_goes_down(tmp_path):
     path = REPO / "recipes" / "quickstart.yaml"
     recipe = load_recipe(path, ["task.max_train_examples=480", "task.max_eval_examples=64", "train.max_steps=30",
                                 "train.batch_size=16", "task.max_length=32", "train.eval_every_steps=30",
-                                "ensemble.members=2"])
+                                "ensemble.members=2", "train.lr=3e-3"])
     losses = []
     state = train(recipe, tmp_path / "run", on_step=lambda info: losses.append(info["loss"]))
     assert len(losses) == 30 and state["finished"]
