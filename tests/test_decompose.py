@@ -10,7 +10,6 @@ from sve_cli.factors import load_manifest
 from sve_cli.errors import OutputExistsError, SveError
 
 
-
 def _run(model, out, **kwargs):
     plan_options = {k: kwargs.pop(k) for k in ("targets", "precision", "max_shard_size") if k in kwargs}
     return decompose(plan_decomposition(str(model), **plan_options), out, **kwargs)
@@ -180,13 +179,3 @@ def test_unknown_precision_and_device(tiny_checkpoints, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SveError, match="no CUDA device"):
             _run(tiny_checkpoints["bert"], tmp_path / "cache", device="cuda")
-
-
-def _synthetic_checkpoint(directory: Path, layers: int = 12, size: int = 256) -> Path:
-    directory.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    tensors = {f"model.layers.{i}.self_attn.q_proj.weight": torch.randn(size, size, generator=generator)
-               for i in range(layers)}
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text('{"model_type": "llama"}')
-    return directory
