@@ -105,7 +105,7 @@ def build_checkpoint(directory: Path, dims: dict, blocks: int, sparse: bool = Fa
 
 
 def svd_table(dims: dict) -> list[dict]:
-    from sve_cli.decompose import _errors, _thin_svd, svd_factors
+    from sve_cli.decompose import ErrorProbes, _thin_svd, svd_factors
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     h, i = dims["hidden_size"], dims["intermediate_size"]
@@ -127,7 +127,7 @@ def svd_table(dims: dict) -> list[dict]:
             seconds = time.perf_counter() - started
             U, S, Vh = (f.to(device=device, dtype=torch.float32) for f in (U, S, Vh))
             exact = float(((U * S) @ Vh - matrix).norm() / matrix.norm())
-            orthogonality = _errors(matrix, U, S, Vh)[1]
+            orthogonality = ErrorProbes(matrix, U.dtype).errors(U, S, Vh)[1]
             rows.append({"shape": f"{shape[0]}×{shape[1]}", "method": name, "seconds": seconds, "error": exact,
                          "orthogonality": orthogonality})
             print(f"svd {rows[-1]}", flush=True)

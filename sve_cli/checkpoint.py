@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -137,10 +138,9 @@ def convert_gguf(gguf: Path) -> Path:
 
     quiet_transformers()
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar, under our spinner
+            quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as error:
         raise CheckpointError(f"cannot read GGUF file {gguf}: {error}") from None
     config = quantized.config
@@ -188,6 +188,7 @@ class Checkpoint:
     files: dict[str, Path]  # tensor name -> shard file
     config: dict = field(default_factory=dict)
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    _layouts: dict[Path, tuple[int, dict]] = field(default_factory=dict, repr=False)  # file -> data start, header
 
     @property
     def directory(self) -> Path:
@@ -215,15 +216,52 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self._handle(name).get_slice(name).get_dtype()
 
-    def read(self, name: str) -> torch.Tensor:
-        """A copy of one tensor. The file is mapped only for this read: a long-lived mapping would
-        keep every page ever read resident, so RSS would grow with the checkpoint."""
+    def _locate(self, name: str) -> tuple[Path, int, int, torch.dtype | None, list[int]]:
+        """File, first and last byte, torch dtype (None: one sve does not read raw) and shape of a tensor,
+        from the file's header (parsed once per file, after safetensors has validated it)."""
+        from sve_cli.writing import TORCH_DTYPES
+
         self._handle(name)  # validates the file once
-        try:
-            with safe_open(str(self.files[name]), framework="pt") as handle:
+        file = self.files[name]
+        if file not in self._layouts:
+            with open(file, "rb") as stream:
+                header_size = int.from_bytes(stream.read(8), "little")
+                self._layouts[file] = (8 + header_size, json.loads(stream.read(header_size)))
+        data_start, entries = self._layouts[file]
+        begin, end = entries[name]["data_offsets"]
+        return file, data_start + begin, data_start + end, TORCH_DTYPES.get(entries[name]["dtype"]), entries[name]["shape"]
+
+    def read(self, name: str) -> torch.Tensor:
+        """A copy of one tensor, read into its own memory (no long-lived mapping: RSS does not grow
+        with the checkpoint, and no mapping is set up per read)."""
+        file, begin, end, dtype, shape = self._locate(name)
+        if dtype is None:  # e.g. an integer buffer: safetensors converts it
+            with safe_open(str(file), framework="pt") as handle:
                 return handle.get_tensor(name)
-        except SafetensorError as error:
-            raise CheckpointError(f"cannot read tensor '{name}' from {self.files[name]}: {error}") from None
+        tensor = torch.empty(shape, dtype=dtype)
+        with open(file, "rb") as stream:
+            stream.seek(begin)
+            if stream.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                raise CheckpointError(f"cannot read tensor '{name}' from {file}: the file ends inside it")
+        return tensor
+
+    def fingerprint(self, name: str) -> str:
+        """`tensor_fingerprint(self.read(name))`, hashed from the file's bytes through one reused buffer:
+        no tensor is built, so a pass over every target costs the hash and not a copy of each."""
+        file, begin, end, dtype, shape = self._locate(name)
+        if dtype is None:
+            return tensor_fingerprint(self.read(name))
+        digest = hashlib.sha256(f"{dtype}:{list(shape)}:".encode())
+        buffer = memoryview(bytearray(min(end - begin, 1 << 24)))
+        with open(file, "rb") as stream:
+            stream.seek(begin)
+            while begin < end:
+                count = stream.readinto(buffer[:min(end - begin, len(buffer))])
+                if not count:
+                    raise CheckpointError(f"cannot read tensor '{name}' from {file}: the file ends inside it")
+                digest.update(buffer[:count])
+                begin += count
+        return "sha256:" + digest.hexdigest()
 
 
 class ShapesCheckpoint(Checkpoint):
@@ -246,6 +284,9 @@ class ShapesCheckpoint(Checkpoint):
     def read(self, name: str) -> torch.Tensor:
         raise CheckpointError(f"{self.source}: only its configuration is known here (no network); its weights "
                               "are needed for this")
+
+    def fingerprint(self, name: str) -> str:
+        return tensor_fingerprint(self.read(name))
 
 
 def _meta_shapes(config: dict) -> dict[str, tuple[int, ...]]:

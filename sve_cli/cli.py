@@ -123,9 +123,7 @@ def decompose(
         return
 
     work = plan.work
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with _progress(BarColumn(), TextColumn("{task.percentage:>3.0f}%")) as progress:
         task = progress.add_task("fingerprinting sources", total=sum(work.values()))
 
         def on_target(target, reused: bool) -> None:
@@ -171,9 +169,8 @@ def train(
 
         for note in recipe_export_notes(loaded):  # what the export will be able to write: now, not after training
             out_console.print(note, soft_wrap=True, highlight=False)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not rank0, transient=True) as progress:
+    with _progress(BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[status]}"),
+                   disable=not rank0) as progress:
         task = progress.add_task(f"{loaded.ensemble.method} M={loaded.ensemble.members}", total=None,
                                  status=f"loading {loaded.model.path} and {loaded.task.dataset}…")
 
@@ -232,11 +229,9 @@ def evaluate(
         check_output(report_dir(run), REPORT, overwrite, [run, bank, *paths])
     how = combine.value if combine else None
     reports = []
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, every rank predicts and rank 0 writes
     for run in runs:
-        with Progress(*columns, console=console, transient=True, disable=not rank0) as progress:
+        with _progress(BarColumn(), TextColumn("{task.completed}/{task.total}"), disable=not rank0) as progress:
             tasks: dict[str, int] = {}
 
             def on_batch(name: str, done: int, total: int) -> None:
@@ -340,9 +335,8 @@ def predict(
     if conformal is not None:
         value, said = conformal_threshold(predictor, conformal, conformal_score.value)
         sets, where = (conformal_score.value, value), f"{where}; {said}"
-    columns = (TextColumn("[bold]{task.description}"), TextColumn("{task.completed} rows"), TimeElapsedColumn())
     rank0 = predictor.parallel.writer  # under torchrun, every rank predicts a share and rank 0 writes
-    with Progress(*columns, console=console, transient=True, disable=not rank0) as progress:
+    with _progress(TextColumn("{task.completed} rows"), eta=False, disable=not rank0) as progress:
         task = progress.add_task("predicting", total=None)
         rows = predict_rows(predictor, data, member, batch_size, score.value, threshold,
                             on_rows=lambda count: progress.advance(task, count), sets=sets, cache_budget=cache_budget)
@@ -357,6 +351,13 @@ def predict(
     if (accuracy := answered_accuracy(summary)) is not None:
         line += f", accuracy on the answered labelled rows {100 * accuracy:.2f}%"
     out_console.print(f"{line}; {where}", soft_wrap=True, highlight=False)
+
+
+def _progress(*columns, eta: bool = True, disable: bool = False) -> Progress:
+    """A transient progress display on stderr: description, `columns`, elapsed time (and the ETA)."""
+    tail = (TextColumn("eta"), TimeRemainingColumn()) if eta else ()
+    return Progress(TextColumn("[bold]{task.description}"), *columns, TimeElapsedColumn(), *tail, console=console,
+                    transient=True, disable=disable)
 
 
 def _print_memory_plan(recipe, device: Device, memory: str | None, nproc: int) -> None:

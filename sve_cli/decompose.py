@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from sve_cli import __version__
 from sve_cli.architectures import architecture
-from sve_cli.checkpoint import Checkpoint, open_checkpoint, source_fingerprint, tensor_fingerprint
+from sve_cli.checkpoint import Checkpoint, open_checkpoint, source_fingerprint
 from sve_cli.factors import FORMAT_VERSION, INDEX, MANIFEST, SHARD_NAME
 from sve_cli.writing import (DTYPE_NAMES, Shard, ShardWriter, exclusive, fault_point, plan_shards, visible_entries, write_index,
                              write_json)
@@ -74,23 +74,38 @@ def _thin_svd(matrix: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Te
     return vectors, S, (vectors.T @ wide) / S[:, None]  # Vh [k,in] = U^T W / S
 
 
-def _errors(matrix: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[float, float]:
-    """Estimated `||W - U S Vh||_F / ||W||_F` and `max(||U^T U - I||, ||Vh Vh^T - I||)_F / sqrt(k)`, on
-    `ERROR_PROBES` seeded Gaussian probes (`||A G||_F² / p` is an unbiased estimate of `||A||_F²`):
-    O((out+in)·(k+in)·p) instead of the O(out·in·k) of rebuilding W."""
-    generator = torch.Generator(device=matrix.device).manual_seed(0)
-    probes = torch.randn(matrix.shape[1], ERROR_PROBES, generator=generator, device=matrix.device, dtype=U.dtype)
-    projected = matrix.to(U.dtype) @ probes  # [out, p]
-    rebuilt = U @ (S[:, None] * (Vh @ probes))  # [out, p]
-    norm = projected.norm()
-    reconstruction = float((projected - rebuilt).norm() / norm) if norm > 0 else 0.0
-    k = S.shape[0]
-    basis = torch.randn(k, ERROR_PROBES, generator=generator, device=matrix.device, dtype=U.dtype)  # [k, p]
-    orthogonality = max(float((U.T @ (U @ basis) - basis).norm() / basis.norm()),
-                        float((Vh @ (Vh.T @ basis) - basis).norm() / basis.norm()))
-    if not (reconstruction == reconstruction and orthogonality == orthogonality):  # NaN from a zero S
-        return float("inf"), float("inf")
-    return reconstruction, orthogonality
+class ErrorProbes:
+    """Seeded Gaussian probes of one weight, drawn before its SVD.
+
+    `errors(U, S, Vh)` estimates `||W - U S Vh||_F / ||W||_F` and `max(||U^T U - I||, ||Vh Vh^T - I||)_F /
+    sqrt(k)` on `ERROR_PROBES` probes (`||A G||_F² / p` is an unbiased estimate of `||A||_F²`):
+    O((out+in)·(k+in)·p) instead of the O(out·in·k) of rebuilding W. `W G` is computed once, for every
+    method tried, and doubles as the check for NaN and infinities (they reach `W G`), so no separate
+    pass over W is needed in the common case.
+    """
+
+    def __init__(self, matrix: torch.Tensor, dtype: torch.dtype):
+        generator = torch.Generator(device=matrix.device).manual_seed(0)
+        self.probes = torch.randn(matrix.shape[1], ERROR_PROBES, generator=generator, device=matrix.device,
+                                  dtype=dtype)  # [in, p]
+        self.projected = matrix.to(dtype) @ self.probes  # [out, p]
+        self.basis = torch.randn(min(matrix.shape), ERROR_PROBES, generator=generator, device=matrix.device,
+                                 dtype=dtype)  # [k, p]
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.projected).all())
+
+    def errors(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[float, float]:
+        rebuilt = U @ (S[:, None] * (Vh @ self.probes))  # [out, p]
+        norm = self.projected.norm()
+        reconstruction = float((self.projected - rebuilt).norm() / norm) if norm > 0 else 0.0
+        basis = self.basis  # [k, p]
+        orthogonality = max(float((U.T @ (U @ basis) - basis).norm() / basis.norm()),
+                            float((Vh @ (Vh.T @ basis) - basis).norm() / basis.norm()))
+        if not (reconstruction == reconstruction and orthogonality == orthogonality):  # NaN from a zero S
+            return float("inf"), float("inf")
+        return reconstruction, orthogonality
 
 
 def svd_methods(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -100,26 +115,30 @@ def svd_methods(device: torch.device, dtype: torch.dtype) -> list[str]:
     return ["svd", "svd64"] if dtype == torch.float32 else ["svd"]
 
 
-def svd_factors(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, methods: list[str] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def svd_factors(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, methods: list[str] | None = None,
+                name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Thin SVD `W = U diag(S) Vh` in `dtype` with canonical signs, and its relative reconstruction error.
 
     Each method of `methods` (default: `svd_methods`) is tried in turn until the factors meet
-    `TOLERANCE[dtype]` in reconstruction error and orthogonality of U and Vh; none meeting it is
-    one clear error. Signs are fixed so that the largest-magnitude entry of each column of U is
-    positive: the factors then do not depend on the LAPACK build, the method or the device.
+    `TOLERANCE[dtype]` in reconstruction error and orthogonality of U and Vh; none meeting it, or a
+    weight holding NaN or infinities, is one clear error naming `name`. Signs are fixed so that the
+    largest-magnitude entry of each column of U is positive: the factors then do not depend on the
+    LAPACK build, the method or the device.
     """
     matrix = weight.to(device=device)  # [out, in]
+    probes = ErrorProbes(matrix, dtype)
+    if not probes.finite and not bool(torch.isfinite(matrix).all()):  # W G overflows only for absurd weights
+        raise SveError(f"tensor '{name}' contains NaN or infinite values: cannot decompose it")
     tolerance = TOLERANCE[dtype]
     measured = []
     for method in methods or svd_methods(device, dtype):
         U, S, Vh = (factor.to(dtype) for factor in _thin_svd(matrix.to(dtype), method))  # [out,k], [k], [k,in]
-        reconstruction, orthogonality = _errors(matrix, U, S, Vh)
+        reconstruction, orthogonality = probes.errors(U, S, Vh)
         if reconstruction <= tolerance and orthogonality <= tolerance:
             break
         measured.append(f"{method}: error {reconstruction:.1e}, orthogonality {orthogonality:.1e}")
     else:
-        raise SveError(f"no SVD of a {list(weight.shape)} weight met the {tolerance:.0e} tolerance "
+        raise SveError(f"no SVD of the {list(weight.shape)} tensor '{name}' met the {tolerance:.0e} tolerance "
                        f"({'; '.join(measured)}); try --dtype float64")
     columns = torch.arange(U.shape[1], device=device)
     signs = torch.sign(U[U.abs().argmax(dim=0), columns])  # [k]
@@ -250,7 +269,7 @@ def decompose(plan: DecomposePlan, out: Path, device: str = "cpu", overwrite: bo
     started = time.perf_counter()
     torch_device = resolve_device(device)
     checkpoint, dtype = plan.checkpoint, DTYPE_NAMES[plan.precision]
-    fingerprints = {t.name: tensor_fingerprint(checkpoint.read(t.name)) for t in plan.targets}
+    fingerprints = {t.name: checkpoint.fingerprint(t.name) for t in plan.targets}
     identity = _identity(plan.precision, fingerprints)
     refuse_inputs(out, [checkpoint.path])
     _check_output(out, identity, overwrite)  # before anything is created in `out`
@@ -290,10 +309,7 @@ def _decompose_locked(plan: DecomposePlan, out: Path, identity: str, fingerprint
                                                   "sve.checksums": json.dumps(unknown)})
             shard_errors: dict[str, str] = {}
             for name in shard.names:
-                weight = checkpoint.read(name)
-                if not bool(torch.isfinite(weight).all()):
-                    raise SveError(f"tensor '{name}' contains NaN or infinite values: cannot decompose it")
-                U, S, Vh, error = svd_factors(weight, dtype, torch_device)
+                U, S, Vh, error = svd_factors(checkpoint.read(name), dtype, torch_device, name=name)
                 for factor, tensor in (("U", U), ("S", S), ("Vh", Vh)):
                     writer.add(f"{name}.{factor}", tensor)
                 shard_errors[name] = _fixed_width(error)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from sve_cli.report import ROWS
+# the metrics of every table and report, in order: key, label, scale (100: shown as a percentage)
+ROWS = [("accuracy", "Acc", 100), ("nll", "NLL", 1), ("brier", "Brier", 1), ("ece", "ECE", 100),
+        ("adaptive_ece", "aECE", 100), ("mce", "MCE", 100), ("disagreement", "disagreement", 100)]
 
 
 def human(nbytes: float) -> str:

@@ -197,7 +197,7 @@ def _checkpoint_targets(checkpoint: Checkpoint, spec: str | None) -> list[dict]:
     from sve_cli.targets import resolve_targets
 
     return [{"name": t.name, "source_dtype": t.dtype, "shape": [t.out_features, t.in_features],
-             "fingerprint": tensor_fingerprint(checkpoint.read(t.name))} for t in resolve_targets(checkpoint, spec)]
+             "fingerprint": checkpoint.fingerprint(t.name)} for t in resolve_targets(checkpoint, spec)]
 
 
 def _source_fingerprint(targets: list[dict]) -> str:

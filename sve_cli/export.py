@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from sve_cli import __version__
 from sve_cli.bank import read_bank_metadata
-from sve_cli.checkpoint import Checkpoint, open_checkpoint, source_fingerprint, tensor_fingerprint
+from sve_cli.checkpoint import Checkpoint, open_checkpoint, source_fingerprint
 from sve_cli.writing import (DTYPE_NAMES, TORCH_DTYPES, ShardWriter, parse_size, plan_shards, save_safetensors, write_index,
                              write_json)
 from sve_cli.factors import FactorCache, default_output
@@ -64,7 +64,7 @@ class RunBank:
         base = open_checkpoint(recipe.model.path)
         targets = metadata["targets"]
         missing = [t for t in targets if t not in base.files]
-        fingerprints = {} if missing else {t: tensor_fingerprint(base.read(t)) for t in targets}
+        fingerprints = {} if missing else {t: base.fingerprint(t) for t in targets}
         if missing or source_fingerprint(fingerprints) != metadata["source_fingerprint"]:
             raise SveError(f"the base checkpoint {recipe.model.path} no longer matches the bank of {run} "
                            "(its targeted weights changed since training)")

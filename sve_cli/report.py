@@ -16,15 +16,12 @@ import torch
 
 from sve_cli import __version__, conformal
 from sve_cli.writing import atomic_path, save_safetensors, write_json
+from sve_cli.display import ROWS
 from sve_cli.evaluate import Evaluation
 from sve_cli.metrics import CONVENTIONS, Prediction, equal_width_bins
 from sve_cli.outputs import tool_files
 from sve_cli.rundir import CONFORMAL, THRESHOLDS
 from sve_cli.selective import risk_coverage
-
-ROWS = [("accuracy", "Acc", 100), ("nll", "NLL", 1), ("brier", "Brier", 1), ("ece", "ECE", 100),
-        ("adaptive_ece", "aECE", 100), ("mce", "MCE", 100), ("disagreement", "disagreement", 100)]
-
 
 def report_dict(evaluation: Evaluation) -> dict:
     metadata = evaluation.metadata

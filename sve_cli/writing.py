@@ -219,6 +219,7 @@ def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int, prefix: s
 
 
 IN_FLIGHT = 3  # tensors handed to the writer thread and not yet written (a target's U, S and Vh)
+SYNC_EVERY = 8_000_000  # bytes written between fsyncs in the writer thread, so a commit flushes only the tail
 
 
 class ShardWriter:
@@ -229,7 +230,8 @@ class ShardWriter:
     the caller's checksums) by one thread, up to `IN_FLIGHT` of them: a target's U, S and Vh are written
     while the next SVD runs, and memory stays bounded. A shard lives under a temporary name until its commit, which
     may rewrite the header's metadata with final values of the same length (e.g. fixed-width
-    numbers known only at the end), then fsyncs and renames it.
+    numbers known only at the end), then fsyncs and renames it. The thread also fsyncs every
+    `SYNC_EVERY` bytes as it goes: the disk is written behind the caller's work, not all at the commit.
     """
 
     def __init__(self, directory: Path, fingerprint: bool = False):
@@ -256,6 +258,7 @@ class ShardWriter:
         self._path = self.directory / filename
         self._temporary = self._path.with_name(f".{filename}.tmp-{os.getpid()}")
         self._layout, self._metadata, self._written = list(layout), {"format": "pt", **metadata}, 0
+        self._unsynced = 0
         self._header_size = len(_header(self._layout, self._metadata))
         self.directory.mkdir(parents=True, exist_ok=True)
         self._handle = open(self._temporary, "wb")
@@ -270,7 +273,11 @@ class ShardWriter:
         self._submit(self._write, name, tensor)
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
-        self._handle.write(_tensor_bytes(tensor))
+        self._unsynced += self._handle.write(_tensor_bytes(tensor))
+        if self._unsynced >= SYNC_EVERY:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._unsynced = 0
         if self.fingerprint:
             self.fingerprints[name] = tensor_fingerprint(tensor)  # hashing overlaps the caller's next tensor
 

@@ -13,16 +13,18 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests never touch the network. Set before any test module is collected: huggingface_hub reads these
+# once, at its import, and a hub lookup in online mode retries for ~25 s before it fails.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline_home(tmp_path_factory):
-    """Tests never touch the network or the user's cache."""
+    """Tests never touch the user's cache."""
     home = tmp_path_factory.mktemp("sve_home")
     os.environ["SVE_HOME"] = str(home)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     yield home
 
 

@@ -113,6 +113,29 @@ def test_fingerprint_sees_any_change():
     assert ckpt.tensor_fingerprint(tensor.bfloat16()).startswith("sha256:")
 
 
+def test_reads_and_fingerprints_match_safetensors_own_reader(tiny_checkpoints, minilm_path, tmp_path):
+    """sve reads tensors into their own memory and hashes them from the file without building them: the same
+    tensors and digests as through safetensors (caches made before stay valid), for every tensor of a sharded
+    checkpoint, real MiniLM, each float dtype, an int8 buffer and a tensor over the hashing block size."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"{dtype}".split(".")[1]: torch.randn(7, 5, generator=generator).to(dtype)
+               for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+    tensors["large"] = torch.randn(4_200_001, generator=generator)  # 16.8 MB: more than one 16 MiB block
+    tensors["int8"] = torch.arange(12, dtype=torch.int8)
+    save_file(tensors, str(tmp_path / "mixed.safetensors"), metadata={"format": "pt"})
+    for model in (tiny_checkpoints["llama-sharded"], minilm_path, tmp_path / "mixed.safetensors"):
+        checkpoint = ckpt.open_checkpoint(str(model))
+        for name in checkpoint.names:
+            with safe_open(str(checkpoint.files[name]), framework="pt") as handle:  # the reference reader
+                expected = handle.get_tensor(name)
+            read = checkpoint.read(name)
+            assert read.dtype == expected.dtype and torch.equal(read, expected), (model, name)
+            assert checkpoint.fingerprint(name) == ckpt.tensor_fingerprint(expected), (model, name)
+
+
 @pytest.mark.slow
 def test_builtin_smollm2_gguf_is_dequantised_once_into_safetensors():
     from transformers import AutoModelForCausalLM

@@ -178,3 +178,14 @@ def test_usage_mistake_in_a_real_process_has_no_traceback():
     result = sve_subprocess("train")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("Usage: sve train") and "Missing argument" in result.stderr
+
+
+def test_help_and_usage_mistakes_do_not_wait_for_torch():
+    """`sve --help`, `--version` and a usage line answer in half a second: the command line imports torch,
+    transformers and pandas only inside the command that runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, sve_cli.cli; print(sorted({'torch', 'transformers', 'pandas'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

@@ -92,18 +92,21 @@ def _ill_conditioned(out: int = 96, inner: int = 64) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 def test_every_method_meets_the_tolerance_or_is_replaced(dtype, tolerance):
-    from sve_cli.decompose import _errors, _thin_svd
+    from sve_cli.decompose import ErrorProbes, _thin_svd
+
+    def errors(matrix, U, S, Vh):
+        return ErrorProbes(matrix, U.dtype).errors(U, S, Vh)
 
     well = torch.randn(80, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
     for method in ("svd", "svd64", "gram64"):
         U, S, Vh = (f.to(dtype) for f in _thin_svd(well, method))
-        assert max(_errors(well, U, S, Vh)) < tolerance, method
+        assert max(errors(well, U, S, Vh)) < tolerance, method
         torch.testing.assert_close(S, torch.linalg.svdvals(well.double()).to(dtype), rtol=tolerance * 10, atol=0)
     # through the Gram matrix, singular values below sqrt(eps)·S_max lose their vectors: the check sees it
     bad = _ill_conditioned().to(dtype)
-    assert max(_errors(bad, *(f.to(dtype) for f in _thin_svd(bad, "gram64")))) > tolerance
+    assert max(errors(bad, *(f.to(dtype) for f in _thin_svd(bad, "gram64")))) > tolerance
     U, S, Vh, error = svd_factors(bad, dtype, torch.device("cpu"), methods=["gram64", "svd64"])
-    assert error < tolerance and max(_errors(bad, U, S, Vh)) < tolerance  # redone by the accurate path
+    assert error < tolerance and max(errors(bad, U, S, Vh)) < tolerance  # redone by the accurate path
 
 
 def test_an_inaccurate_svd_is_never_written_silently(monkeypatch):
@@ -121,8 +124,32 @@ def test_an_inaccurate_svd_is_never_written_silently(monkeypatch):
     weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
     U, S, Vh, error = svd_factors(weight, torch.float32, torch.device("cpu"))  # svd, then svd64
     assert error < 1e-5 and float((U * S @ Vh - weight).norm() / weight.norm()) < 1e-5
-    with pytest.raises(SveError, match="no SVD of a \\[64, 48\\] weight met the 1e-05 tolerance"):
+    with pytest.raises(SveError, match="no SVD of the \\[64, 48\\] tensor 'weight' met the 1e-05 tolerance"):
         svd_factors(weight, torch.float32, torch.device("cpu"), methods=["svd"])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_weight_is_named_not_decomposed(value):
+    weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    weight[5, 7] = value
+    with pytest.raises(SveError, match="tensor 'layers.1.weight' contains NaN or infinite values"):
+        svd_factors(weight, torch.float32, torch.device("cpu"), name="layers.1.weight")
+
+
+def test_decompose_of_a_non_finite_checkpoint_is_one_line_and_writes_nothing(tmp_path):
+    """In a real process: LAPACK is never handed the infinity (MKL would print its own errors)."""
+    from conftest import sve_subprocess
+
+    weights = {f"layers.{i}.weight": torch.randn(32, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)}
+    weights["layers.1.weight"][3, 4] = float("inf")
+    (tmp_path / "model").mkdir()
+    save_file(weights, str(tmp_path / "model" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "custom"}')
+    result = sve_subprocess("decompose", tmp_path / "model", "--targets", "*.weight", "--out", tmp_path / "cache")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "'layers.1.weight' contains NaN or infinite values" in lines[0] and not result.stdout.strip()
+    assert not list((tmp_path / "cache").glob("*.safetensors")) and not (tmp_path / "cache" / "decomposition.json").exists()
 
 
 def test_rerun_reuses_finished_shards_and_redoes_a_missing_one(tiny_checkpoints, tmp_path):
