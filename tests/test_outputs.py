@@ -370,8 +370,11 @@ def test_sigint_says_where_resume_continues(world, tmp_path):
 
     recipe = write_recipe(tmp_path / "r.yaml", world["model"], world["data"],
                           train={"max_steps": 400, "eval_every_steps": 2, "checkpoint_every_steps": 2})
+    # a terminal's Ctrl-C: SIGINT at its default, even when this suite runs where it is ignored (a shell's `&`
+    # job hands SIG_IGN down, and Python then never raises KeyboardInterrupt)
     process = subprocess.Popen([sys.executable, "-m", "sve_cli", "train", str(recipe), "--out", str(tmp_path / "run")],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / "run" / "trainer_state.json").exists() and time.time() < deadline:
         time.sleep(0.2)
