@@ -236,8 +236,11 @@ class Checkpoint:
         with the checkpoint, and no mapping is set up per read)."""
         file, begin, end, dtype, shape = self._locate(name)
         if dtype is None:  # e.g. an integer buffer: safetensors converts it
-            with safe_open(str(file), framework="pt") as handle:
-                return handle.get_tensor(name)
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    return handle.get_tensor(name)
+            except SafetensorError as error:
+                raise CheckpointError(f"cannot read tensor '{name}' from {file}: {error}") from None
         tensor = torch.empty(shape, dtype=dtype)
         with open(file, "rb") as stream:
             stream.seek(begin)
