@@ -23,6 +23,7 @@ from sve_cli.outputs import tool_files
 from sve_cli.rundir import CONFORMAL, THRESHOLDS
 from sve_cli.selective import risk_coverage
 
+
 def report_dict(evaluation: Evaluation) -> dict:
     metadata = evaluation.metadata
     return {
