@@ -172,7 +172,7 @@ def train(
     with _progress(BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[status]}"),
                    disable=not rank0) as progress:
         task = progress.add_task(f"{loaded.ensemble.method} M={loaded.ensemble.members}", total=None,
-                                 status=f"loading {loaded.model.path} and {loaded.task.dataset}…")
+                                 status=f"loading {loaded.model.path} and {loaded.task.dataset_name}…")
 
         def on_step(info: dict) -> None:
             progress.update(task, completed=info["step"], total=info["total"],
@@ -194,7 +194,7 @@ def train(
         out_console.print(display.run_summary(out, loaded, state))
 
 
-@app.command(epilog="Example:  sve evaluate runs/quickstart --ood bbc_news --temperature")
+@app.command(epilog="Example:  sve evaluate runs/quickstart --ood bbc_news --save-predictions")
 def evaluate(
     runs: list[Path] = typer.Argument(..., help="One or more run directories (several give a side-by-side table)."),
     data: Optional[str] = typer.Option(None, "--data", help="In-distribution set (default: the recipe's test split): "
@@ -205,8 +205,9 @@ def evaluate(
                                        "reliability diagram (default: the recipe's eval.bins)."),
     combine: Optional[Combine] = typer.Option(None, "--combine", help="Combine members by the mean of their "
                                               "probabilities or of their logits (default: the recipe's eval.combine)."),
-    temperature: bool = typer.Option(False, "--temperature", help="Fit one temperature on the validation split; "
-                                     "report before and after."),
+    temperature: bool = typer.Option(False, "--temperature", help="Fit the temperature on the validation split "
+                                     "now (by default the one sve train fitted is used; for runs trained with "
+                                     "eval.calibration: none or before calibration existed)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Report directory (default: RUN/report)."),
     save_predictions: bool = typer.Option(False, "--save-predictions", help="Write predictions.safetensors."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="Cap each set's size."),
@@ -252,7 +253,7 @@ def evaluate(
             console.print(f"abstention and conformal thresholds (fitted on validation) written to {written}")
 
     if rank0:
-        out_console.print(display.evaluation(runs, reports, temperature))
+        out_console.print(display.evaluation(runs, reports))
 
 
 @app.command(epilog="Example:  sve export runs/quickstart --format safetensors --member 0 --out exported/")
@@ -312,6 +313,8 @@ def predict(
     conformal_score: ConformalScore = typer.Option(ConformalScore.lac, "--conformal-score",
                                                    help="The conformal score the sets are built from."),
     bank: Optional[Path] = typer.Option(None, "--bank", help="With a run directory: use this Σ bank."),
+    raw: bool = typer.Option(False, "--raw", help="Write the raw ensemble's probabilities instead of the calibrated "
+                             "ones (the temperature sve train fitted on validation)."),
     cache_budget: Optional[str] = typer.Option(None, "--cache-budget", help="Memory the members' cached weights may "
                                                "use (auto, 0 or a size such as 4GB; default: the recipe's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
@@ -330,16 +333,17 @@ def predict(
     with console.status(f"loading {source}…"):
         predictor = open_predictor(source, bank)
     inputs.append(predictor.recipe.model.path if Path(predictor.recipe.model.path).exists() else None)
-    threshold, where = choose_threshold(predictor, score.value, abstain_coverage, abstain_risk, abstain_threshold)
+    threshold, where = choose_threshold(predictor, score.value, abstain_coverage, abstain_risk, abstain_threshold, raw)
     sets = None
     if conformal is not None:
-        value, said = conformal_threshold(predictor, conformal, conformal_score.value)
+        value, said = conformal_threshold(predictor, conformal, conformal_score.value, raw)
         sets, where = (conformal_score.value, value), f"{where}; {said}"
     rank0 = predictor.parallel.writer  # under torchrun, every rank predicts a share and rank 0 writes
     with _progress(TextColumn("{task.completed} rows"), eta=False, disable=not rank0) as progress:
         task = progress.add_task("predicting", total=None)
         rows = predict_rows(predictor, data, member, batch_size, score.value, threshold,
-                            on_rows=lambda count: progress.advance(task, count), sets=sets, cache_budget=cache_budget)
+                            on_rows=lambda count: progress.advance(task, count), sets=sets, cache_budget=cache_budget,
+                            raw=raw)
         if not rank0:
             for _ in rows:  # the other ranks take part in every chunk's collectives
                 pass
@@ -350,7 +354,7 @@ def predict(
         line += f", answered {100 * coverage_of(summary):.1f}% (abstained on {summary['abstained']})"
     if (accuracy := answered_accuracy(summary)) is not None:
         line += f", accuracy on the answered labelled rows {100 * accuracy:.2f}%"
-    out_console.print(f"{line}; {where}", soft_wrap=True, highlight=False)
+    out_console.print(f"{line}; {predictor.probability_note(member, raw)}; {where}", soft_wrap=True, highlight=False)
 
 
 def _progress(*columns, eta: bool = True, disable: bool = False) -> Progress:
@@ -369,8 +373,13 @@ def _print_memory_plan(recipe, device: Device, memory: str | None, nproc: int) -
 
     chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == Device.auto else device.value
     capacity = parse_size(memory) if memory else device_capacity(chosen)
-    with console.status(f"reading {recipe.model.path} and {recipe.task.dataset}…"):
+    with console.status(f"reading {recipe.model.path} and {recipe.task.dataset_name}…"):
         estimate = plan_training(recipe, chosen, capacity, nproc)
+        if recipe.task.local_paths or str(recipe.task.dataset).startswith("builtin:"):  # hub sets are not fetched
+            from sve_cli.data import load_splits, splits_summary
+
+            out_console.print(splits_summary(recipe.task, load_splits(recipe.task, recipe.task.dataset_name)[0]),
+                              soft_wrap=True, highlight=False)
     out_console.print(display.memory_plan(recipe, estimate, chosen, capacity, recipe_export_notes(recipe)))
 
 

@@ -3,12 +3,12 @@
 Every source becomes a table with `text` (optionally `text_pair`) or `image`, and `label`.
 Multiple-choice items (ARC's schema, a generic one, or a classification set posed as a question)
 are rendered into prompts whose answer is a letter, so they flow through the same pipeline.
-Built-in sets and single local files get fixed, seeded 80/10/10 train/validation/test splits.
+Built-in sets and single local files get fixed, seeded 80/10/10 train/validation/test splits; split
+files (a mapping split name -> file(s), or a folder of files named after their splits) are used as named.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +19,10 @@ import torch
 from sve_cli.checkpoint import package_data
 from sve_cli.errors import SveError
 from sve_cli.images import image_tensor, read_image_folder
-from sve_cli.recipe import TaskSection
+from sve_cli.recipe import TABLE_SUFFIXES, TaskSection, carved_share, split_files
 
 SPLIT_SEED = 0
 BUILTIN_DATA = ("tweets", "bbc_news", "digits", "mnist")
-TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
@@ -100,6 +99,22 @@ def _local(path: Path) -> Table:
     if path.is_dir():
         names, images, labels = read_image_folder(path)
         return Table(pd.DataFrame({"image": images, "label": labels}), names, True)
+    return _table_file(path)
+
+
+def _split_tables(files: dict[str, list[Path]]) -> dict[str, Table]:
+    """Each split's file(s), read and (several files of one split) concatenated in the order given."""
+    tables = {}
+    for split, paths in files.items():
+        for path in paths:
+            if not path.exists():
+                raise SveError(f"split '{split}': data file {path} does not exist")
+        frames = [_table_file(path).frame for path in paths]
+        tables[split] = Table(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0])
+    return tables
+
+
+def _table_file(path: Path) -> Table:
     _regular_file(path)
     kind = TABLE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
@@ -144,8 +159,11 @@ def _hub(name: str, config: str | None) -> dict[str, Table]:
     return {split: Table(part.to_pandas()) for split, part in loaded.items()}
 
 
-def load_source(spec: str, config: str | None = None) -> dict[str, Table] | Table:
-    """A built-in name, local path or hub name -> a Table (to split) or a dict of split Tables."""
+def load_source(spec: str | dict, config: str | None = None) -> dict[str, Table] | Table:
+    """A built-in name, local path, split files or hub name -> a Table (to split) or a dict of split Tables."""
+    files = split_files(spec)
+    if files is not None:
+        return _split_tables(files)
     name = spec.removeprefix("builtin:")
     if spec.startswith("builtin:") or name in BUILTIN_DATA and not Path(spec).exists():
         return _builtin(name)
@@ -195,7 +213,9 @@ def _labels(values: pd.Series, names: list[str], where: str) -> torch.Tensor:
     if all(isinstance(v, str) for v in values):
         unknown = sorted(set(values) - set(names))
         if unknown:
-            raise SveError(f"{where}: label '{unknown[0]}' is not one of the run's labels {names}")
+            shown = ", ".join(f"'{label}'" for label in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise SveError(f"{where}: label{'s' if len(unknown) > 1 else ''} {shown} not among the run's labels "
+                           f"{names} (those of the training split, or task.label_names)")
         return torch.tensor([names.index(v) for v in values], dtype=torch.long)
     try:
         numbers = values.astype("float64").to_numpy()
@@ -205,9 +225,10 @@ def _labels(values: pd.Series, names: list[str], where: str) -> torch.Tensor:
     if len(fractional):
         raise SveError(f"{where}: label {fractional[0]:g} is not an integer (labels are class indices or names)")
     labels = torch.tensor(numbers.astype("int64"), dtype=torch.long)
-    bad = labels[(labels < 0) | (labels >= len(names))]
-    if len(bad):
-        raise SveError(f"{where}: label {int(bad[0])} is out of range for {len(names)} classes")
+    bad = sorted(set(labels[(labels < 0) | (labels >= len(names))].tolist()))
+    if bad:
+        raise SveError(f"{where}: label{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:5]))} out of range for "
+                       f"the run's {len(names)} classes {names}")
     return labels
 
 
@@ -351,27 +372,49 @@ def class_names(table: Table, task: TaskSection) -> list[str]:
     return [str(v) for v in distinct]
 
 
+def split_origins(task: TaskSection) -> dict[str, str]:
+    """Where each of the recipe's splits comes from, in words (the start of `sve train`, `--dry-run`)."""
+    names = {"train_split": task.train_split, "validation_split": task.validation_split, "test_split": task.test_split}
+    files = split_files(task.dataset)
+    origins = {}
+    for key, name in names.items():
+        share = carved_share(name, task.train_split)
+        if share is not None:
+            origins[name] = f"{share}% held out of '{task.train_split}' (seeded)"
+        elif files is not None:
+            origins[name] = ", ".join(str(path) for path in files[name])
+        elif isinstance(task.dataset, str) and (task.dataset.startswith("builtin:") or Path(task.dataset).is_file()):
+            origins[name] = f"{task.dataset}, seeded 80/10/10 cut ({name})"
+        else:
+            origins[name] = f"{task.dataset} [{name}]"
+    return origins
+
+
+def splits_summary(task: TaskSection, splits: dict[str, Examples]) -> str:
+    """One line: each split's rows and where they come from."""
+    origins = split_origins(task)
+    return "data: " + "; ".join(f"{name} {len(examples):,} rows from {origins[name]}" for name, examples in splits.items())
+
+
 def load_splits(task: TaskSection, where: str) -> tuple[dict[str, Examples], list[str]]:
     """The recipe's train/validation/test splits as Examples, and the label names."""
     source = load_source(task.dataset, task.config)
     names = (task.train_split, task.validation_split, task.test_split)
     tables = seeded_splits(source, *names) if isinstance(source, Table) else dict(source)
-    carved = re.fullmatch(r"(.+):(\d+)%", task.validation_split)
-    if carved and carved.group(1) == task.train_split and task.train_split in tables:
-        tables[task.train_split], tables[task.validation_split] = hold_out(
-            tables[task.train_split], int(carved.group(2)) / 100)
+    share = carved_share(task.validation_split, task.train_split)
+    if share is not None and task.train_split in tables:
+        tables[task.train_split], tables[task.validation_split] = hold_out(tables[task.train_split], share / 100)
     for key, name in zip(("train_split", "validation_split", "test_split"), names):
         if name not in tables:
             raise SveError(f"{where}: task.{key}: split '{name}' does not exist in {task.dataset} "
                            f"(splits: {sorted(tables)})")
     label_names = class_names(tables[task.train_split], task)
-    if task.type == "multiple_choice" and task.question is not None:
-        label_names = list(label_names)
+    origins = split_origins(task)
     splits = {}
     for name in names:
         table = tables[name]
         limit = task.max_train_examples if name == task.train_split else task.max_eval_examples
         if limit is not None and len(table.frame) > limit:
             table = table.take(slice(0, limit))
-        splits[name] = build_examples(table, task, label_names, f"{task.dataset} [{name}]")
+        splits[name] = build_examples(table, task, label_names, f"{origins[name]} [{name}]")
     return splits, label_names

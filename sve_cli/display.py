@@ -91,13 +91,16 @@ def run_summary(out: Path, recipe, state: dict) -> Table:
     table = Table(title=f"run {out}", show_header=False, title_justify="left")
     table.add_row("best step", f"{state['best_step']} of {state['total_steps']} ({recipe.eval.metric})")
     for key in ("accuracy", "nll", "brier", "ece"):
-        table.add_row(f"{recipe.eval.split} {key}", f"{best[key]:.4f}")
+        table.add_row(f"{recipe.eval.split} {key} (raw)", f"{best[key]:.4f}")
+    if recipe.eval.calibration == "temperature":
+        table.add_row("temperature", f"{best['temperature']:.4f} (fitted on {recipe.eval.split}; evaluate, predict "
+                      "and exports use it)")
     table.add_row("bank", str(out / "sigma_bank.safetensors"))
     return table
 
 
-def evaluation(runs: list[Path], reports: list[dict], temperature: bool) -> Table:
-    """`sve evaluate`'s table: one column per run."""
+def evaluation(runs: list[Path], reports: list[dict]) -> Table:
+    """`sve evaluate`'s table: one column per run; calibrated numbers, then the raw ones."""
     table = Table(title="in-distribution: " + reports[0]["data"]["in_distribution"], title_justify="left")
     table.add_column("metric")
     for run, result in zip(runs, reports):
@@ -105,9 +108,12 @@ def evaluation(runs: list[Path], reports: list[dict], temperature: bool) -> Tabl
     for key, label, scale in ROWS:
         table.add_row(label + (" (%)" if scale == 100 else ""),
                       *[f"{r['metrics'][key] * scale:.2f}" if scale == 100 else f"{r['metrics'][key]:.4f}" for r in reports])
-    if temperature:
-        table.add_row("T (fitted)", *[f"{r['temperature_scaling']['temperature']:.3f}" for r in reports])
-        table.add_row("ECE after T (%)", *[f"{100 * r['temperature_scaling']['after']['ece']:.2f}" for r in reports])
+    table.add_row("temperature", *[f"{r['calibration']['temperature']:.3f}" if r["calibration"]["method"] == "temperature"
+                                   else "none (raw)" for r in reports])
+    for key, label, scale in ROWS[:4]:
+        table.add_row(f"raw {label}" + (" (%)" if scale == 100 else ""),
+                      *[f"{r['raw_metrics'][key] * scale:.2f}" if scale == 100 else f"{r['raw_metrics'][key]:.4f}"
+                        for r in reports])
     for score in ("msp", "entropy", "mutual_information"):
         table.add_row(f"AURC {score}", *[f"{r['selective'][score]['aurc']:.4f}" if score in r["selective"] else "—"
                                          for r in reports])

@@ -14,11 +14,11 @@ from typing import Callable
 
 import torch
 
-from sve_cli.data import (BUILTIN_DATA, Examples, Table, build_examples, load_source, load_splits, test_split,
-                          unlabelled_examples)
+from sve_cli.data import (BUILTIN_DATA, Examples, Table, build_examples, load_source, load_splits, split_origins,
+                          test_split, unlabelled_examples)
 from sve_cli import conformal
 from sve_cli.errors import SveError
-from sve_cli.metrics import Prediction, calibration_metrics, fit_temperature, ood_metrics
+from sve_cli.metrics import Prediction, calibration_metrics, fit_calibration, ood_metrics
 from sve_cli.pipeline import load_ensemble
 from sve_cli.distributed import for_inference
 from sve_cli.inference import predict
@@ -41,13 +41,15 @@ class Evaluation:
     run: Path
     metadata: dict
     labels: torch.Tensor
-    prediction: Prediction  # the in-distribution set, members combined as the run says
-    metrics: dict
-    validation: Prediction  # the validation split: thresholds, temperature, conformal sets
+    prediction: Prediction  # the in-distribution set, members combined as the run says, calibrated
+    metrics: dict  # of `prediction`: what a user of the run's probabilities gets
+    validation: Prediction  # the validation split, calibrated: thresholds, conformal sets
     validation_labels: torch.Tensor
+    raw: Prediction  # the in-distribution set before calibration
+    raw_metrics: dict
+    calibration: dict  # method, temperature (1 for none), where it came from
     ood: dict[str, dict] = field(default_factory=dict)
     ood_predictions: dict[str, Prediction] = field(default_factory=dict)
-    temperature: dict | None = None
     sizes: dict[str, int] = field(default_factory=dict)
     data_name: str = ""
     selective: dict = field(default_factory=dict)  # per score: AURC, accuracy at coverage (in-distribution)
@@ -61,6 +63,10 @@ class Evaluation:
     @property
     def combine(self) -> str:
         return self.prediction.how
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration.get("temperature", 1.0))
 
 
 def _table(name: str, config: str | None = None, any_hub_name: bool = False, what: str = "OOD set") -> Table:
@@ -120,31 +126,50 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
 
     splits, _ = load_splits(recipe.task, str(run / RECIPE))
     if data is None:
-        examples, data_name = splits[recipe.task.test_split], f"{recipe.task.dataset} [{recipe.task.test_split}]"
+        test = recipe.task.test_split
+        examples, data_name = splits[test], f"{split_origins(recipe.task)[test]} [{test}]"
     else:
         examples, data_name = build_examples(data_table, recipe.task, label_names, data), data
-    prediction = run_set("in-distribution", examples)
+    raw = run_set("in-distribution", examples)
     validation = splits[recipe.task.validation_split]
-    validation_prediction = run_set("validation", validation)  # abstention thresholds, temperature
+    raw_validation = run_set("validation", validation)  # temperature, abstention thresholds, conformal sets
+    calibration = _calibration(metadata, raw_validation, validation.labels, refit=temperature)
+    prediction, validation_prediction = raw.scaled(calibration["temperature"]), raw_validation.scaled(calibration["temperature"])
     result = Evaluation(run, metadata, examples.labels, prediction, calibration_metrics(prediction, examples.labels, bins),
-                        validation_prediction, validation.labels,
-                        sizes={"in_distribution": len(examples), "validation": len(validation)},
+                        validation_prediction, validation.labels, raw, calibration_metrics(raw, examples.labels, bins),
+                        calibration, sizes={"in_distribution": len(examples), "validation": len(validation)},
                         data_name=data_name, selective=selective_metrics(prediction, examples.labels),
                         thresholds=fit_thresholds(validation_prediction, validation.labels),
                         bank_fingerprint=file_fingerprint(bank), bins=bins,
                         conformal_thresholds=conformal.fit(validation_prediction, validation.labels))
     result.conformal = conformal.evaluate(prediction, examples.labels, result.conformal_thresholds, len(validation))
-    if temperature:
-        fitted = fit_temperature(validation_prediction.logits, validation.labels, combine_how)
-        result.temperature = {"temperature": fitted, "fitted_on": recipe.task.validation_split,
-                              "after": calibration_metrics(prediction.scaled(fitted), examples.labels, bins)}
+    if calibration.get("member_temperatures"):  # the alternative: each member calibrated alone, then pooled
+        member_scale = torch.tensor(calibration["member_temperatures"], dtype=torch.float64)[None, :, None]
+        pooled = Prediction.of(raw.logits / member_scale, combine_how)
+        calibration["per_member_then_pool"] = {key: value for key, value in calibration_metrics(
+            pooled, examples.labels, bins).items() if key in ("accuracy", "nll", "brier", "ece")}
 
     for name, table in zip(ood, ood_tables):
         short = _short_name(name, result.ood_predictions)
         result.ood_sources[short] = name
         ood_examples, _ = unlabelled_examples(table, recipe.task, label_names,
                                               f"OOD set '{short}'", keep_labels=False)
-        result.ood_predictions[short] = run_set(f"OOD {short}", ood_examples)
+        result.ood_predictions[short] = run_set(f"OOD {short}", ood_examples).scaled(result.temperature)
         result.ood[short] = ood_metrics(prediction, result.ood_predictions[short])
         result.sizes[f"ood.{short}"] = len(ood_examples)
     return result
+
+
+def _calibration(metadata: dict, validation: Prediction, labels: torch.Tensor, refit: bool) -> dict:
+    """The bank's stored calibration (fitted at the end of training); with `refit` (`--temperature`), or
+    for a bank that carries none, a temperature fitted now on the validation split by the same function."""
+    stored = metadata.get("calibration")
+    other_mode = bool(stored) and stored.get("method") == "temperature" and stored.get("combine") != validation.how
+    if refit or other_mode:
+        fitted = fit_calibration(validation.logits, labels, validation.how)
+        why = f" (members combined by {validation.how}, not as at training)" if other_mode and not refit else ""
+        return {**fitted, "source": f"fitted by sve evaluate on the validation split{why}"}
+    if stored and stored.get("method") == "temperature":
+        return {**stored, "source": "fitted by sve train on the validation split"}
+    reason = "eval.calibration: none" if stored else "the bank predates calibration (use --temperature to fit one)"
+    return {"method": "none", "temperature": 1.0, "source": reason}

@@ -36,6 +36,7 @@ from sve_cli.outputs import BANK as BANK_FILE, EXPORT, check_output, output_lock
 from sve_cli.architectures import Architecture, BackboneLayout, architecture
 from sve_cli.baselines import lora_merged
 from sve_cli.layer import merged_weight, singular_values
+from sve_cli.metrics import temperature_of
 from sve_cli.rundir import BANK, CONFORMAL, RECIPE, THRESHOLDS, open_run, read_fitted
 
 ST_POOLING = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
@@ -78,6 +79,17 @@ def _member_value(bank: RunBank, name: str, member: int | str) -> torch.Tensor:
     """Member m's slice of a bank tensor `[M, …]`, or the mean over members."""
     tensor = bank.tensor(name).float()
     return tensor.mean(dim=0) if member == "mean" else tensor[member]
+
+
+def member_temperature(metadata: dict, member: int | str) -> float:
+    """The temperature member m's classifier is divided by on export (its own, fitted on validation at the
+    end of training): its logits are then calibrated with no sve code. 1 for 'mean' and uncalibrated runs."""
+    return 1.0 if member == "mean" else temperature_of(metadata.get("calibration"), member)
+
+
+def _calibrated_head(bank: RunBank, name: str, member: int | str) -> torch.Tensor:
+    """Member m's head tensor (`head.weight` [C, d] or `head.bias` [C]) with its temperature folded in."""
+    return _member_value(bank, name, member) / member_temperature(bank.metadata, member)
 
 
 def _merged_weight(bank: RunBank, cache: FactorCache | None, target: str, member: int | str) -> torch.Tensor:
@@ -185,7 +197,9 @@ def _plan_tensors(bank: RunBank, member: int | str) -> tuple[dict[str, tuple], d
         bias = name.removesuffix("weight") + "bias"
         if name in targets and bias in base.files and bias in bank.bank.keys():
             plan[prefix + short.removesuffix("weight") + "bias"] = (base.shape(bias), ("bias", bias))
-    config_update: dict[str, object] = {"architectures": [output.architecture]}
+    labels = metadata["label_names"]
+    config_update: dict[str, object] = {"architectures": [output.architecture], "id2label": dict(enumerate(labels)),
+                                        "label2id": {label: i for i, label in enumerate(labels)}}
     if output.kind == "sentence-transformers":  # the head goes into 2_Dense
         return plan, config_update, output
     if output.kind == "causal":
@@ -202,9 +216,7 @@ def _plan_tensors(bank: RunBank, member: int | str) -> tuple[dict[str, tuple], d
     plan[weight_name] = (tuple(head.shape[1:]), ("head", "head.weight"))
     if bias_name:
         plan[bias_name] = ((head.shape[1],), ("head", "head.bias"))
-    labels = metadata["label_names"]
-    config_update.update(num_labels=len(labels), id2label={str(i): l for i, l in enumerate(labels)},
-                         label2id={l: i for i, l in enumerate(labels)})
+    config_update["num_labels"] = len(labels)
     if spec.decoder:
         config_update["pad_token_id"] = _pad_token_id(base)
     return plan, config_update, output
@@ -238,7 +250,7 @@ def _produce(bank: RunBank, cache: FactorCache | None, source: tuple[str, str], 
     if kind == "bias":
         return _member_value(bank, f"{name.removesuffix('.bias')}.bias", member)
     if kind == "head":
-        return _member_value(bank, name, member)
+        return _calibrated_head(bank, name, member)
     if kind == "stem":
         return bank.tensor(name)
     lm_head = bank.base.read(name).float().clone()  # "letters": the member's rows replace the letters'
@@ -248,7 +260,7 @@ def _produce(bank: RunBank, cache: FactorCache | None, source: tuple[str, str], 
 
     tokenizer = AutoTokenizer.from_pretrained(bank.base.directory)
     rows = [letter_token_id(tokenizer, letter) for letter in bank.metadata["letters"]]
-    lm_head[rows] = _member_value(bank, "head.weight", member)
+    lm_head[rows] = _calibrated_head(bank, "head.weight", member)
     return lm_head
 
 
@@ -291,7 +303,8 @@ def export_merged(run: Path, out: Path, member: int | str = 0, dtype: str | None
             _sentence_transformers_modules(bank, member, staging, out_dtype)
         (staging / "README.md").write_text(_model_card(bank, member, output), encoding="utf-8")
         config = {**bank.base.config, **config_update, "dtype": str(out_dtype).removeprefix("torch."),
-                  "sve": {"run": str(Path(run).resolve()), "member": member, "members": members,
+                  "sve": {"run": Path(run).resolve().name, "member": member, "members": members,
+                          "temperature": member_temperature(bank.metadata, member),
                           "method": bank.metadata["method"], "tool": f"sve {__version__}",
                           "files": sorted([p.name for p in staging.iterdir()] + ["config.json"])}}
         config.pop("torch_dtype", None)
@@ -303,7 +316,7 @@ def export_merged(run: Path, out: Path, member: int | str = 0, dtype: str | None
 
 def _sentence_transformers_modules(bank: RunBank, member: int | str, staging: Path, dtype: torch.dtype) -> None:
     """modules.json, the pooling config, and a Dense module that holds member m's head."""
-    weight = _member_value(bank, "head.weight", member)  # [C, d]
+    weight = _calibrated_head(bank, "head.weight", member)  # [C, d]
     modules = [("", "sentence_transformers.models.Transformer"), ("1_Pooling", "sentence_transformers.models.Pooling"),
                ("2_Dense", "sentence_transformers.models.Dense")]
     (staging / "modules.json").write_text(json.dumps(
@@ -315,7 +328,7 @@ def _sentence_transformers_modules(bank: RunBank, member: int | str, staging: Pa
                                                        **{key: key == mode for key in ST_POOLING.values()}})
     write_json(staging / "2_Dense" / "config.json", {"in_features": weight.shape[1], "out_features": weight.shape[0],
                                                      "bias": True, "activation_function": "torch.nn.modules.linear.Identity"})
-    bias = _member_value(bank, "head.bias", member) if "head.bias" in bank.bank.keys() else torch.zeros(weight.shape[0])
+    bias = _calibrated_head(bank, "head.bias", member) if "head.bias" in bank.bank.keys() else torch.zeros(weight.shape[0])
     save_safetensors(staging / "2_Dense" / "model.safetensors",
                      {"linear.weight": weight.to(dtype).contiguous(), "linear.bias": bias.to(dtype).contiguous()}, {})
 
@@ -362,14 +375,27 @@ tags:
 # {architecture} exported from an SVE run
 
 This checkpoint is {which} of a {metadata['method']} ensemble trained by `sve` {__version__}
-on `{recipe.task.dataset}` ({recipe.task.type}). Every targeted weight is `U diag(s_m) Vh` with the
+on `{recipe.task.dataset_name}` ({recipe.task.type}). Every targeted weight is `U diag(s_m) Vh` with the
 base model's frozen singular vectors; it loads with plain `{library}` ({usage}), no `sve`
 import needed. Labels, in the order of the logits: {', '.join(metadata['label_names'])}.
+
+{_calibration_sentence(metadata, member)}
 
 A single member does not carry the ensemble's uncertainty estimates: use `sve evaluate` on the run,
 or the Σ bank (`sve export --format sigma-bank`), for those. The recipe that produced it is
 `sve_recipe.yaml`.
 """
+
+
+def _calibration_sentence(metadata: dict, member: int | str) -> str:
+    temperature = member_temperature(metadata, member)
+    if temperature != 1.0:
+        calibration = metadata["calibration"]
+        return (f"Its logits are calibrated: the classifier is divided by this member's temperature T = "
+                f"{temperature:.4f}, fitted on {calibration.get('examples')} {calibration.get('split', 'validation')} "
+                "examples at the end of training, so its softmax is what `sve predict --member` writes.")
+    why = "a mean of members has no fitted temperature" if member == "mean" else "the run was not calibrated"
+    return f"Its logits are raw ({why})."
 
 
 def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:

@@ -248,5 +248,5 @@ def plan_training(recipe: Recipe, device: str, capacity: int | None, world: int 
     else:
         from sve_cli.data import load_splits
 
-        classes = len(load_splits(task, str(task.dataset))[1])
+        classes = len(load_splits(task, task.dataset_name)[1])
     return estimate_memory(recipe, classes, device, capacity, world)

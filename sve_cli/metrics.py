@@ -28,7 +28,9 @@ CONVENTIONS = {
            "probabilities minus the mean of member entropies (BALD; ensembles only, whatever the combine mode); "
            "AUROC, AUPR (average precision), FPR at 95% TPR",
     "disagreement": "fraction of examples where a member's argmax differs from the ensemble's, mean over members",
-    "temperature": "one temperature dividing every member's logits, fitted by NLL on the validation split",
+    "calibration": "temperature (eval.calibration, the default): one temperature dividing every member's logits, "
+                   "fitted at the end of training by the NLL of the combined prediction on the validation split; "
+                   "'metrics' are the calibrated numbers, 'raw_metrics' those of the raw logits",
     "selective": "the examples with the lowest score (msp, entropy or mutual_information) are answered first; "
                  "risk = error rate among the answered; AURC = mean risk over all coverages 1/N … N/N; "
                  "accuracy at coverage c answers the ceil(c·N) surest",
@@ -152,9 +154,15 @@ HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False, "brier": False
 # --------------------------------------------------------------------------- temperature scaling
 
 
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, how: str = "probs") -> float:
     """One temperature T > 0 (parameterised as exp(t)) minimising the NLL of the ensemble whose
-    members' logits are divided by T; fitted with L-BFGS on held-out (validation) logits."""
+    members' logits are divided by T; fitted with L-BFGS on held-out (validation) logits.
+
+    T is kept within TEMPERATURE_RANGE: a model no better than chance on the held-out set has its NLL
+    minimum at T -> infinity (uniform probabilities), which would erase every uncertainty score."""
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
     scaled_logits = logits.double()
@@ -167,7 +175,24 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, how: str = "prob
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp())
+    low, high = TEMPERATURE_RANGE
+    return min(max(float(log_t.detach().exp()), low), high)
+
+
+def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, how: str = "probs") -> dict:
+    """What `eval.calibration: temperature` stores with a bank, fitted on held-out `[N, M, C]` logits:
+    one temperature for the members' combined prediction (pool, then calibrate), and one for each
+    member alone (an exported member folds its own into its classifier)."""
+    return {"method": "temperature", "temperature": fit_temperature(logits, labels, how),
+            "member_temperatures": [fit_temperature(logits[:, m:m + 1], labels, how) for m in range(logits.shape[1])],
+            "combine": how, "examples": len(labels)}
+
+
+def temperature_of(calibration: dict | None, member: int | None = None) -> float:
+    """The temperature a stored calibration gives the ensemble (or member `member`); 1 when there is none."""
+    if not calibration or calibration.get("method") != "temperature":
+        return 1.0
+    return float(calibration["temperature"] if member is None else calibration["member_temperatures"][member])
 
 
 # --------------------------------------------------------------------------- OOD detection

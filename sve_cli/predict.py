@@ -24,7 +24,7 @@ from sve_cli.data import iter_chunks, unlabelled_examples
 from sve_cli import __version__
 from sve_cli.errors import SveError
 from sve_cli import conformal
-from sve_cli.metrics import Prediction
+from sve_cli.metrics import Prediction, temperature_of
 from sve_cli.outputs import PREDICTIONS, check_output, output_lock
 from sve_cli.pipeline import Pipeline, load_ensemble
 from sve_cli.distributed import Parallel, for_inference
@@ -47,11 +47,27 @@ class Predictor:
     bank: Path
     thresholds: dict | None  # thresholds.json's content (or the bank's embedded copy), when present
     conformal: dict | None  # conformal.json's content (or the bank's embedded copy), when present
+    calibration: dict | None = None  # the bank's: the temperature fitted at the end of training
     parallel: Parallel = field(default_factory=Parallel)  # the ranks of torchrun, when it started this
 
     @property
     def recipe(self) -> Recipe:
         return self.pipeline.recipe
+
+    def temperature(self, member: int | None = None, raw: bool = False) -> float:
+        """What the logits are divided by: the ensemble's (or member `member`'s) fitted temperature; 1 with `raw`."""
+        return 1.0 if raw else temperature_of(self.calibration, member)
+
+    def probability_note(self, member: int | None = None, raw: bool = False) -> str:
+        """Which probabilities the output holds, in words (predict's summary line)."""
+        if raw:
+            return "raw probabilities (--raw)"
+        if temperature_of(self.calibration) == 1.0 and (self.calibration or {}).get("method") != "temperature":
+            why = "eval.calibration: none" if self.calibration else "a bank from before calibration"
+            return f"raw probabilities ({why})"
+        who = f"member {member}'s" if member is not None else "the ensemble's"
+        return (f"probabilities calibrated by {who} temperature {self.temperature(member):.4g}, fitted on "
+                f"{self.calibration.get('examples')} {self.calibration.get('split', 'validation')} examples")
 
 
 def open_predictor(source: Path, bank: Path | None = None) -> Predictor:
@@ -72,11 +88,22 @@ def open_predictor(source: Path, bank: Path | None = None) -> Predictor:
         raise SveError(f"{source} is neither a run directory nor a Σ bank file")
     pipeline, model, metadata = load_ensemble(recipe, bank)
     parallel = for_inference(model, recipe.train.parallelism)
-    return Predictor(pipeline, model, list(metadata["label_names"]), bank, thresholds, sets, parallel)
+    return Predictor(pipeline, model, list(metadata["label_names"]), bank, thresholds, sets,
+                     metadata.get("calibration"), parallel)
+
+
+def _fitted_alike(fitted: dict, temperature: float, what: str) -> None:
+    """Thresholds fitted on calibrated scores hold only for probabilities calibrated the same way."""
+    theirs = fitted.get("temperature", 1.0)
+    if not isinstance(theirs, (int, float)) or abs(theirs - temperature) > 1e-9 * max(1.0, abs(temperature)):
+        advice = ("drop --raw" if temperature == 1.0 else
+                  "run `sve evaluate` on the run again to fit them on the calibrated probabilities")
+        raise SveError(f"the {what} were fitted on probabilities at temperature {theirs}, these are at temperature "
+                       f"{temperature:g}: {advice}")
 
 
 def abstain_threshold(predictor: Predictor, score: str, coverage: float | None, risk: float | None,
-                      threshold: float | None) -> tuple[float | None, str]:
+                      threshold: float | None, raw: bool = False) -> tuple[float | None, str]:
     """The score above which to abstain, and a sentence saying where it comes from."""
     if threshold is not None:
         return threshold, f"abstaining when {score} > {threshold:g} (given)"
@@ -90,6 +117,7 @@ def abstain_threshold(predictor: Predictor, score: str, coverage: float | None, 
     if fitted.get("combine") != combine_how:
         raise SveError(f"the thresholds were fitted with members combined by {fitted.get('combine')}, this run "
                        f"combines them by {combine_how} (eval.combine): run `sve evaluate` again without --combine")
+    _fitted_alike(fitted, predictor.temperature(raw=raw), "abstention thresholds")
     where = f"fitted on {fitted.get('examples')} validation examples by `sve evaluate` ({str(fitted.get('created'))[:10]})"
     try:
         fitted_score = fitted["scores"][score]
@@ -119,7 +147,7 @@ def _number(value: object) -> float:
     return float(value)
 
 
-def conformal_threshold(predictor: Predictor, level: float, score: str) -> tuple[float, str]:
+def conformal_threshold(predictor: Predictor, level: float, score: str, raw: bool = False) -> tuple[float, str]:
     """The conformal threshold of `score` at coverage `level`, and a sentence saying where it comes from."""
     fitted = predictor.conformal
     if fitted is None:
@@ -128,6 +156,7 @@ def conformal_threshold(predictor: Predictor, level: float, score: str) -> tuple
     if fitted.get("combine") != predictor.recipe.eval.combine:
         raise SveError(f"the conformal thresholds were fitted with members combined by {fitted.get('combine')}, "
                        f"this run combines them by {predictor.recipe.eval.combine}: run `sve evaluate` again")
+    _fitted_alike(fitted, predictor.temperature(raw=raw), "conformal thresholds")
     levels = fitted["scores"].get(score)
     if not isinstance(levels, dict) or f"{level:g}" not in levels:
         known = ", ".join(levels) if isinstance(levels, dict) else "none"
@@ -142,9 +171,10 @@ def conformal_threshold(predictor: Predictor, level: float, score: str) -> tuple
 
 def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size: int, score: str,
                  threshold: float | None, on_rows: Callable[[int], None] | None = None,
-                 sets: tuple[str, float] | None = None, cache_budget: str | None = None) -> Iterator[list[dict]]:
-    """One list of output rows per chunk of the input; with `sets` (conformal score, threshold) each row
-    also gets its prediction set."""
+                 sets: tuple[str, float] | None = None, cache_budget: str | None = None,
+                 raw: bool = False) -> Iterator[list[dict]]:
+    """One list of output rows per chunk of the input, with calibrated probabilities (the run's fitted
+    temperature; `raw`: none); with `sets` (conformal score, threshold) each row also gets its prediction set."""
     task, names = predictor.recipe.task, predictor.label_names
     members = predictor.model.members
     if member is not None and not 0 <= member < members:
@@ -163,6 +193,7 @@ def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size
                          budget=cache_budget or predictor.recipe.eval.cache_budget)  # [n, M, C]
         if member is not None:
             logits = logits[:, member:member + 1]
+        logits = logits.double() / predictor.temperature(member, raw)
         prediction = Prediction.of(logits, predictor.recipe.eval.combine)  # members combined as the run says
         probs, scores = prediction.probs, prediction.scores  # [n, C]
         confidence = probs.max(-1).values

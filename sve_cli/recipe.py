@@ -7,9 +7,10 @@ aliases. `--set train.lr=3e-4` overrides are applied before validation, so they 
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,6 +23,8 @@ class RecipeError(SveError):
 
 
 PROMPT_FIELDS = {"question", "choices"}
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")  # train-00000-of-00002.parquet: one split in shards
 MAX_BINS = 10_000  # more bins than that is no calibration measure (and would only cost memory)
 MAX_RECIPE_BYTES = 1_000_000
 
@@ -38,7 +41,9 @@ class ModelSection(_Section):
 
 class TaskSection(_Section):
     type: Literal["text_classification", "multiple_choice", "image_classification"]
-    dataset: str = Field(description="builtin:tweets|bbc_news|digits|mnist, a local file or folder, or a hub name")
+    dataset: Union[str, dict[str, Union[str, list[str]]]] = Field(
+        description="builtin:tweets|bbc_news|digits|mnist, a local file, a folder (of split files named train.csv, "
+        "validation.jsonl, … or an image folder), a mapping split name -> file(s), or a hub name")
     config: Optional[str] = Field(None, description="hub dataset configuration")
     train_split: str = "train"
     validation_split: str = Field("validation", description="a split name, or 'train:10%' to hold out a "
@@ -59,6 +64,57 @@ class TaskSection(_Section):
     question: Optional[str] = Field(None, description="poses a classification set as multiple choice, "
                                     "e.g. 'Which topic is this article about?'")
 
+    @field_validator("dataset")
+    @classmethod
+    def _split_files_are_named(cls, dataset):
+        if isinstance(dataset, dict):
+            if not dataset:
+                raise ValueError("a mapping of split names to files needs at least one split")
+            for split, files in dataset.items():
+                paths = [files] if isinstance(files, str) else files
+                if not split.strip() or not paths or any(not str(path).strip() for path in paths):
+                    raise ValueError(f"split '{split}' needs a file name (or a list of them)")
+        return dataset
+
+    @model_validator(mode="after")
+    def _splits_exist(self) -> "TaskSection":
+        """Split names are checked here, before any data is read: a name that looks like a file, or one
+        that the split files (a mapping or a folder of split files) do not have, is refused."""
+        files = split_files(self.dataset)
+        problems = []
+        for key in ("train_split", "validation_split", "test_split"):
+            name = getattr(self, key)
+            if Path(name).suffix.lower() in TABLE_SUFFIXES or "/" in name:
+                example = {"train": "train.csv", "validation": "validation.csv", "test": "test.csv",
+                           key.removesuffix("_split"): name}
+                problems.append(f"task.{key}: '{name}' looks like a file, but a split is a name; give split files "
+                                "as a mapping, task.dataset: {" + ", ".join(f"{k}: {v}" for k, v in example.items())
+                                + "}")
+            elif files is not None and name not in files and carved_share(name, self.train_split) is None:
+                hint = (" (or hold out a share of the training split: validation_split: 'train:10%')"
+                        if key == "validation_split" else "")
+                problems.append(f"task.{key}: split '{name}' is not among the split files {sorted(files)}{hint}")
+        if problems:
+            raise ValueError("\n".join(problems))  # one problem a line: `_format` counts them
+        return self
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset in words: its name, or `train=a.csv, test=b.csv` for split files."""
+        if isinstance(self.dataset, str):
+            return self.dataset
+        return ", ".join(f"{split}={files if isinstance(files, str) else '+'.join(files)}"
+                         for split, files in self.dataset.items())
+
+    @property
+    def local_paths(self) -> list[Path]:
+        """The files and folders on this machine that the dataset is read from."""
+        files = split_files(self.dataset)
+        if files is not None:
+            return [path for paths in files.values() for path in paths]
+        path = Path(self.dataset).expanduser()
+        return [path] if not self.dataset.startswith("builtin:") and path.exists() else []
+
     @field_validator("prompt")
     @classmethod
     def _prompt_fields_are_known(cls, prompt: str) -> str:
@@ -70,6 +126,29 @@ class TaskSection(_Section):
         if unknown:
             raise ValueError(f"unknown field {{{unknown[0]}}} (the template may use {{question}} and {{choices}})")
         return prompt
+
+
+def carved_share(name: str, train_split: str) -> int | None:
+    """The percentage of `validation_split: 'train:10%'` (a seeded share held out of the training split)."""
+    carved = re.fullmatch(r"(.+):(\d+)%", name)
+    return int(carved.group(2)) if carved and carved.group(1) == train_split else None
+
+
+def split_files(dataset: "str | dict") -> dict[str, list[Path]] | None:
+    """The split files of a dataset given as files (Hugging Face's `data_files` convention): a mapping
+    split name -> file(s), or a folder holding table files named after their splits (`train.csv`,
+    `validation.jsonl`, `test-00000-of-00002.parquet`); None for every other kind of source."""
+    if isinstance(dataset, dict):
+        return {split: [Path(f).expanduser() for f in ([files] if isinstance(files, str) else files)]
+                for split, files in dataset.items()}
+    folder = Path(dataset).expanduser()
+    if dataset.startswith("builtin:") or not folder.is_dir():
+        return None
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in TABLE_SUFFIXES:
+            found.setdefault(SHARD_SUFFIX.sub("", path.stem), []).append(path)
+    return found or None
 
 
 class EnsembleConfig(_Section):
@@ -164,6 +243,10 @@ class EvalSection(_Section):
     bins: int = Field(15, gt=0, le=MAX_BINS)
     batch_size: int = Field(64, gt=0)
     combine: Literal["probs", "logits"] = "probs"
+    calibration: Literal["temperature", "none"] = Field(
+        "temperature", description="temperature: at the end of training fit one temperature on the validation split "
+        "(the ensemble's combined prediction; and one per member, for exports); evaluate, predict and exported members "
+        "hand out calibrated probabilities. none: raw probabilities everywhere")
     cache_budget: str = Field("auto", description="memory the eval weight cache (every member's dense weights) may "
                               "use: auto = a quarter of the free GPU memory or RAM, 0 = never, or a size (4GB); past it "
                               "evaluation takes the factored path")
@@ -259,7 +342,9 @@ def _format(error: ValidationError, source: str) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        problems.append(f"{key}: {message}" if key else message)  # cross-key checks name their keys
+        for line in message.splitlines():
+            named = not key or line.startswith(f"{key}.")  # cross-key checks name their keys
+            problems.append(line if named else f"{key}: {line}")
     count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
     return f"{source}: {count}: " + "; ".join(problems)
 

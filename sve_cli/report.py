@@ -1,6 +1,6 @@
 """Evaluation reports: `report.json` (every number), `report.md` (the same numbers for a person),
 `reliability.png`, `risk_coverage.png`, one OOD score histogram per set, and optionally
-`predictions.safetensors` (every member's logits) so anyone can recompute any number; and the
+`predictions.safetensors` (every member's raw logits, and the temperature) so anyone can recompute any number; and the
 abstention thresholds fitted on validation, `RUN/thresholds.json`, that `sve predict` applies.
 All written atomically.
 """
@@ -37,7 +37,8 @@ def report_dict(evaluation: Evaluation) -> dict:
                  "label_names": metadata["label_names"], "ood_sources": evaluation.ood_sources},
         "conventions": {**CONVENTIONS, "bins": evaluation.bins, "combine": evaluation.combine},
         "metrics": evaluation.metrics,
-        "temperature_scaling": evaluation.temperature,
+        "raw_metrics": evaluation.raw_metrics,
+        "calibration": evaluation.calibration,
         "selective": evaluation.selective,
         "conformal": evaluation.conformal,
         "ood": evaluation.ood,
@@ -54,15 +55,17 @@ def markdown(report: dict) -> str:
              f"Model: `{report['model']['base_model']}`, method `{report['model']['method']}`, M = {members}. "
              f"In-distribution data: {report['data']['in_distribution']} "
              f"({report['data']['sizes']['in_distribution']} examples).", "",
-             "| metric | value |", "| --- | --- |"]
-    lines += [f"| {label}{' (%)' if scale == 100 else ''} | {_fmt(metrics[key], scale)} |" for key, label, scale in ROWS]
-    lines.append("| member accuracy (%) | " + ", ".join(f"{100 * a:.2f}" for a in metrics["member_accuracy"]) + " |")
-    if report["temperature_scaling"]:
-        scaling = report["temperature_scaling"]
-        lines += ["", f"Temperature scaling: T = {scaling['temperature']:.4f} (fitted on {scaling['fitted_on']}).", "",
-                  "| metric | before | after |", "| --- | --- | --- |"]
-        lines += [f"| {label} | {_fmt(metrics[key], scale)} | {_fmt(scaling['after'][key], scale)} |"
-                  for key, label, scale in ROWS[:6]]
+             f"Calibration: {_calibration_words(report['calibration'])}", "",
+             "| metric | calibrated | raw |", "| --- | --- | --- |"]
+    raw = report["raw_metrics"]
+    lines += [f"| {label}{' (%)' if scale == 100 else ''} | {_fmt(metrics[key], scale)} | {_fmt(raw[key], scale)} |"
+              for key, label, scale in ROWS]
+    lines.append("| member accuracy (%) | " + ", ".join(f"{100 * a:.2f}" for a in metrics["member_accuracy"]) + " | "
+                 + ", ".join(f"{100 * a:.2f}" for a in raw["member_accuracy"]) + " |")
+    if "per_member_then_pool" in report["calibration"]:
+        other = report["calibration"]["per_member_then_pool"]
+        lines += ["", f"Each member calibrated alone, then pooled (the alternative): Acc {100 * other['accuracy']:.2f}%, "
+                  f"NLL {other['nll']:.4f}, Brier {other['brier']:.4f}, ECE {100 * other['ece']:.2f}%."]
     lines += ["", "Selective prediction (answer the surest share, abstain on the rest; AURC: lower is better):", "",
               "| score | AURC | " + " | ".join(f"acc. at {100 * float(c):.0f}% coverage (%)"
                                               for c in next(iter(report["selective"].values()))["accuracy_at_coverage"])
@@ -89,25 +92,46 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def reliability_png(path: Path, probs: torch.Tensor, labels: torch.Tensor, bins: int, ece_value: float, title: str) -> None:
+def _calibration_words(calibration: dict) -> str:
+    if calibration["method"] != "temperature":
+        return f"none ({calibration['source']}): calibrated = raw."
+    return (f"temperature T = {calibration['temperature']:.4f}, {calibration['source']} "
+            f"({calibration['examples']} examples); every member's logits are divided by T.")
+
+
+def _bin_accuracy(probs: torch.Tensor, labels: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per equal-width confidence bin: accuracy (NaN where empty) and the number of examples."""
+    confidence, predicted = probs.max(dim=-1)
+    assignment = equal_width_bins(confidence, bins)
+    counts = torch.bincount(assignment, minlength=bins)
+    correct = torch.zeros(bins, dtype=torch.float64).index_add_(0, assignment, (predicted == labels).double())
+    return torch.where(counts > 0, correct / counts.clamp_min(1), torch.nan), counts
+
+
+def reliability_png(path: Path, probs: torch.Tensor, labels: torch.Tensor, bins: int, ece_value: float, title: str,
+                    raw: tuple[torch.Tensor, float] | None = None) -> None:
+    """Accuracy per confidence bin (bars) for `probs`; with `raw` (raw probabilities, their ECE) the raw
+    curve too, so a calibrated report shows what calibration changed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    confidence, predicted = probs.max(dim=-1)
-    assignment = equal_width_bins(confidence, bins)
-    counts = torch.bincount(assignment, minlength=bins)
-    correct = torch.zeros(bins, dtype=torch.float64).index_add_(0, assignment, (predicted == labels).double())
-    accuracy = (correct / counts.clamp_min(1)).numpy()
+    accuracy, counts = _bin_accuracy(probs, labels, bins)
     edges = torch.linspace(0, 1, bins + 1).numpy()
     centres = (edges[:-1] + edges[1:]) / 2
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), dpi=100, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    top.bar(centres, accuracy, width=1 / bins, edgecolor="black", color="#4c72b0", label="accuracy")
+    label = "calibrated" if raw is not None else "accuracy"
+    top.bar(centres, accuracy.nan_to_num(0).numpy(), width=1 / bins, edgecolor="black", color="#4c72b0", label=label)
+    heading = f"ECE {100 * ece_value:.2f}% ({bins} bins)"
+    if raw is not None:
+        raw_accuracy, _ = _bin_accuracy(raw[0], labels, bins)
+        top.plot(centres, raw_accuracy.numpy(), "o-", color="#c44e52", label=f"raw (ECE {100 * raw[1]:.2f}%)")
+        heading = f"calibrated ECE {100 * ece_value:.2f}%, raw {100 * raw[1]:.2f}% ({bins} bins)"
     top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     top.set_ylabel("accuracy")
     top.set_ylim(0, 1)
-    top.set_title(f"{title}\nECE {100 * ece_value:.2f}% ({bins} bins)")
+    top.set_title(f"{title}\n{heading}")
     top.legend(loc="upper left")
     bottom.bar(centres, counts.numpy(), width=1 / bins, edgecolor="black", color="#dd8452")
     for x, count in zip(centres, counts.tolist()):
@@ -165,8 +189,12 @@ def histogram_png(path: Path, in_scores: dict, out_scores: dict, name: str) -> N
 
     figure, axes = plt.subplots(1, len(in_scores), figsize=(4 * len(in_scores), 3.2), dpi=100, squeeze=False)
     for axis, score in zip(axes[0], in_scores):
-        axis.hist(in_scores[score].numpy(), bins=30, alpha=0.6, density=True, label="in-distribution")
-        axis.hist(out_scores[score].numpy(), bins=30, alpha=0.6, density=True, label=f"OOD: {name}")
+        both = torch.cat([in_scores[score], out_scores[score]]).double()
+        low, high = float(both.min()), float(both.max())
+        if high - low < 1e-9 * max(1.0, abs(high)):  # (nearly) one value: numpy cannot cut it into 30 bins
+            low, high = low - 1e-3, high + 1e-3
+        for scores, label in ((in_scores[score], "in-distribution"), (out_scores[score], f"OOD: {name}")):
+            axis.hist(scores.numpy(), bins=30, range=(low, high), alpha=0.6, density=True, label=label)
         axis.set_title(score)
         axis.set_xlabel("score (higher = more OOD)")
     axes[0][0].legend()
@@ -191,21 +219,26 @@ def write_report(evaluation: Evaluation, directory: Path, save_predictions: bool
     with atomic_path(directory / "report.md") as temporary:
         temporary.write_text(markdown(report), encoding="utf-8")
     prediction = evaluation.prediction
+    calibrated = evaluation.calibration["method"] == "temperature"
     reliability_png(directory / "reliability.png", prediction.probs, evaluation.labels, evaluation.bins,
                     evaluation.metrics["ece"],
-                    f"{Path(evaluation.run).name}: {report['model']['method']} M={report['model']['members']}")
+                    f"{Path(evaluation.run).name}: {report['model']['method']} M={report['model']['members']}",
+                    (evaluation.raw.probs, evaluation.raw_metrics["ece"]) if calibrated else None)
     risk_coverage_png(directory / "risk_coverage.png", prediction, evaluation.labels,
                       f"{Path(evaluation.run).name}: risk–coverage")
     conformal_png(directory / "conformal.png", evaluation, f"{Path(evaluation.run).name}: conformal sets")
     for name, outside in evaluation.ood_predictions.items():
         histogram_png(directory / f"ood_{name}.png", prediction.scores, outside.scores, name)
-    if save_predictions:  # every member's logits: any number of the report can be recomputed from them
-        tensors = {"logits": prediction.logits.float(), "labels": evaluation.labels,
-                   "validation.logits": evaluation.validation.logits.float(),
+    if save_predictions:  # every member's raw logits and the temperature: any number can be recomputed
+        temperature = evaluation.temperature
+        tensors = {"logits": evaluation.raw.logits.float(), "labels": evaluation.labels,
+                   "validation.logits": (evaluation.validation.logits * temperature).float(),
                    "validation.labels": evaluation.validation_labels}
-        tensors.update({f"ood.{name}.logits": p.logits.float() for name, p in evaluation.ood_predictions.items()})
+        tensors.update({f"ood.{name}.logits": (p.logits * temperature).float()
+                        for name, p in evaluation.ood_predictions.items()})
         save_safetensors(directory / "predictions.safetensors", tensors,
-                         {"sve.label_names": json.dumps(report["data"]["label_names"]), "sve.combine": evaluation.combine})
+                         {"sve.label_names": json.dumps(report["data"]["label_names"]), "sve.combine": evaluation.combine,
+                          "sve.temperature": json.dumps(temperature)})
     written = {"report.md", "reliability.png", "risk_coverage.png", "conformal.png", *(f"ood_{name}.png" for name in evaluation.ood_predictions),
                *(["predictions.safetensors"] if save_predictions else [])}
     report["files"] = sorted(written | {"report.json"})
@@ -221,7 +254,8 @@ def write_fitted(evaluation: Evaluation) -> list[Path]:
     the bank they were fitted for (its sha256) and to the way members were combined."""
     common = {"tool": f"sve {__version__}", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "bank": evaluation.bank_fingerprint, "fitted_on": "validation",
-              "examples": evaluation.sizes["validation"], "combine": evaluation.combine}
+              "examples": evaluation.sizes["validation"], "combine": evaluation.combine,
+              "temperature": evaluation.temperature}  # fitted on calibrated scores: predict must calibrate alike
     thresholds, sets = Path(evaluation.run) / THRESHOLDS, Path(evaluation.run) / CONFORMAL
     write_json(thresholds, {**common, "rule": "accept an input when its score is at most the threshold "
                             "(higher score = less sure)", "scores": evaluation.thresholds})

@@ -23,13 +23,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sve_cli.bank import bank_tensors, save_bank
-from sve_cli.data import load_splits
+from sve_cli.data import load_splits, splits_summary
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.distributed import (Parallel, any_rank, average, barrier, full, gradient_sync, init_parallel, like, settle,
                                  wrap)
 from sve_cli.inference import member_chunks, predict
-from sve_cli.metrics import HIGHER_IS_BETTER, Prediction, calibration_metrics
+from sve_cli.metrics import HIGHER_IS_BETTER, Prediction, calibration_metrics, fit_calibration, temperature_of
 from sve_cli.pipeline import Encoded, Pipeline
 from sve_cli.schedule import MemberOrders, lr_factor, param_groups
 from sve_cli.recipe import Recipe, load_recipe, recipe_yaml
@@ -200,7 +200,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
         raise OutputExistsError(f"{out} holds files that are not an sve run; sve never writes there: "
                                 "choose another --out")
     refuse_inputs(out, [recipe.model.path if Path(recipe.model.path).exists() else None,
-                        recipe.model.decomposition, recipe.task.dataset if Path(recipe.task.dataset).exists() else None])
+                        recipe.model.decomposition, *recipe.task.local_paths])
     parallel = init_parallel(recipe.train.parallelism)
     created = not out.exists()
     lock = exclusive(out, "train", wait=False) if parallel.writer else contextlib.nullcontext()
@@ -288,7 +288,9 @@ def _setup(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
     config = recipe.train
     torch.manual_seed(config.seed)
     pipeline = Pipeline(recipe)
-    splits, label_names = load_splits(recipe.task, str(recipe.task.dataset))
+    splits, label_names = load_splits(recipe.task, recipe.task.dataset_name)
+    if parallel.writer and on_note:
+        on_note(splits_summary(recipe.task, splits))
     ensemble = pipeline.build_model(label_names)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.gradient_checkpointing:
@@ -372,14 +374,18 @@ def _step(session: Session) -> dict:
 
 
 def _evaluate_and_keep_best(session: Session) -> dict:
-    """Score the validation split; write the bank when the metric improved, then metrics and checkpoint."""
+    """Score the validation split and fit its temperature (eval.calibration); write the bank, with that
+    temperature, when the metric improved; then metrics and checkpoint."""
     recipe, state, parallel = session.recipe, session.state, session.parallel
     logits = predict(session.ensemble, session.eval_data, recipe.eval.batch_size, parallel,
                      members_per_pass=recipe.train.members_per_pass, budget=recipe.eval.cache_budget)
-    numbers = calibration_metrics(Prediction.of(logits, recipe.eval.combine), session.eval_data.labels, recipe.eval.bins)
+    labels = session.eval_data.labels
+    numbers = calibration_metrics(Prediction.of(logits, recipe.eval.combine), labels, recipe.eval.bins)
+    calibration = ({**fit_calibration(logits, labels, recipe.eval.combine), "split": recipe.eval.split}
+                   if recipe.eval.calibration == "temperature" else {"method": "none"})
     step = state["step"]
     line = {"step": step, "epoch": round(step / session.steps_per_epoch, 4), "split": recipe.eval.split,
-            "train_loss": session.last_loss, **numbers}
+            "train_loss": session.last_loss, **numbers, "temperature": temperature_of(calibration)}
     state["history"].append(line)
     metric, value = recipe.eval.metric, numbers[recipe.eval.metric]
     higher = HIGHER_IS_BETTER[metric]
@@ -388,7 +394,8 @@ def _evaluate_and_keep_best(session: Session) -> dict:
         settle(session.ensemble, parallel)
         tensors = bank_tensors(session.ensemble)  # gathered by every rank of a sharded model
         if parallel.writer:
-            save_bank(session.ensemble, session.out / BANK, {**session.bank_extra, "step": step, metric: value}, tensors)
+            save_bank(session.ensemble, session.out / BANK,
+                      {**session.bank_extra, "step": step, metric: value, "calibration": calibration}, tensors)
     state["finished"] = step == session.total
     if parallel.writer:
         _write_metrics(session.out, state["history"])

@@ -72,7 +72,7 @@ def _arc_file(directory):
 
 
 def _member_logits(run, member: int):
-    """Member `member`'s logits from the run's own ensemble, and the inputs they were computed on."""
+    """Member `member`'s calibrated logits from the run's own ensemble, and the inputs they were computed on."""
     from sve_cli.data import Examples, load_splits
     from sve_cli.pipeline import load_ensemble
     from sve_cli.recipe import load_recipe
@@ -86,8 +86,8 @@ def _member_logits(run, member: int):
         texts = PROMPTS if recipe.task.type == "multiple_choice" else TEXTS
         encoded = pipeline.encode(Examples(torch.zeros(len(texts), dtype=torch.long), texts=texts))
         inputs = encoded.batch(torch.arange(len(texts)))
-    with torch.no_grad():
-        logits = model(**inputs)[:, member]  # [B, C]
+    with torch.no_grad():  # an exported member folds its own fitted temperature into its classifier
+        logits = model(**inputs)[:, member] / metadata["calibration"]["member_temperatures"][member]  # [B, C]
     letters = None
     if recipe.task.type == "multiple_choice":
         from sve_cli.pipeline import letter_token_id

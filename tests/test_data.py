@@ -69,7 +69,7 @@ def test_local_formats(tmp_path, suffix):
 @pytest.mark.parametrize("frame,task_fields,fragment", [
     (pd.DataFrame({"text": ["a"] * 10, "label": [0] * 9 + [7]}), {"label_names": ["x", "y"]}, "out of range"),
     (pd.DataFrame({"words": ["a"] * 10, "label": [0] * 10}), {}, "no column 'text' (task.text_field)"),
-    (pd.DataFrame({"text": ["a"] * 10, "label": ["x"] * 9 + ["z"]}), {"label_names": ["x", "y"]}, "label 'z' is not one of"),
+    (pd.DataFrame({"text": ["a"] * 10, "label": ["x"] * 9 + ["z"]}), {"label_names": ["x", "y"]}, "label 'z' not among the run's labels"),
     (pd.DataFrame({"text": ["a"] * 10, "label": [None] * 10}), {"label_names": ["x"]}, "have no label"),
 ])
 def test_bad_labels_and_columns(frame, task_fields, fragment):

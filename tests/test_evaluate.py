@@ -4,9 +4,11 @@ import json
 
 import pytest
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sve_cli import metrics
+from sve_cli.bank import read_bank_metadata
 
 from conftest import assert_one_error_line, sentiment_file, train_run
 
@@ -18,6 +20,8 @@ def runs(text_models, tmp_path_factory):
     sections = {"train": {"max_steps": 6, "eval_every_steps": 3}}
     return {"sve": train_run(root, "sve", text_models["bert"], data, ensemble={"members": 3}, **sections),
             "svf": train_run(root, "svf", text_models["bert"], data, ensemble={"method": "svf", "members": 1}, **sections),
+            "raw": train_run(root, "raw", text_models["bert"], data, ensemble={"members": 2}, eval={"calibration": "none"},
+                             **sections),
             "root": root}
 
 
@@ -29,22 +33,53 @@ def test_report_numbers_equal_those_recomputed_from_predictions(sve, runs, tmp_p
     saved = load_file(tmp_path / "report" / "predictions.safetensors")
     logits, labels = saved["logits"], saved["labels"]
     assert logits.shape == (12, 3, 2) and report["data"]["sizes"]["in_distribution"] == 12
-    recomputed = metrics.calibration_metrics(metrics.Prediction.of(logits), labels)
+    with safe_open(str(tmp_path / "report" / "predictions.safetensors"), "pt") as handle:
+        temperature = json.loads(handle.metadata()["sve.temperature"])
+    # --temperature refits on validation: the same temperature as fitting the saved validation logits here
+    assert temperature == pytest.approx(metrics.fit_temperature(saved["validation.logits"], saved["validation.labels"]),
+                                        rel=1e-6)
+    assert report["calibration"]["method"] == "temperature" and report["calibration"]["temperature"] == temperature
+    assert abs(temperature - 1) > 1e-3  # so calibrated and raw numbers really differ below
+    raw = metrics.calibration_metrics(metrics.Prediction.of(logits), labels)
+    calibrated = metrics.calibration_metrics(metrics.Prediction.of(logits / temperature), labels)
     for key in ("accuracy", "nll", "brier", "ece", "adaptive_ece", "mce", "disagreement"):
-        assert report["metrics"][key] == pytest.approx(recomputed[key], abs=1e-6), key
-    ood = metrics.ood_metrics(metrics.Prediction.of(logits), metrics.Prediction.of(saved["ood.tweets.logits"]))
+        assert report["metrics"][key] == pytest.approx(calibrated[key], abs=1e-6), key
+        assert report["raw_metrics"][key] == pytest.approx(raw[key], abs=1e-6), key
+    ood = metrics.ood_metrics(metrics.Prediction.of(logits / temperature),
+                              metrics.Prediction.of(saved["ood.tweets.logits"] / temperature))
     assert saved["ood.tweets.logits"].shape == (40, 3, 2)
     for score in ("msp", "entropy", "mutual_information"):
         assert report["ood"]["tweets"][score]["auroc"] == pytest.approx(ood[score]["auroc"], abs=1e-6)
-    assert report["temperature_scaling"]["temperature"] > 0
     assert "(lo, hi]" in report["conventions"]["ece"] and report["conventions"]["bins"] == 15
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert f"| Acc (%) | {100 * report['metrics']['accuracy']:.2f} |" in markdown and "OOD set `tweets`" in markdown
+    assert (f"| NLL | {report['metrics']['nll']:.4f} | {report['raw_metrics']['nll']:.4f} |" in markdown
+            and "OOD set `tweets`" in markdown)
     for png, size in (("reliability.png", (500, 600)), ("ood_tweets.png", (1200, 320))):
         with Image.open(tmp_path / "report" / png) as image:
             assert image.format == "PNG" and image.size == size
             darkest, brightest = image.convert("L").getextrema()
             assert brightest - darkest > 100  # something is drawn
+
+
+def test_the_temperature_fitted_by_train_is_used_and_none_means_raw(sve, runs, tmp_path):
+    result = sve("evaluate", runs["sve"], runs["raw"], "--save-predictions", "--report", tmp_path)
+    assert result.code == 0, result.stderr
+    report = json.loads((tmp_path / "sve" / "report.json").read_text())
+    bank = read_bank_metadata(runs["sve"] / "sigma_bank.safetensors")["calibration"]
+    saved = load_file(tmp_path / "sve" / "predictions.safetensors")
+    # train fitted it on the validation logits of the bank it kept: the logits evaluate saw again
+    refit = metrics.fit_calibration(saved["validation.logits"], saved["validation.labels"])
+    assert bank["temperature"] == pytest.approx(refit["temperature"], rel=1e-5)
+    assert bank["member_temperatures"] == pytest.approx(refit["member_temperatures"], rel=1e-5)
+    assert report["calibration"]["temperature"] == bank["temperature"] and "sve train" in report["calibration"]["source"]
+    calibrated = metrics.calibration_metrics(metrics.Prediction.of(saved["logits"] / bank["temperature"]), saved["labels"])
+    assert report["metrics"]["nll"] == pytest.approx(calibrated["nll"], abs=1e-6)
+    assert report["metrics"]["nll"] != pytest.approx(report["raw_metrics"]["nll"], abs=1e-6)
+    raw = json.loads((tmp_path / "raw" / "report.json").read_text())
+    assert raw["calibration"]["method"] == "none" and raw["metrics"] == raw["raw_metrics"]
+    assert "temperature" in result.stdout and "none (raw)" in result.stdout
+    fitted = json.loads((runs["sve"] / "thresholds.json").read_text())
+    assert fitted["temperature"] == bank["temperature"]  # thresholds are fitted on the calibrated scores
 
 
 def test_several_runs_side_by_side_and_mi_only_for_ensembles(sve, runs, tmp_path):

@@ -36,16 +36,21 @@ def runs(text_models, tmp_path_factory):
 
 
 def _member_logits(run, texts):
+    """Every member's logits `[B, M, C]` divided by that member's own fitted temperature: what an exported
+    member must give (its temperature folded into its classifier)."""
     recipe = load_recipe(run / "recipe.yaml")
     pipeline = Pipeline(recipe)
     from sve_cli.bank import read_bank_metadata
 
-    model = pipeline.build_model(read_bank_metadata(run / "sigma_bank.safetensors")["label_names"])
+    metadata = read_bank_metadata(run / "sigma_bank.safetensors")
+    model = pipeline.build_model(metadata["label_names"])
     load_bank(model, run / "sigma_bank.safetensors")
     model.eval()
     inputs = dict(pipeline.tokenizer(texts, padding=True, return_tensors="pt"))
+    temperatures = torch.tensor(metadata["calibration"]["member_temperatures"])
+    assert (temperatures - 1).abs().min() > 1e-3  # fitted, not the identity: folding it is really tested
     with torch.no_grad():
-        return model(**inputs), inputs, pipeline
+        return model(**inputs) / temperatures[None, :, None], inputs, pipeline
 
 
 PLAIN = textwrap.dedent("""

@@ -8,7 +8,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
+
+from sve_cli.bank import read_bank_metadata
 
 from sve_cli.metrics import combine
 from sve_cli.recipe import load_recipe
@@ -34,6 +37,16 @@ def _read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _saved(report):
+    """A report's saved raw logits `[N, M, C]` and the temperature the run calibrates them with."""
+    with safe_open(str(report / "predictions.safetensors"), "pt") as handle:
+        return handle.get_tensor("logits"), json.loads(handle.metadata()["sve.temperature"])
+
+
+def _probabilities(path):
+    return torch.tensor([list(row["probabilities"].values()) for row in _read(path)], dtype=torch.float64)
+
+
 @pytest.fixture(scope="module")
 def run(text_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
@@ -45,15 +58,18 @@ def test_predict_equals_evaluates_saved_predictions(sve, run, tmp_path):
     data, count = _split_file(run, "test", tmp_path / "test.jsonl")
     evaluated = sve("evaluate", run, "--data", data, "--save-predictions", "--report", tmp_path / "report")
     assert evaluated.code == 0, evaluated.stderr
-    saved = load_file(tmp_path / "report" / "predictions.safetensors")
-    expected = combine(saved["logits"])  # [N, C]
+    logits, temperature = _saved(tmp_path / "report")
+    assert abs(temperature - 1) > 1e-3  # fitted by sve train: calibrated and raw differ
     result = sve("predict", run, "--data", data, "--out", tmp_path / "out.jsonl")
     assert result.code == 0, result.stderr
+    assert f"calibrated by the ensemble's temperature {temperature:.4g}" in result.stdout
     rows = _read(tmp_path / "out.jsonl")
     assert [row["id"] for row in rows] == list(range(count))
-    probabilities = torch.tensor([list(row["probabilities"].values()) for row in rows], dtype=torch.float64)
-    torch.testing.assert_close(probabilities, expected, rtol=0, atol=1e-6)
-    members = saved["logits"].argmax(-1)  # [N, M]
+    torch.testing.assert_close(_probabilities(tmp_path / "out.jsonl"), combine(logits / temperature), rtol=0, atol=1e-6)
+    raw = sve("predict", run, "--data", data, "--raw", "--out", tmp_path / "raw.jsonl")
+    assert raw.code == 0 and "raw probabilities (--raw)" in raw.stdout
+    torch.testing.assert_close(_probabilities(tmp_path / "raw.jsonl"), combine(logits), rtol=0, atol=1e-6)
+    members = logits.argmax(-1)  # [N, M]
     assert [row["members"] for row in rows] == [[["0", "1"][m] for m in row] for row in members.tolist()]
     accuracy = sum(row["label"] == row["prediction"] for row in rows) / count
     assert accuracy == pytest.approx(json.loads((tmp_path / "report" / "report.json").read_text())["metrics"]["accuracy"])
@@ -104,9 +120,23 @@ def test_a_bank_file_alone_predicts_like_its_run(sve, run, tmp_path):
 
 def test_one_member_alone(sve, run, tmp_path):
     data, _ = _split_file(run, "test", tmp_path / "test.jsonl")
-    assert sve("predict", run, "--data", data, "--member", "2", "--out", tmp_path / "m2.jsonl").code == 0
+    assert sve("evaluate", run, "--data", data, "--save-predictions", "--report", tmp_path / "report").code == 0
+    logits, _ = _saved(tmp_path / "report")
+    member_temperature = read_bank_metadata(run / "sigma_bank.safetensors")["calibration"]["member_temperatures"][2]
+    result = sve("predict", run, "--data", data, "--member", "2", "--out", tmp_path / "m2.jsonl")
+    assert result.code == 0 and f"member 2's temperature {member_temperature:.4g}" in result.stdout
     rows = _read(tmp_path / "m2.jsonl")
     assert all(len(row["members"]) == 1 and row["mutual_information"] is None for row in rows)
+    expected = (logits[:, 2].double() / member_temperature).softmax(-1)  # the member's own temperature
+    torch.testing.assert_close(_probabilities(tmp_path / "m2.jsonl"), expected, rtol=0, atol=1e-6)
+
+
+def test_thresholds_fitted_on_calibrated_scores_refuse_raw(sve, run, tmp_path):
+    assert sve("evaluate", run, "--report", tmp_path / "report").code == 0
+    data, _ = _split_file(run, "test", tmp_path / "test.jsonl")
+    for option in (["--abstain-coverage", "0.9"], ["--conformal", "0.9"]):
+        assert_one_error_line(sve("predict", run, "--data", data, "--raw", *option, "--out", tmp_path / "o.jsonl"),
+                              "drop --raw")
 
 
 @pytest.mark.parametrize("make_args,fragment", [
@@ -114,7 +144,7 @@ def test_one_member_alone(sve, run, tmp_path):
     (lambda run, tmp: [run, "--data", _write(tmp / "empty.jsonl", "")], "no rows"),
     (lambda run, tmp: [run, "--data", _write(tmp / "other.jsonl", '{"words": "hi"}\n')], "no column 'text'"),
     (lambda run, tmp: [run, "--data", _write(tmp / "bad.jsonl", '{"text": "hi", "label": "joy"}\n')],
-     "label 'joy' is not one of the run's labels"),
+     "label 'joy' not among the run's labels"),
     (lambda run, tmp: [run, "--data", _text(tmp), "--out", tmp / "out.txt"], "use a .jsonl, .csv or .parquet file"),
     (lambda run, tmp: [run, "--data", _text(tmp), "--out", _write(tmp / "taken.jsonl", "x")],
      "exists and is not an sve predictions file"),
@@ -166,9 +196,8 @@ def test_multiple_choice_run_predicts_letters(sve, text_models, tmp_path):
                     ensemble={"members": 2, "bias": False})
     assert sve("evaluate", run, "--data", data, "--save-predictions", "--report", tmp_path / "report").code == 0
     assert sve("predict", run, "--data", data, "--out", tmp_path / "out.jsonl").code == 0
-    expected = combine(load_file(tmp_path / "report" / "predictions.safetensors")["logits"])
-    got = torch.tensor([list(row["probabilities"].values()) for row in _read(tmp_path / "out.jsonl")], dtype=torch.float64)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    logits, temperature = _saved(tmp_path / "report")
+    torch.testing.assert_close(_probabilities(tmp_path / "out.jsonl"), combine(logits / temperature), rtol=0, atol=1e-6)
     assert {row["prediction"] for row in _read(tmp_path / "out.jsonl")} <= {"A", "B", "C"}
 
 
@@ -184,6 +213,5 @@ def test_real_minilm_predict_equals_evaluate(sve, tmp_path):
     data, _ = _split_file(tmp_path / "run", "test", tmp_path / "test.jsonl")
     assert sve("evaluate", tmp_path / "run", "--data", data, "--save-predictions", "--report", tmp_path / "r").code == 0
     assert sve("predict", tmp_path / "run", "--data", data, "--out", tmp_path / "out.jsonl").code == 0
-    expected = combine(load_file(tmp_path / "r" / "predictions.safetensors")["logits"])
-    got = torch.tensor([list(row["probabilities"].values()) for row in _read(tmp_path / "out.jsonl")], dtype=torch.float64)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    logits, temperature = _saved(tmp_path / "r")
+    torch.testing.assert_close(_probabilities(tmp_path / "out.jsonl"), combine(logits / temperature), rtol=0, atol=1e-6)
