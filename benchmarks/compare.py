@@ -94,6 +94,7 @@ SETTINGS = {
 }
 ROWS = [("accuracy", "Acc", 100), ("ece", "ECE", 100), ("adaptive_ece", "aECE", 100), ("nll", "NLL", 1),
         ("brier", "Brier", 1)]
+RAW_ROWS = [("ece", "raw ECE", 100), ("nll", "raw NLL", 1), ("brier", "raw Brier", 1)]  # before the run's temperature
 
 
 def peak_rss() -> int:
@@ -276,8 +277,8 @@ def main() -> None:
             continue
         out = root / (name_of(method, seed) if method in METHODS else f"{method}-seed{seed}")
         report = json.loads((out / "report" / "report.json").read_text())
-        results.setdefault(method, []).append({**cost, "metrics": report["metrics"], "ood": report["ood"][ood],
-                                               "run": str(out)})
+        results.setdefault(method, []).append({**cost, "run": str(out), "ood": report["ood"][ood], **{
+            key: report[key] for key in ("metrics", "raw_metrics", "calibration", "selective", "conformal")}})
         print(f"{args.setting} {method} seed {seed}: acc {report['metrics']['accuracy']:.4f} "
               f"ece {report['metrics']['ece']:.4f} ({cost['seconds']:.0f} s)", flush=True)
     pool.shutdown()
@@ -293,8 +294,8 @@ def _wait(job) -> tuple[dict | None, bool]:
 
 
 def _write_table(args, recipe, ood, budget, grids, chosen, results, root: Path) -> None:
-    header = ["method", "lr", *[f"{label}{' (%)' if scale == 100 else ''}" for _, label, scale in ROWS],
-              "OOD AUROC entropy (%)", "OOD AUROC MI (%)", "seeds", "trainable (% of base)", "train time (s, median)",
+    header = ["method", "lr", *[f"{label}{' (%)' if scale == 100 else ''}" for _, label, scale in ROWS + RAW_ROWS],
+              "T", "AURC (entropy)", "90% LAC set size", "OOD AUROC entropy (%)", "OOD AUROC MI (%)", "seeds", "trainable (% of base)", "train time (s, median)",
               "peak RSS (GB)"]
     lines = [f"Setting `{args.setting}` — recipe `{recipe}`, budget `{args.budget}` {budget}, OOD `{ood}`, "
              f"seeds {args.seeds}, lr grids {({m: g for m, g in grids.items() if g})} chosen on validation; "
@@ -304,6 +305,10 @@ def _write_table(args, recipe, ood, budget, grids, chosen, results, root: Path) 
         lr = chosen.get(method.split("-", 1)[0] if method not in METHODS else method, {}).get("train.lr")
         cells = [method, f"{lr:g}" if lr else "fixed"]
         cells += [mean_std([r["metrics"][key] for r in runs], scale) for key, _, scale in ROWS]
+        cells += [mean_std([r.get("raw_metrics", r["metrics"])[key] for r in runs], scale) for key, _, scale in RAW_ROWS]
+        cells.append(mean_std([r.get("calibration", {}).get("temperature", 1.0) for r in runs], 1))
+        cells.append(mean_std([r["selective"]["entropy"]["aurc"] for r in runs], 1))
+        cells.append(mean_std([r["conformal"]["0.9"]["lac"]["mean_set_size"] for r in runs], 1))
         cells.append(mean_std([r["ood"]["entropy"]["auroc"] for r in runs], 100))
         mi = [r["ood"]["mutual_information"]["auroc"] for r in runs if "mutual_information" in r["ood"]]
         cells.append(mean_std(mi, 100) if mi else "—")

@@ -174,10 +174,14 @@ def train(
         task = progress.add_task(f"{loaded.ensemble.method} M={loaded.ensemble.members}", total=None,
                                  status=f"loading {loaded.model.path} and {loaded.task.dataset_name}…")
 
+        log_line = display.StepLog(enabled=rank0 and not console.is_terminal)  # a log file gets plain lines
+
         def on_step(info: dict) -> None:
             progress.update(task, completed=info["step"], total=info["total"],
                             status=f"loss {info['loss']:.3f} acc {info['accuracy']:.2f} "
                                    f"{info['tokens_per_second']:.0f} tok/s epoch {info['epoch']:.2f}")
+            if (line := log_line(info)) is not None:
+                console.print(line, highlight=False, soft_wrap=True)
 
         def on_eval(line: dict) -> None:
             progress.console.print(f"step {line['step']:>5} {line['split']}: acc {line['accuracy']:.4f} "

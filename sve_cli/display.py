@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from rich.table import Table
@@ -83,6 +84,30 @@ def memory_plan(recipe, estimate, device: str, capacity: int | None, notes: list
     for note in notes:
         table.add_row("export", note.removeprefix("export: "))
     return table
+
+
+class StepLog:
+    """Plain progress lines for a log that is not a terminal (rich draws its bar only on a TTY), as the
+    Hugging Face Trainer's logs: the first step, then every `every` seconds, and the last step."""
+
+    def __init__(self, enabled: bool, every: float = 30.0):
+        self.enabled, self.every = enabled, every
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, info: dict) -> str | None:
+        now = time.perf_counter()
+        if not self.enabled or not (info["step"] in (1, info["total"]) or now - self.last >= self.every):
+            return None
+        self.last = now
+        per_step = (now - self.started) / info["step"]
+        rates = " ".join(f"{name} {lr:.2e}" for name, lr in info["learning_rates"].items())
+        return (f"step {info['step']}/{info['total']} loss {info['loss']:.4f} acc {info['accuracy']:.3f} lr {rates} "
+                f"{per_step:.2f} s/step elapsed {_clock(now - self.started)} eta {_clock(per_step * (info['total'] - info['step']))}")
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
 def run_summary(out: Path, recipe, state: dict) -> Table:

@@ -192,3 +192,73 @@ def test_images_go_through_the_checkpoints_own_processor(tiny_checkpoints, tmp_p
     theirs = AutoImageProcessor.from_pretrained(model)([p for p in pictures], return_tensors="pt")["pixel_values"]
     assert ours.shape == theirs.shape == (3, 1, 8, 8)
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-5)
+
+
+def _split_files(folder, sizes=(("train", 30, ".csv"), ("validation", 7, ".jsonl"), ("test", 11, ".parquet"))):
+    """Split files of distinct sizes and formats; each row's text names its split and position."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, count, suffix in sizes:
+        frame = pd.DataFrame({"text": [f"{split} row {i}" for i in range(count)],
+                              "label": [["neg", "pos"][i % 2] for i in range(count)]})
+        path = folder / f"{split}{suffix}"
+        if suffix == ".csv":
+            frame.to_csv(path, index=False)
+        elif suffix == ".jsonl":
+            frame.to_json(path, orient="records", lines=True)
+        else:
+            frame.to_parquet(path)
+        paths[split] = path
+    return paths
+
+
+def test_split_files_as_a_mapping_are_used_exactly_as_named(tmp_path):
+    paths = _split_files(tmp_path / "data")
+    task = _task(dataset={name: str(path) for name, path in paths.items()})
+    splits, names = load_splits(task, "test")
+    assert names == ["neg", "pos"]
+    for split, count in (("train", 30), ("validation", 7), ("test", 11)):  # no 80/10/10 cut: every row, in order
+        assert splits[split].texts == [f"{split} row {i}" for i in range(count)]
+    # several files for one split are concatenated in the order given
+    task = _task(dataset={"train": [str(paths["train"]), str(paths["test"])], "validation": str(paths["validation"]),
+                          "test": str(paths["test"])})
+    assert len(load_splits(task, "test")[0]["train"]) == 41
+
+
+def test_a_folder_of_split_files_is_read_by_their_names(tmp_path):
+    _split_files(tmp_path / "data", (("train", 20, ".csv"), ("validation", 5, ".csv"), ("test", 9, ".jsonl")))
+    splits, _ = load_splits(_task(dataset=str(tmp_path / "data")), "test")
+    assert {name: len(split) for name, split in splits.items()} == {"train": 20, "validation": 5, "test": 9}
+    assert splits["test"].texts[0] == "test row 0"
+    # renamed splits and a validation share carved out of train
+    _split_files(tmp_path / "other", (("fit", 20, ".csv"), ("holdout", 9, ".csv")))
+    task = _task(dataset=str(tmp_path / "other"), train_split="fit", validation_split="fit:25%", test_split="holdout")
+    splits, _ = load_splits(task, "test")
+    assert {name: len(split) for name, split in splits.items()} == {"fit": 15, "fit:25%": 5, "holdout": 9}
+
+
+@pytest.mark.parametrize("fields,fragment", [
+    ({"dataset": "FOLDER"}, "task.validation_split: split 'validation' is not among the split files ['test', 'train']"),
+    ({"dataset": "FOLDER", "test_split": "data/test.csv"}, "'data/test.csv' looks like a file, but a split is a name"),
+    ({"dataset": {"train": "a.csv", "test": "b.csv"}}, "hold out a share of the training split"),
+    ({"dataset": {"train": "a.csv", "validation": []}}, "split 'validation' needs a file name"),
+    ({"dataset": {}}, "needs at least one split"),
+])
+def test_split_names_are_checked_when_the_recipe_is_validated(tmp_path, fields, fragment):
+    from pydantic import ValidationError
+
+    _split_files(tmp_path / "data", (("train", 4, ".csv"), ("test", 4, ".csv")))
+    fields = {key: str(tmp_path / "data") if value == "FOLDER" else value for key, value in fields.items()}
+    with pytest.raises(ValidationError, match=fragment.replace("(", "\\(").replace(")", "\\)").replace("[", "\\[")
+                       .replace("]", "\\]")):
+        _task(**fields)
+
+
+def test_labels_the_training_split_never_saw_are_named(tmp_path):
+    paths = _split_files(tmp_path / "data")
+    frame = pd.DataFrame({"text": ["a", "b", "c"], "label": ["sport", "neg", "tech"]})
+    frame.to_csv(paths["test"].with_suffix(".csv"), index=False)
+    task = _task(dataset={"train": str(paths["train"]), "validation": str(paths["validation"]),
+                          "test": str(paths["test"].with_suffix(".csv"))})
+    with pytest.raises(SveError, match=r"test\.csv \[test\]: labels 'sport', 'tech' not among the run's labels"):
+        load_splits(task, "test")

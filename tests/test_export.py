@@ -11,7 +11,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sve_cli.bank import load_bank
+from sve_cli.bank import load_bank, read_bank_metadata
 from sve_cli.pipeline import Pipeline
 from sve_cli.recipe import load_recipe
 from sve_cli.train import train
@@ -130,6 +130,9 @@ def test_merged_bert_member_matches_in_plain_transformers(sve, runs, tmp_path):
         assert len(set(index["weight_map"].values())) > 1 and index["metadata"]["total_size"] > 0
         config = json.loads((out / "config.json").read_text())
         assert config["architectures"] == ["BertForSequenceClassification"] and config["id2label"] == {"0": "0", "1": "1"}
+        temperature = read_bank_metadata(runs["bert"] / "sigma_bank.safetensors")["calibration"]["member_temperatures"][member]
+        assert config["sve"]["temperature"] == temperature and config["sve"]["run"] == "bert"  # no path of this machine
+        assert f"T = {temperature:.4f}" in (out / "README.md").read_text()
         for name in ("tokenizer.json", "vocab.txt", "README.md", "sve_recipe.yaml"):
             assert (out / name).exists()
         assert (out / "README.md").read_text().startswith("---\nbase_model: ")

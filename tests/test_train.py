@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from sve_cli.bank import read_bank_metadata
 from sve_cli.recipe import load_recipe
 from sve_cli.schedule import lr_factor
 from sve_cli.train import train
@@ -195,3 +196,28 @@ def test_tensorboard_log_of_loss_lr_and_validation(text_models, tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.value for e in events.Scalars("validation/nll")] == pytest.approx([h["nll"] for h in state["history"]])
     assert events.Scalars("lr/sigma")[-1].value == pytest.approx(2e-2 * lr_factor(3, 4, 0, "cosine"))
+
+
+def test_a_users_split_files_train_as_named_and_a_wrong_split_fails_before_loading(sve, text_models, tmp_path):
+    rows = [json.loads(line) for line in sentiment_file(tmp_path).read_text().splitlines()]
+    for split, (start, stop) in {"train": (0, 64), "validation": (64, 84), "test": (84, 96)}.items():
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[start:stop]))
+    files = {split: str(tmp_path / f"{split}.jsonl") for split in ("train", "validation", "test")}
+    recipe = write_recipe(tmp_path / "recipe.yaml", text_models["bert"], tmp_path / "train.jsonl",
+                          task={"dataset": files}, train={"max_steps": 2, "eval_every_steps": 2})
+    plan = sve("train", recipe, "--dry-run", "--device", "cpu")
+    assert plan.code == 0, plan.stderr
+    line = f"data: train 64 rows from {files['train']}; validation 20 rows from {files['validation']}; test 12 rows"
+    assert line in " ".join(plan.stdout.split())
+    result = sve("train", recipe, "--out", tmp_path / "run")
+    assert result.code == 0, result.stderr
+    assert line in " ".join((result.stdout + result.stderr).split())
+    # not a terminal: plain progress lines (the first step and the last), as a log file would get them
+    assert [row.split(" loss ")[0] for row in result.stderr.splitlines() if row.startswith("step ")
+            and " s/step " in row] == ["step 1/2", "step 2/2"]
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    assert state["history"][-1]["split"] == "validation"
+    assert read_bank_metadata(tmp_path / "run" / "sigma_bank.safetensors")["calibration"]["examples"] == 20
+    result = sve("train", recipe, "--out", tmp_path / "wrong", "--set", f"task.test_split={files['test']}")
+    assert_one_error_line(result, "task.test_split: '" + files["test"] + "' looks like a file, but a split is a name")
+    assert not (tmp_path / "wrong").exists()
