@@ -21,6 +21,7 @@ from sve_cli.distributed import full
 from sve_cli.writing import save_safetensors
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import SveError
+from sve_cli.outputs import OutputKind
 
 
 def bank_tensors(model: SVEModel) -> dict[str, torch.Tensor]:
@@ -87,6 +88,17 @@ def read_bank_metadata(path: Path) -> dict[str, object]:
     if missing:
         raise SveError(f"{path}: the bank's metadata lacks '{missing[0]}' (a damaged or edited file)")
     return metadata
+
+
+def _is_sve_bank(path: Path) -> bool:
+    try:
+        read_bank_metadata(path)
+    except SveError:
+        return False
+    return True
+
+
+BANK_OUTPUT = OutputKind("an sve Σ bank", False, _is_sve_bank)  # what `sve export --format sigma-bank` may replace
 
 
 def load_bank(model: SVEModel, path: Path) -> dict[str, object]:

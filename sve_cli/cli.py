@@ -174,14 +174,14 @@ def train(
         task = progress.add_task(f"{loaded.ensemble.method} M={loaded.ensemble.members}", total=None,
                                  status=f"loading {loaded.model.path} and {loaded.task.dataset_name}…")
 
-        log_line = display.StepLog(enabled=rank0 and not console.is_terminal)  # a log file gets plain lines
+        log_line = display.StepLog(enabled=rank0 and not out_console.is_terminal)  # `> train.log` gets plain lines
 
         def on_step(info: dict) -> None:
             progress.update(task, completed=info["step"], total=info["total"],
                             status=f"loss {info['loss']:.3f} acc {info['accuracy']:.2f} "
                                    f"{info['tokens_per_second']:.0f} tok/s epoch {info['epoch']:.2f}")
             if (line := log_line(info)) is not None:
-                console.print(line, highlight=False, soft_wrap=True)
+                out_console.print(line, highlight=False, soft_wrap=True)
 
         def on_eval(line: dict) -> None:
             progress.console.print(f"step {line['step']:>5} {line['split']}: acc {line['accuracy']:.4f} "
@@ -189,7 +189,7 @@ def train(
 
         try:
             state = run_train(loaded, out, resume=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval,
-                              on_note=lambda text: progress.console.print(text, soft_wrap=True))
+                              on_note=lambda text: out_console.print(text, soft_wrap=True, highlight=False))
         except KeyboardInterrupt:  # typer would swallow the message: say it here, exit as an interrupt does
             progress.stop()
             console.print(f"[red]{_line(interrupted_message(recipe, out, overrides))}[/red]", highlight=False, soft_wrap=True)

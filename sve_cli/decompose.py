@@ -22,9 +22,10 @@ from safetensors import safe_open
 
 from sve_cli import __version__
 from sve_cli.architectures import architecture
-from sve_cli.checkpoint import Checkpoint, open_checkpoint, source_fingerprint
+from sve_cli.checkpoint import Checkpoint, open_checkpoint
+from sve_cli.tensors import DTYPE_NAMES, source_fingerprint
 from sve_cli.factors import FORMAT_VERSION, INDEX, MANIFEST, SHARD_NAME
-from sve_cli.writing import (DTYPE_NAMES, Shard, ShardWriter, exclusive, fault_point, plan_shards, visible_entries, write_index,
+from sve_cli.writing import (Shard, ShardWriter, exclusive, fault_point, plan_shards, visible_entries, write_index,
                              write_json)
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.outputs import refuse_inputs

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sve_cli.architectures import Architecture, BackboneLayout, architecture, check_config
-from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers, source_fingerprint, tensor_fingerprint
+from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers
 from sve_cli.decompose import decompose, plan_decomposition
 from sve_cli.factors import MANIFEST, FactorCache, default_output
 from sve_cli.errors import SveError
@@ -33,7 +33,7 @@ from sve_cli.heads import MemberHead, Stem, features, resolve_representation
 from sve_cli.baselines import DenseMembersLinear, LoRAMembersLinear
 from sve_cli.layer import SVELinear
 from sve_cli.recipe import EnsembleConfig
-from sve_cli.writing import TORCH_DTYPES
+from sve_cli.tensors import TORCH_DTYPES, source_fingerprint, tensor_fingerprint
 
 log = logging.getLogger("sve")
 

@@ -26,13 +26,14 @@ import torch
 from safetensors import safe_open
 
 from sve_cli import __version__
-from sve_cli.bank import read_bank_metadata
-from sve_cli.checkpoint import Checkpoint, open_checkpoint, source_fingerprint
-from sve_cli.writing import (DTYPE_NAMES, TORCH_DTYPES, ShardWriter, parse_size, plan_shards, save_safetensors, write_index,
+from sve_cli.bank import BANK_OUTPUT, read_bank_metadata
+from sve_cli.checkpoint import Checkpoint, open_checkpoint
+from sve_cli.tensors import DTYPE_NAMES, TORCH_DTYPES, source_fingerprint
+from sve_cli.writing import (ShardWriter, parse_size, plan_shards, save_safetensors, write_index,
                              write_json)
 from sve_cli.factors import FactorCache, default_output
 from sve_cli.errors import SveError
-from sve_cli.outputs import BANK as BANK_FILE, EXPORT, check_output, output_lock
+from sve_cli.outputs import EXPORT, check_output, output_lock
 from sve_cli.architectures import Architecture, BackboneLayout, architecture
 from sve_cli.baselines import lora_merged
 from sve_cli.layer import merged_weight, singular_values
@@ -404,7 +405,7 @@ def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
     the base model it is all `sve predict` needs. Returns its size next to the base checkpoint's."""
     bank = RunBank.open(run)
     inputs = [Path(run) / BANK, bank.base.path]
-    check_output(out, BANK_FILE, overwrite, inputs)
+    check_output(out, BANK_OUTPUT, overwrite, inputs)
     with safe_open(str(Path(run) / BANK), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         metadata = dict(handle.metadata() or {})
@@ -413,7 +414,7 @@ def export_bank(run: Path, out: Path, overwrite: bool = False) -> dict:
         if (fitted := read_fitted(Path(run) / name, Path(run) / BANK, stale_ok=True)) is not None:
             metadata[key] = json.dumps(fitted)
     with output_lock(out):
-        check_output(out, BANK_FILE, overwrite, inputs)
+        check_output(out, BANK_OUTPUT, overwrite, inputs)
         save_safetensors(out, tensors, metadata)
     base_bytes = sum(f.stat().st_size for f in set(bank.base.files.values()))
     return {"out": out, "bytes": out.stat().st_size, "base_bytes": base_bytes,

@@ -4,7 +4,8 @@
   symlinks followed); a directory that is replaced whole (an export) is never the current directory
   or one of its parents.
 - `--overwrite` replaces only what that command itself made, recognised by its own marker (an
-  export's `config.json` "sve" entry, a report's `report.json`, a Σ bank's metadata, a predictions
+  export's `config.json` "sve" entry, a report's `report.json`, a Σ bank's metadata (its kind,
+  `bank.BANK_OUTPUT`, lives with the bank format), a predictions
   file's columns, a run's files), and never a directory that holds anything else.
 - Two commands writing one output are serialised: `output_lock` holds a lock on the output's parent
   directory while the output is made and renamed into place, so the second one finds the first's
@@ -137,16 +138,6 @@ def _is_sve_report(directory: Path) -> bool:
     return isinstance(report, dict) and str(report.get("tool", "")).startswith("sve")
 
 
-def _is_sve_bank(path: Path) -> bool:
-    from sve_cli.bank import read_bank_metadata
-
-    try:
-        read_bank_metadata(path)
-    except SveError:
-        return False
-    return True
-
-
 PREDICTION_COLUMNS = {"prediction", "confidence", "entropy"}
 
 
@@ -172,5 +163,4 @@ def _is_sve_predictions(path: Path) -> bool:
 
 EXPORT = OutputKind("an sve export", True, _is_sve_export, lambda path: tool_files(path, "config.json", "sve"))
 REPORT = OutputKind("an sve report", True, _is_sve_report, lambda path: tool_files(path, "report.json"), False)
-BANK = OutputKind("an sve Σ bank", False, _is_sve_bank)
 PREDICTIONS = OutputKind("an sve predictions file", False, _is_sve_predictions)

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from sve_cli.checkpoint import tensor_fingerprint
+from sve_cli.tensors import SAFETENSORS_DTYPES, tensor_fingerprint
 from sve_cli.errors import SveError
 
 _UMASK = os.umask(0)
@@ -140,14 +140,6 @@ def write_json(path: Path, payload: dict) -> None:
         temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}
-TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}  # "F32" -> torch.float32
-DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-               "bfloat16": torch.bfloat16}  # what --dtype options take
 Layout = Sequence[tuple[str, torch.dtype, Sequence[int]]]  # (name, dtype, shape) in file order
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sve_cli.checkpoint import tensor_fingerprint
+from sve_cli.tensors import tensor_fingerprint
 from sve_cli.ensemble import build_ensemble
 from sve_cli.recipe import EnsembleConfig
 from sve_cli.errors import SveError

@@ -226,7 +226,7 @@ def _foreign_bank_run(tmp, run, text_models):
 RUN_INPUTS = {  # name -> (arguments, fragment of the one error line)
     "label the head has no class for": (lambda tmp, run, tm, ck: ["train", *_recipe(
         tmp, tm, data=_file(tmp, "d.jsonl", '{"text": "a", "label": "good"}\n' * 20 + '{"text": "b", "label": "joy"}\n'),
-        task={"label_names": ["good", "bad"]})], "label 'joy' is not one of the run's labels"),
+        task={"label_names": ["good", "bad"]})], "label 'joy' not among the run's labels"),
     "bank of another base model": (lambda tmp, run, tm, ck: ["evaluate", _foreign_bank_run(tmp, run, tm)],
                                    "was trained on another base model"),
     "images as OOD set of a text run": (lambda tmp, run, tm, ck: ["evaluate", run, "--ood", "digits",

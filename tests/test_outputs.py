@@ -255,6 +255,12 @@ def _fingerprint(run: Path) -> str:
     return file_fingerprint(run / "sigma_bank.safetensors")
 
 
+def _temperature(run: Path) -> float:
+    from sve_cli.bank import read_bank_metadata
+
+    return read_bank_metadata(run / "sigma_bank.safetensors")["calibration"]["temperature"]
+
+
 def _data(tmp: Path, text: str) -> Path:
     (tmp / "d.jsonl").write_text(text)
     return tmp / "d.jsonl"
@@ -277,7 +283,8 @@ BROKEN = {  # name -> (arguments, fragment of the one error line)
                                                    w["data"], "--out", t / "p.jsonl", "--abstain-coverage", "0.9"],
                                      "is not valid JSON"),
     "thresholds of the wrong types": (lambda w, t: ["predict", _bad_thresholds(w["run"], t, json.dumps(
-        {"bank": _fingerprint(w["run"]), "combine": "probs", "scores": {"entropy": {"coverage": {"0.9": "high"}}}})),
+        {"bank": _fingerprint(w["run"]), "combine": "probs", "temperature": _temperature(w["run"]),
+         "scores": {"entropy": {"coverage": {"0.9": "high"}}}})),
         "--data", w["data"], "--out", t / "p.jsonl", "--abstain-coverage", "0.9"], "is 'high', not a number"),
     "bank metadata that is not JSON": (lambda w, t: ["evaluate", _bank_metadata_not_json(w["run"], t)],
                                        "metadata is not valid JSON"),
