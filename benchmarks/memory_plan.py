@@ -1,4 +1,4 @@
-"""Per-rank memory plans of the paper's LLM setting at 7B, 13B and 70B on 1, 2, 4 and 8 GPUs (README table).
+"""Per-rank memory plans of the paper's LLM setting at 7B, 13B and 70B on 1, 2, 4 and 8 GPUs (docs/performance.md table).
 
 The estimate `sve train --dry-run --nproc N` prints (sve_cli/memory.py), from the shipped config.json of
 each model (no network, nothing built): recipes/arc_easy.yaml's settings (M = 16, batch 8, 256 tokens,

@@ -155,9 +155,10 @@ def train(
                               "per rank; train.parallelism: fsdp shards weights and factors across them)."),
 ) -> None:
     """Joint M-member fine-tuning from a YAML recipe (SVE and its baselines)."""
-    from sve_cli.recipe import load_recipe
+    from sve_cli.recipe import find_recipe, load_recipe
     from sve_cli.train import interrupted_message, train as run_train
 
+    recipe = find_recipe(recipe)  # a local file, or one that ships with sve (`sve recipes`)
     loaded = load_recipe(recipe, overrides)
     if dry_run:
         _print_memory_plan(loaded, device, memory, nproc)
@@ -196,6 +197,39 @@ def train(
             raise typer.Exit(130) from None
     if rank0:
         out_console.print(display.run_summary(out, loaded, state))
+
+
+@app.command(epilog="Example:  sve recipes quickstart --copy my_recipe.yaml")
+def recipes(
+    name: Optional[str] = typer.Argument(None, help="A shipped recipe to print (or copy with --copy)."),
+    copy: Optional[Path] = typer.Option(None, "--copy", help="Write the recipe to this file, to edit it."),
+) -> None:
+    """List the recipes that ship with sve; print one, or copy it out to edit."""
+    from sve_cli.recipe import RecipeError, find_recipe, shipped_recipes
+
+    if name is None:
+        if copy is not None:
+            raise SveError("--copy needs a recipe name: sve recipes NAME --copy FILE")
+        for stem, (_, summary) in shipped_recipes().items():
+            out_console.print(f"[bold]{stem:<20}[/bold] {summary}", highlight=False, soft_wrap=True)
+        out_console.print("run one with `sve train recipes/NAME.yaml` (or `sve train NAME`); copy it out with "
+                          "`sve recipes NAME --copy FILE`", highlight=False)
+        return
+    shipped = shipped_recipes()
+    stem = Path(name).name.removesuffix(".yaml")
+    if stem not in shipped:
+        raise RecipeError(f"no shipped recipe named '{name}' (shipped: {', '.join(shipped)})")
+    text = find_recipe(stem).read_text(encoding="utf-8")
+    if copy is None:
+        typer.echo(text, nl=False)
+        return
+    from sve_cli.writing import atomic_path
+
+    if copy.exists() or copy.is_symlink():
+        raise SveError(f"--copy {copy} already exists; sve never replaces it: choose another name")
+    with atomic_path(copy) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    out_console.print(f"wrote {copy}: edit it, then `sve train {copy}`", highlight=False)
 
 
 @app.command(epilog="Example:  sve evaluate runs/quickstart --ood bbc_news --save-predictions")

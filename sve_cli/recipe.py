@@ -349,6 +349,37 @@ def _format(error: ValidationError, source: str) -> str:
     return f"{source}: {count}: " + "; ".join(problems)
 
 
+SHIPPED = Path(__file__).resolve().parent / "recipes"  # package data: they come with `pip install`
+
+
+def shipped_recipes() -> dict[str, tuple[Path, str]]:
+    """Name -> (file, the first line of its comment header) of every recipe that ships with sve."""
+    recipes = {}
+    for path in sorted(SHIPPED.glob("*.yaml")):
+        header = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("#") or not line.strip("# "):
+                break
+            header.append(line.strip("# "))
+        sentence = re.split(r"(?<=\.)\s", " ".join(header), maxsplit=1)[0].rstrip(".:")
+        recipes[path.stem] = (path, sentence if len(sentence) <= 100 else sentence[:99].rstrip() + "…")
+    return recipes
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A local recipe file, else a shipped recipe named `quickstart`, `quickstart.yaml` or
+    `recipes/quickstart.yaml` (what the docs write, which works outside a clone too)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    shipped = shipped_recipes()
+    if stem in shipped and (path.parent == Path(".") or path.parent.name == "recipes"):
+        return shipped[stem][0]
+    raise RecipeError(f"recipe {name} does not exist (nor is it a shipped recipe: {', '.join(shipped)}; "
+                      "`sve recipes` lists them)")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, merge `--set` overrides, validate. Every error is one `RecipeError` line."""
     path = Path(path)

@@ -4,6 +4,8 @@ import pytest
 
 from sve_cli.recipe import RecipeError, load_recipe, parse_overrides, recipe_yaml
 
+from conftest import assert_one_error_line
+
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 MINIMAL = "model:\n  path: builtin:minilm\ntask:\n  type: text_classification\n  dataset: builtin:tweets\n"
 
@@ -91,3 +93,34 @@ def test_override_syntax():
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
     with pytest.raises(RecipeError, match="not key.path=value"):
         parse_overrides(["train.lr"])
+
+
+def test_shipped_recipes_are_package_data_and_found_by_name_anywhere(tmp_path, monkeypatch):
+    from sve_cli.recipe import SHIPPED, find_recipe, shipped_recipes
+
+    assert SHIPPED.parent.name == "sve_cli" and {p.name for p in RECIPES} == {f"{n}.yaml" for n in shipped_recipes()}
+    monkeypatch.chdir(tmp_path)  # outside a clone: no recipes/ folder here
+    for name in ("recipes/quickstart.yaml", "quickstart.yaml", "quickstart"):
+        assert find_recipe(name) == SHIPPED / "quickstart.yaml"
+    (tmp_path / "quickstart.yaml").write_text(MINIMAL)  # a local file wins
+    assert find_recipe("quickstart.yaml") == Path("quickstart.yaml")
+    with pytest.raises(RecipeError, match="nor is it a shipped recipe: arc_easy"):
+        find_recipe("other/quickstart.yaml")
+
+
+def test_sve_recipes_lists_prints_and_copies(sve, tmp_path):
+    from sve_cli.recipe import SHIPPED, shipped_recipes
+
+    listing = sve("recipes")
+    assert listing.code == 0
+    for name, (_, summary) in shipped_recipes().items():
+        assert f"{name}" in listing.stdout and summary[:40] in " ".join(listing.stdout.split())
+    printed = sve("recipes", "sst2")
+    assert printed.code == 0 and printed.stdout == (SHIPPED / "sst2.yaml").read_text()
+    copy = tmp_path / "mine.yaml"
+    assert sve("recipes", "quickstart", "--copy", copy).code == 0
+    assert copy.read_text() == (SHIPPED / "quickstart.yaml").read_text()
+    copy.write_text("edited")
+    assert_one_error_line(sve("recipes", "quickstart", "--copy", copy), "already exists; sve never replaces it")
+    assert copy.read_text() == "edited"
+    assert_one_error_line(sve("recipes", "nope"), "no shipped recipe named 'nope'")
