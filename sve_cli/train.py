@@ -204,13 +204,13 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
     parallel = init_parallel(recipe.train.parallelism)
     created = not out.exists()
     lock = exclusive(out, "train", wait=False) if parallel.writer else contextlib.nullcontext()
-    try:
-        with lock:
+    with lock:  # refused at once while another sve train holds it: then nothing here is ours to clean up
+        try:
             return _train(recipe, out, resume, overwrite, parallel, [Callbacks(on_step, on_eval)], on_note)
-    except (Exception, KeyboardInterrupt):
-        if parallel.writer and is_stub(out):  # failed before its first checkpoint: nothing worth keeping
-            _remove_stub(out, created)
-        raise
+        except (Exception, KeyboardInterrupt):
+            if parallel.writer and is_stub(out):  # failed before its first checkpoint: nothing worth keeping
+                _remove_stub(out, created)
+            raise
 
 
 def interrupted_message(recipe: Path, out: Path, overrides: list[str]) -> str:

@@ -237,6 +237,18 @@ def test_second_train_into_the_same_run_is_refused_in_one_line(sve, text_models,
         result = sve("train", recipe, "--out", tmp_path / "run")
     assert_one_error_line(result, "is in use by another sve train")
     assert not _files(tmp_path / "run")
+    # the first run has written its recipe but not yet its first checkpoint (a stub): the refused
+    # second one must leave it alone, or the first run ends without a recipe
+    from sve_cli.recipe import load_recipe, recipe_yaml
+
+    stub = tmp_path / "started"
+    stub.mkdir()
+    (stub / "recipe.yaml").write_text(recipe_yaml(load_recipe(recipe)))
+    before = (stub / "recipe.yaml").read_bytes()
+    with exclusive(stub, "train", wait=False):
+        for extra in ([], ["--overwrite"]):
+            assert_one_error_line(sve("train", recipe, "--out", stub, *extra), "is in use by another sve train")
+    assert (stub / "recipe.yaml").read_bytes() == before
 
 
 def test_resume_of_a_directory_without_a_run_is_refused(sve, text_models, tmp_path):
