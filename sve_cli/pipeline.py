@@ -7,6 +7,7 @@ was trained with.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from sve_cli.errors import SveError
 from sve_cli.images import pixel_values
 from sve_cli.recipe import Recipe
 
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer")  # position ids start at pad_token_id + 1
+log = logging.getLogger("sve")
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 
@@ -65,7 +68,24 @@ class Pipeline:
                 raise SveError(f"no usable tokenizer beside {recipe.model.path}: {error}") from None
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.max_length = self._checked_max_length(recipe.task.max_length)
         self.letters: list[str] | None = None
+
+    def _checked_max_length(self, asked: int) -> int:
+        """`task.max_length`, within what the model can read: clamped (said once) to its positions, since
+        a longer input would crash the forward; refused below the tokens the tokenizer adds by itself."""
+        special = self.tokenizer.num_special_tokens_to_add(pair=bool(self.recipe.task.text_pair_field))
+        if asked <= special:
+            raise SveError(f"task.max_length {asked} leaves no room for text: this tokenizer adds {special} special "
+                           f"token(s) to every input; use at least {special + 1}")
+        positions = self.config.get("max_position_embeddings") or self.config.get("n_positions")
+        if isinstance(positions, int) and self.config.get("model_type") in OFFSET_POSITIONS:
+            positions -= int(self.config.get("pad_token_id") or 0) + 1  # RoBERTa's positions start after padding
+        if isinstance(positions, int) and 0 < positions < asked:
+            log.info("task.max_length %d is more than %s reads (%d positions): inputs are cut at %d tokens",
+                     asked, self.recipe.model.path, positions, positions)
+            return positions
+        return asked
 
     def build_model(self, label_names: list[str]) -> SVEModel:
         recipe = self.recipe
@@ -85,7 +105,7 @@ class Pipeline:
                 raise SveError("this run classifies images, but the data holds text")
             return Encoded(examples, pixels=pixel_values(examples.images, self.checkpoint.directory, self.config,
                                                          task.image_size))
-        return Encoded(examples, self.tokenizer, task.max_length, truncate_left=task.type == "multiple_choice")
+        return Encoded(examples, self.tokenizer, self.max_length, truncate_left=task.type == "multiple_choice")
 
 
 class Encoded:

@@ -76,6 +76,16 @@ class TaskSection(_Section):
                     raise ValueError(f"split '{split}' needs a file name (or a list of them)")
         return dataset
 
+    @field_validator("letters")
+    @classmethod
+    def _letters_are_distinct(cls, letters: list[str]) -> list[str]:
+        repeated = sorted({letter for letter in letters if letters.count(letter) > 1})
+        if repeated:  # two classes would share one answer token in an exported causal LM
+            raise ValueError(f"'{repeated[0]}' appears more than once: each class needs its own answer letter")
+        if any(not letter.strip() for letter in letters):
+            raise ValueError("an answer letter is empty")
+        return letters
+
     @model_validator(mode="after")
     def _splits_exist(self) -> "TaskSection":
         """Split names are checked here, before any data is read: a name that looks like a file, or one

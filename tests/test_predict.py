@@ -17,7 +17,7 @@ from sve_cli.metrics import combine
 from sve_cli.recipe import load_recipe
 from sve_cli.train import train
 
-from conftest import assert_one_error_line, sentiment_file, train_run
+from conftest import assert_one_error_line, sentiment_file, train_run, write_recipe
 
 
 def _split_file(run, split: str, path, labelled: bool = True):
@@ -215,3 +215,17 @@ def test_real_minilm_predict_equals_evaluate(sve, tmp_path):
     assert sve("predict", tmp_path / "run", "--data", data, "--out", tmp_path / "out.jsonl").code == 0
     logits, temperature = _saved(tmp_path / "r")
     torch.testing.assert_close(_probabilities(tmp_path / "out.jsonl"), combine(logits / temperature), rtol=0, atol=1e-6)
+
+
+def test_inputs_longer_than_the_model_reads_are_cut_and_a_max_length_without_room_is_refused(sve, text_models, tmp_path):
+    # the tiny BERT has 64 positions; max_length 500 is clamped to them (said once) instead of crashing
+    run = train_run(tmp_path, "long", text_models["bert"], sentiment_file(tmp_path), task={"max_length": 500},
+                    train={"max_steps": 2, "eval_every_steps": 2})
+    data = _write(tmp_path / "long.jsonl", json.dumps({"text": "the film was great " * 2500}) + "\n")
+    result = sve("predict", run, "--data", data, "--out", tmp_path / "out.jsonl")
+    assert result.code == 0, result.stderr
+    assert len(_read(tmp_path / "out.jsonl")) == 1
+    recipe = write_recipe(tmp_path / "short.yaml", text_models["bert"], sentiment_file(tmp_path), task={"max_length": 2})
+    assert_one_error_line(sve("train", recipe, "--out", tmp_path / "short"),
+                          "task.max_length 2 leaves no room for text: this tokenizer adds 2 special token(s)")
+    assert not (tmp_path / "short").exists()

@@ -50,6 +50,8 @@ def test_defaults_and_overrides(tmp_path):
     (MINIMAL + "ensemble:\n  method: svf\n  members: 4\n", ["method 'svf' trains one model"]),
     (MINIMAL + "ensemble:\n  method: bagging\n", ["ensemble.method", "'sve'"]),
     ("task:\n  type: text_classification\n", ["model: Field required", "task.dataset: Field required"]),
+    (MINIMAL + "  letters: [A, A, B]\n", ["task.letters", "'A' appears more than once"]),
+    (MINIMAL + "eval:\n  calibration: platt\n", ["eval.calibration", "'temperature' or 'none'"]),
 ])
 def test_bad_recipes_name_the_key_and_the_file(tmp_path, text, fragments):
     path = _write(tmp_path, text)
