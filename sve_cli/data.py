@@ -147,9 +147,35 @@ def _checked_columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     return frame
 
 
-def _hub(name: str, config: str | None) -> dict[str, Table]:
-    import datasets
+HUB_HOST = ("huggingface.co", 443)
 
+
+def _hub_reachable() -> str | None:
+    """Why the hub cannot be reached, at once (the hub client retries for ~25 s before it fails); None
+    when it can."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    try:
+        socket.create_connection(HUB_HOST, timeout=3).close()
+    except OSError as error:
+        return f"no network: {HUB_HOST[0]} cannot be reached ({error.strerror or type(error).__name__})"
+    return None
+
+
+def _hub(name: str, config: str | None) -> dict[str, Table]:
+    unreachable = _hub_reachable()
+    if unreachable:
+        raise SveError(f"data set '{name}' is not a local path and cannot be loaded from the Hugging Face Hub: "
+                       f"{unreachable}")
+    import datasets
+    import huggingface_hub
+
+    huggingface_hub.utils.logging.set_verbosity_error()  # no "Retrying…" lines around sve's own
+    datasets.utils.logging.set_verbosity_error()
     try:
         loaded = datasets.load_dataset(name, config)
     except Exception as error:  # offline, unknown name, …: all mean "not available"

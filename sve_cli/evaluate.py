@@ -8,6 +8,7 @@ pipeline (multiple-choice items are posed with the same question and letters).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,14 +27,16 @@ from sve_cli.rundir import RECIPE, open_run
 from sve_cli.checkpoint import file_fingerprint
 from sve_cli.selective import fit_thresholds, selective_metrics
 
-# common public OOD names -> (hub id, config, split); they need a network
+# common public OOD names -> (hub id, config, split, what it holds); they need a network
 HUB_OOD = {
-    "svhn": ("ufldl-stanford/svhn", "cropped_digits", "test"),
-    "cifar10": ("uoft-cs/cifar10", None, "test"),
-    "cifar100": ("uoft-cs/cifar100", None, "test"),
-    "sst2": ("stanfordnlp/sst2", None, "validation"),
-    "imdb": ("stanfordnlp/imdb", None, "test"),
+    "svhn": ("ufldl-stanford/svhn", "cropped_digits", "test", "images"),
+    "cifar10": ("uoft-cs/cifar10", None, "test", "images"),
+    "cifar100": ("uoft-cs/cifar100", None, "test", "images"),
+    "sst2": ("stanfordnlp/sst2", None, "validation", "text"),
+    "imdb": ("stanfordnlp/imdb", None, "test", "text"),
 }
+BUILTIN_KINDS = {"tweets": "text", "bbc_news": "text", "digits": "images", "mnist": "images"}
+SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass
@@ -73,7 +76,7 @@ def _table(name: str, config: str | None = None, any_hub_name: bool = False, wha
     """A data set named on the command line: a local path, a built-in name, one of the public OOD names,
     or (`--data`) any hub name."""
     if name in HUB_OOD:
-        repo, hub_config, split = HUB_OOD[name]
+        repo, hub_config, split, _ = HUB_OOD[name]
         source = load_source(repo, hub_config)
         if split not in source:
             raise SveError(f"OOD set '{name}' ({repo}) has no '{split}' split")
@@ -86,11 +89,35 @@ def _table(name: str, config: str | None = None, any_hub_name: bool = False, wha
     return test_split(load_source(name, config))
 
 
-def _short_name(name: str, taken) -> str:
-    """The set's name in the report: its file stem or built-in name, made unique (x, x-2, …)."""
-    short = Path(name).stem if Path(name).exists() else name.removeprefix("builtin:")
+def named_set(given: str) -> tuple[str | None, str]:
+    """`--ood NAME=PATH` -> (NAME, PATH): the name the report gives the set; (None, given) otherwise."""
+    name, sep, spec = given.partition("=")
+    if sep and SET_NAME.fullmatch(name) and not Path(given).exists():
+        return name, spec
+    return None, given
+
+
+def _short_name(given: str, taken) -> str:
+    """The set's name in the report: the NAME of NAME=PATH, else its file stem or built-in name, made
+    unique (x, x-2, …)."""
+    name, spec = named_set(given)
+    short = name or (Path(spec).stem if Path(spec).exists() else spec.removeprefix("builtin:"))
     return next(candidate for i in range(1, len(taken) + 2)
                 if (candidate := short if i == 1 else f"{short}-{i}") not in taken)
+
+
+def _refuse_other_kinds(names: list[str], task_type: str) -> None:
+    """Before any set is read: a public or built-in set of images for a text run (or the reverse) cannot
+    work, however long the download."""
+    wanted = "images" if task_type == "image_classification" else "text"
+    for given in names:
+        spec = named_set(given)[1].removeprefix("builtin:")
+        kind = HUB_OOD[spec][3] if spec in HUB_OOD else BUILTIN_KINDS.get(spec) if not Path(spec).exists() else None
+        if kind is not None and kind != wanted:
+            known = ", ".join(n for n, k in {**BUILTIN_KINDS, **{n: v[3] for n, v in HUB_OOD.items()}}.items()
+                              if k == wanted)
+            raise SveError(f"OOD set '{given}' holds {kind}, but this run classifies {wanted}: use one of {known} "
+                           "or a local file")
 
 
 def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: int | None = None,
@@ -107,7 +134,12 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
     budget = cache_budget or recipe.eval.cache_budget
     limit = max_examples or recipe.task.max_eval_examples
     data_table = None if data is None else _table(data, recipe.task.config, any_hub_name=True, what="data set").sample(limit)
-    ood_tables = [_table(name).sample(limit) for name in ood]  # a bad set fails before the model loads
+    _refuse_other_kinds(list(ood), recipe.task.type)
+    ood_tables = [_table(named_set(name)[1]).sample(limit) for name in ood]  # a bad set fails before the model loads
+    for name, table in zip(ood, ood_tables):
+        if table.is_image != (recipe.task.type == "image_classification"):
+            raise SveError(f"OOD set '{name}' holds {'images' if table.is_image else 'text'}, but this run "
+                           f"classifies {'images' if recipe.task.type == 'image_classification' else 'text'}")
     pipeline, model, metadata = load_ensemble(recipe, bank)
     parallel = for_inference(model, recipe.train.parallelism)
     label_names = list(metadata["label_names"])

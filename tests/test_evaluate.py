@@ -102,14 +102,25 @@ def test_local_data_file_as_in_distribution(sve, runs, tmp_path):
 
 @pytest.mark.parametrize("make_args,fragment", [
     (lambda runs, tmp: [runs["sve"], "--ood", "imagenet-o"], "unknown OOD set 'imagenet-o'"),
-    (lambda runs, tmp: [runs["sve"], "--ood", "digits"], "this run classifies text, but the data holds images"),
+    (lambda runs, tmp: [runs["sve"], "--ood", "digits"], "OOD set 'digits' holds images, but this run classifies text"),
     (lambda runs, tmp: [tmp], "is not a run directory"),
     (lambda runs, tmp: [_bankless(runs, tmp)], "has no sigma_bank.safetensors"),
     (lambda runs, tmp: [runs["sve"], "--data", _empty(tmp)], "holds no rows"),
-    (lambda runs, tmp: [runs["sve"], "--ood", "svhn"], "could not be loaded from the Hugging Face Hub"),
+    (lambda runs, tmp: [runs["sve"], "--ood", "svhn"], "OOD set 'svhn' holds images, but this run classifies text"),
+    (lambda runs, tmp: [runs["sve"], "--ood", "imdb"], "cannot be loaded from the Hugging Face Hub: offline mode"),
 ])
 def test_bad_input_is_one_line(sve, runs, tmp_path, make_args, fragment):
     assert_one_error_line(sve("evaluate", *make_args(runs, tmp_path)), fragment)
+
+
+def test_an_ood_file_is_named_as_given(sve, runs, tmp_path):
+    data = tmp_path / "ood.jsonl"
+    data.write_text("".join(f'{{"text": "an unrelated sentence number {i}"}}\n' for i in range(6)))
+    result = sve("evaluate", runs["sve"], "--ood", f"forum-posts={data}", "--ood", str(data), "--report", tmp_path / "r")
+    assert result.code == 0, result.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert list(report["ood"]) == ["forum-posts", "ood"] and report["data"]["ood_sources"]["forum-posts"] == f"forum-posts={data}"
+    assert "OOD forum-posts AUROC" in " ".join(result.stdout.split())
 
 
 def test_a_missing_set_is_refused_before_the_model_loads(runs, tmp_path, monkeypatch):
@@ -120,8 +131,9 @@ def test_a_missing_set_is_refused_before_the_model_loads(runs, tmp_path, monkeyp
         raise AssertionError("the model was loaded before the sets were read")
 
     monkeypatch.setattr(evaluate, "load_ensemble", load_ensemble)
-    for options in ({"ood": [str(tmp_path / "missing.jsonl")]}, {"data": str(tmp_path / "missing.jsonl")}):
-        with pytest.raises(SveError, match="missing.jsonl"):
+    for options in ({"ood": [str(tmp_path / "missing.jsonl")]}, {"data": str(tmp_path / "missing.jsonl")},
+                    {"ood": ["svhn"]}, {"ood": ["digits"]}):
+        with pytest.raises(SveError, match="missing.jsonl|holds images, but this run classifies text"):
             evaluate.evaluate_run(runs["sve"], **options)
 
 
