@@ -414,10 +414,12 @@ def _print_memory_plan(recipe, device: Device, memory: str | None, nproc: int) -
     with console.status(f"reading {recipe.model.path} and {recipe.task.dataset_name}…"):
         estimate = plan_training(recipe, chosen, capacity, nproc)
         if recipe.task.local_paths or str(recipe.task.dataset).startswith("builtin:"):  # hub sets are not fetched
-            from sve_cli.data import load_splits, splits_summary
+            from sve_cli.data import load_splits
+            from sve_cli.pipeline import Pipeline
 
-            out_console.print(splits_summary(recipe.task, load_splits(recipe.task, recipe.task.dataset_name)[0]),
-                              soft_wrap=True, highlight=False)
+            splits, label_names = load_splits(recipe.task, recipe.task.dataset_name)
+            for note in Pipeline(recipe).data_notes(splits, label_names):
+                out_console.print(note, soft_wrap=True, highlight=False)
     out_console.print(display.memory_plan(recipe, estimate, chosen, capacity, recipe_export_notes(recipe)))
 
 

@@ -8,13 +8,14 @@ was trained with.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 
 from sve_cli.bank import load_bank, read_bank_metadata
 from sve_cli.checkpoint import open_checkpoint, quiet_transformers
-from sve_cli.data import Examples
+from sve_cli.data import Examples, splits_summary
 from sve_cli.ensemble import SVEModel, build_ensemble
 from sve_cli.errors import SveError
 from sve_cli.images import pixel_values
@@ -97,6 +98,39 @@ class Pipeline:
             ids = [letter_token_id(self.tokenizer, letter) for letter in self.letters]
             return build_ensemble(recipe.model.path, recipe.ensemble, letter_token_ids=ids, **common)
         return build_ensemble(recipe.model.path, recipe.ensemble, classes=len(label_names), **common)
+
+    def cut_share(self, examples: Examples, sample: int = 2000) -> float | None:
+        """The share of inputs longer than the tokens this run reads (`max_length`), on a seeded sample;
+        None for images."""
+        if examples.texts is None:
+            return None
+        rows = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:sample].tolist()
+        texts = [examples.texts[i] for i in rows]
+        pairs = [examples.pairs[i] for i in rows] if examples.pairs else None
+        lengths = [len(ids) for ids in self.tokenizer(texts, pairs, truncation=False)["input_ids"]]
+        return sum(length > self.max_length for length in lengths) / len(lengths)
+
+    def data_notes(self, splits: dict[str, Examples], label_names: list[str]) -> list[str]:
+        """What `sve train` and `--dry-run` say about the data before training: rows and classes per
+        split, steps, and how many inputs `max_length` cuts."""
+        task, train = self.recipe.task, self.recipe.train
+        notes = [splits_summary(task, splits)]
+        for name, examples in splits.items():
+            counts = torch.bincount(examples.labels, minlength=len(label_names)).tolist()
+            notes.append(f"classes in {name}: " + ", ".join(f"{label} {count:,}" for label, count in zip(label_names, counts)))
+        rows = len(splits[task.train_split])
+        per_epoch = rows // train.batch_size // train.gradient_accumulation
+        total = train.max_steps or max(1, math.ceil((train.epochs or 1) * per_epoch))
+        notes.append(f"steps: {total:,} ({per_epoch:,} per epoch of {rows:,} rows, batch {train.batch_size}"
+                     f"{f' × accumulation {train.gradient_accumulation}' if train.gradient_accumulation > 1 else ''}"
+                     f" × {self.recipe.ensemble.members} member(s))")
+        share = self.cut_share(splits[task.train_split])
+        if share is not None:
+            side = "left (the question is kept)" if task.type == "multiple_choice" else "right"
+            notes.append(f"max_length {self.max_length}: {100 * share:.1f}% of training inputs are longer and cut "
+                         f"from the {side}" + (" — raise task.max_length if that loses what decides the label"
+                                               if share > 0.25 else ""))
+        return notes
 
     def encode(self, examples: Examples) -> Encoded:
         task = self.recipe.task

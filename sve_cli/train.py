@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sve_cli.bank import bank_tensors, save_bank
-from sve_cli.data import load_splits, splits_summary
+from sve_cli.data import load_splits
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.distributed import (Parallel, any_rank, average, barrier, full, gradient_sync, init_parallel, like, settle,
@@ -290,7 +290,8 @@ def _setup(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
     pipeline = Pipeline(recipe)
     splits, label_names = load_splits(recipe.task, recipe.task.dataset_name)
     if parallel.writer and on_note:
-        on_note(splits_summary(recipe.task, splits))
+        for note in pipeline.data_notes(splits, label_names):
+            on_note(note)
     ensemble = pipeline.build_model(label_names)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.gradient_checkpointing:

@@ -208,7 +208,12 @@ def test_a_users_split_files_train_as_named_and_a_wrong_split_fails_before_loadi
     plan = sve("train", recipe, "--dry-run", "--device", "cpu")
     assert plan.code == 0, plan.stderr
     line = f"data: train 64 rows from {files['train']}; validation 20 rows from {files['validation']}; test 12 rows"
-    assert line in " ".join(plan.stdout.split())
+    shown = " ".join(plan.stdout.split())
+    assert line in shown and "classes in train: 0 32, 1 32" in shown and "classes in validation: 0 10, 1 10" in shown
+    assert "steps: 2 (8 per epoch of 64 rows, batch 8 × 2 member(s))" in shown
+    assert "max_length 16: 0.0% of training inputs are longer" in shown
+    cut = sve("train", recipe, "--dry-run", "--device", "cpu", "--set", "task.max_length=4")  # [CLS] + 4 words + [SEP]
+    assert "max_length 4: 100.0% of training inputs are longer and cut from the right" in " ".join(cut.stdout.split())
     result = sve("train", recipe, "--out", tmp_path / "run")
     assert result.code == 0, result.stderr
     assert line in " ".join(result.stdout.split())
