@@ -202,6 +202,11 @@ def _plan_tensors(bank: RunBank, member: int | str) -> tuple[dict[str, tuple], d
     config_update: dict[str, object] = {"architectures": [output.architecture], "id2label": dict(enumerate(labels)),
                                         "label2id": {label: i for i, label in enumerate(labels)}}
     if output.kind == "sentence-transformers":  # the head goes into 2_Dense
+        if spec.stem is not None and spec.stem.in_backbone:  # unused, but the base class builds it: the
+            for part in ("weight", "bias"):                   # checkpoint's own, so loading warns of nothing
+                stored = layout.stored(f"{spec.stem.dense}.{part}")
+                if stored is not None:
+                    plan[f"{spec.stem.dense}.{part}"] = (base.shape(stored), ("copy", stored))
         return plan, config_update, output
     if output.kind == "causal":
         source = spec.lm_head if spec.lm_head in base.files else layout.stored(spec.embeddings)

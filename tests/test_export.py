@@ -87,6 +87,7 @@ def _sentence_transformers_logits(directory, texts, tmp_path):
     result = subprocess.run([sys.executable, str(script), str(directory), str(tmp_path / "st.safetensors"), *texts],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "newly initialized" not in result.stdout + result.stderr  # every weight the class builds is there
     return load_file(tmp_path / "st.safetensors")["logits"]
 
 
