@@ -205,7 +205,7 @@ def test_train_killed_at_an_exact_moment_resumes_to_the_same_bank(train_referenc
         assert refused.returncode == 2 and "--resume" in refused.stderr
     resumed = _run(_train_command(recipe, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    assert ("starting from step 0" in " ".join(resumed.stderr.split())) == (not first_checkpoint)
+    assert ("starting from step 0" in " ".join(resumed.stdout.split())) == (not first_checkpoint)
     killed = _files(out)
     for name in ("sigma_bank.safetensors", "metrics.jsonl", "recipe.yaml"):
         assert killed[name] == reference[name], name

@@ -230,7 +230,7 @@ RUN_INPUTS = {  # name -> (arguments, fragment of the one error line)
     "bank of another base model": (lambda tmp, run, tm, ck: ["evaluate", _foreign_bank_run(tmp, run, tm)],
                                    "was trained on another base model"),
     "images as OOD set of a text run": (lambda tmp, run, tm, ck: ["evaluate", run, "--ood", "digits",
-                                                                  "--report", tmp / "r"], "the data holds images"),
+                                                                  "--report", tmp / "r"], "OOD set 'digits' holds images, but this run classifies text"),
     "empty data file": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm, data=_file(tmp, "e.jsonl", ""))],
                         "e.jsonl holds no rows"),
     "tokenizer missing": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm, model=_tokenizerless(tmp, tm))],
