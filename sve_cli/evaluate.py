@@ -193,8 +193,9 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
 
 
 def _calibration(metadata: dict, validation: Prediction, labels: torch.Tensor, refit: bool) -> dict:
-    """The bank's stored calibration (fitted at the end of training); with `refit` (`--temperature`), or
-    for a bank that carries none, a temperature fitted now on the validation split by the same function."""
+    """The bank's stored calibration (fitted at the end of training). With `refit` (`--temperature`), or
+    when evaluate combines members otherwise than training did, one fitted now on the validation split by
+    the same function; a bank without one (calibration off, or older) is reported raw."""
     stored = metadata.get("calibration")
     other_mode = bool(stored) and stored.get("method") == "temperature" and stored.get("combine") != validation.how
     if refit or other_mode:

@@ -62,7 +62,7 @@ class Predictor:
         """Which probabilities the output holds, in words (predict's summary line)."""
         if raw:
             return "raw probabilities (--raw)"
-        if temperature_of(self.calibration) == 1.0 and (self.calibration or {}).get("method") != "temperature":
+        if (self.calibration or {}).get("method") != "temperature":
             why = "eval.calibration: none" if self.calibration else "a bank from before calibration"
             return f"raw probabilities ({why})"
         who = f"member {member}'s" if member is not None else "the ensemble's"
