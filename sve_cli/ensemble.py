@@ -7,9 +7,10 @@ Targets are matched to modules by the fingerprint of their weight, not by name: 
 taken from the checkpoint's tensors, and transformers may rename modules on load (ViT does), so content
 is the only reliable key. This also proves the cache belongs to this model.
 
-`SVEModel(**inputs)` repeats the batch member-major to `M·B` rows, runs the backbone once, and
-returns logits `[B, M, C]`; with `member_major=True` the inputs already hold one batch per member
-(`[M·B, …]`, e.g. each member's own shuffle of the data). `active_members(start, stop)` runs only a
+`SVEModel(**inputs)` runs the backbone once for all members and returns logits `[B, M, C]`: the blocks
+below the first target on the batch's `B` rows, the rest on `M·B` rows, member-major (`sve_cli.prefix`);
+with `member_major=True` the inputs already hold one batch per member (`[M·B, …]`, e.g. each member's
+own shuffle of the data) and every block runs on them. `active_members(start, stop)` runs only a
 chunk of the members (`train.members_per_pass`).
 """
 
@@ -32,6 +33,7 @@ from sve_cli.errors import SveError
 from sve_cli.heads import MemberHead, Stem, features, resolve_representation
 from sve_cli.baselines import DenseMembersLinear, LoRAMembersLinear
 from sve_cli.layer import SVELinear
+from sve_cli.prefix import SharedPrefix, shared_prefix
 from sve_cli.recipe import EnsembleConfig
 from sve_cli.tensors import TORCH_DTYPES, source_fingerprint, tensor_fingerprint
 
@@ -53,9 +55,10 @@ class Identity:
 class SVEModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: MemberHead, layers: dict[str, nn.Module],
                  members: int, representation: str, pad_token_id: int | None, identity: Identity,
-                 head_kind: str, stem: Stem | None = None):
+                 head_kind: str, stem: Stem | None = None, prefix: SharedPrefix | None = None):
         super().__init__()
         self.backbone, self.head, self.stem = backbone, head, stem
+        self.prefix = prefix  # runs the blocks below the first target once per batch (None: fan out at the input)
         self.layers = layers  # target parameter name -> its member layer (registered inside backbone)
         self.members, self.representation, self.pad_token_id = members, representation, pad_token_id
         self.identity, self.head_kind = identity, head_kind
@@ -107,12 +110,17 @@ class SVEModel(nn.Module):
         sizes = {name: value.shape[0] for name, value in inputs.items()}
         if not all(torch.is_tensor(value) for value in inputs.values()) or len(set(sizes.values())) != 1:
             raise ValueError(f"every input must be a tensor of the same batch size, got {sizes}")
+        backbone_inputs = inputs
+        if self.prefix is not None:
+            self.prefix.set(None if member_major else next(iter(sizes.values())), members)
         if not member_major:
             inputs = {name: value.repeat(members, *[1] * (value.dim() - 1))  # [m·B, …] member-major
                       for name, value in inputs.items()}
+            if self.prefix is None or not self.prefix.active:
+                backbone_inputs = inputs  # [m·B, …]: every block on every member's rows
         device = next(iter(inputs.values())).device
         with torch.autocast(device.type, dtype=self.compute_dtype or torch.float32, enabled=self.compute_dtype is not None):
-            outputs = self.backbone(**inputs)
+            outputs = self.backbone(**backbone_inputs)  # [m·B, T, d] either way
             representation = features(self.representation, outputs, inputs.get("input_ids"),
                                       inputs.get("attention_mask"), self.pad_token_id)  # [m·B, d]
             if self.stem is not None:
@@ -326,7 +334,8 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
     if pad_token_id is None:
         pad_token_id = getattr(backbone.config, "pad_token_id", None)
     return SVEModel(backbone, head, layers, config.members, representation, pad_token_id, identity,
-                    "letters" if letter_token_ids is not None else "classification", stem)
+                    "letters" if letter_token_ids is not None else "classification", stem,
+                    None if spec.inferred else shared_prefix(backbone, layers))
 
 
 def _hidden_size(backbone: nn.Module, spec: Architecture, representation: str) -> int:
