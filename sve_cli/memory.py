@@ -33,7 +33,7 @@ from sve_cli.checkpoint import Checkpoint, open_checkpoint
 from sve_cli.heads import resolve_representation
 from sve_cli.layer import strategy_costs
 from sve_cli.recipe import Recipe
-from sve_cli.targets import Target, resolve_targets
+from sve_cli.targets import Target, block_index, resolve_targets
 
 # elements kept per token per block, as multiples of hidden (h) and intermediate (i) sizes
 ACTIVATIONS = {"decoder": (10.0, 3.0), "encoder": (14.4, 3.2)}
@@ -113,11 +113,14 @@ def _activation_bytes(recipe: Recipe, targets: list[Target], config: dict, decod
     hidden = int(config.get("hidden_size", 0))
     intermediate = int(config.get("intermediate_size", 4 * hidden))
     blocks = _blocks(config)
+    targeted = {block_index(target.name) for target in targets} - {None}
+    # nothing below the first targeted block needs a gradient, so those blocks keep nothing for backward
+    trained = blocks - min(targeted, default=0) if targeted else blocks
     per_hidden, per_intermediate = ACTIVATIONS["decoder" if decoder else "encoder"]
     per_token = per_hidden * hidden + per_intermediate * intermediate  # one block, dense layers
     per_block_extra = 0.0  # SVE's own saved tensors, one block
     if recipe.ensemble.uses_decomposition:
-        for target in targets[: max(1, len(targets) // blocks)]:  # the targets of one block
+        for target in targets[: max(1, len(targets) // max(1, len(targeted)))]:  # the targets of one block
             costs = strategy_costs(members, tokens // members, target.out_features, target.in_features, target.k,
                                    training=True)
             strategy = recipe.ensemble.strategy if recipe.ensemble.strategy != "auto" else min(costs, key=costs.get)
@@ -128,8 +131,8 @@ def _activation_bytes(recipe: Recipe, targets: list[Target], config: dict, decod
     block = per_token * tokens + per_block_extra
     kept, backward = KEPT_SHARE[device] * block, BACKWARD_BLOCKS[device] * block
     if recipe.train.gradient_checkpointing:  # block inputs kept, one block's activations rebuilt at a time
-        return int(element * (blocks * hidden * tokens + kept + backward))
-    return int(element * (blocks * kept + backward))
+        return int(element * (trained * hidden * tokens + kept + backward))
+    return int(element * (trained * kept + backward))
 
 
 def _process_rss() -> int:

@@ -51,6 +51,14 @@ def test_globs_and_exclusions(tiny_checkpoints):
     assert names == ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
 
 
+def test_a_block_range_keeps_the_preset_of_those_blocks(tiny_checkpoints):
+    everything = _names(tiny_checkpoints["llama"])
+    upper = _names(tiny_checkpoints["llama"], "all@1-")
+    assert upper == [name for name in everything if ".layers.1." in name] and len(upper) == 7
+    assert _names(tiny_checkpoints["llama"], "attention@0-0") == _names(tiny_checkpoints["llama"], "*.layers.0.self_attn.*")
+    assert _names(tiny_checkpoints["llama"], "*.q_proj.weight@1-") == ["model.layers.1.self_attn.q_proj.weight"]
+
+
 def test_real_minilm_has_36_targets(minilm_path):
     assert len(_names(minilm_path)) == 36
 
@@ -59,6 +67,9 @@ def test_real_minilm_has_36_targets(minilm_path):
     ("*.nothing.weight", "matches no tensor"),
     ("*.input_layernorm.weight", "only 2-D weight matrices"),
     ("!*.q_proj.weight", "no pattern to include"),
+    ("attention@5-", "matches no tensor in blocks 5-"),
+    ("attention@2-1", "not a block range"),
+    ("attention@top", "not a block range"),
 ])
 def test_bad_target_specs(tiny_checkpoints, spec, message):
     with pytest.raises(TargetError, match=message):
