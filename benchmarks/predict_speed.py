@@ -44,7 +44,7 @@ def main() -> None:
 
     from sve_cli.checkpoint import resolve_model
     from sve_cli.data import load_source
-    from sve_cli.ensemble import build_ensemble
+    from sve_cli.pipeline import ensemble_for
     from sve_cli.layer import SVELinear
     from sve_cli.recipe import EnsembleConfig
 
@@ -68,7 +68,7 @@ def main() -> None:
     for name, strategy, cache in (("SVE auto, weight cache on", "auto", True),
                                   ("SVE auto, weight cache off", "auto", False),
                                   ("SVE factored", "factored", True)):
-        ensemble = build_ensemble("builtin:minilm", EnsembleConfig(members=args.members, strategy=strategy),
+        ensemble = ensemble_for("builtin:minilm", EnsembleConfig(members=args.members, strategy=strategy),
                                   classes=3).eval()
         for layer in ensemble.layers.values():
             if isinstance(layer, SVELinear):

@@ -19,7 +19,7 @@ from datetime import date
 
 import torch
 
-from sve_cli.ensemble import build_ensemble
+from sve_cli.pipeline import ensemble_for
 from sve_cli.recipe import EnsembleConfig
 
 # model -> (builtin, targets on every block / upper half / upper third, letter head?, batch, tokens)
@@ -47,7 +47,7 @@ def measure(model: str, repeats: int) -> list[list[str]]:
     for label, spec in targets.items():
         config = EnsembleConfig(members=4, targets=spec, bias=False, dropout=False, parameterisation="relative")
         head = {"letter_token_ids": [330, 389, 340]} if letters else {"classes": 3}
-        ensemble = build_ensemble(source, config, seed=0, **head)
+        ensemble = ensemble_for(source, config, seed=0, **head)
         generator = torch.Generator().manual_seed(0)
         inputs = {"input_ids": torch.randint(100, 20000, (batch, tokens), generator=generator),
                   "attention_mask": torch.ones(batch, tokens, dtype=torch.long)}

@@ -55,7 +55,7 @@ def main() -> None:
         "task": {"type": "multiple_choice", "dataset": "x", "letters": ["A", "B", "C", "D"], "max_length": 64},
         "ensemble": {"method": "sve", "members": 4}, "train": {"batch_size": 1}}))
     from sve_cli.decompose import decompose, plan_decomposition
-    from sve_cli.ensemble import build_ensemble
+    from sve_cli.pipeline import ensemble_for
     from sve_cli.memory import estimate_memory
     from sve_cli.recipe import EnsembleConfig, load_recipe
 
@@ -68,7 +68,7 @@ def main() -> None:
         if phase == "dry run":
             estimate_memory(load_recipe(recipe_path), 4, "cpu")
         elif phase.startswith("build"):
-            ensemble = build_ensemble(str(root / "llama"), EnsembleConfig(members=4), letter_token_ids=[1, 2, 3, 4],
+            ensemble = ensemble_for(str(root / "llama"), EnsembleConfig(members=4), letter_token_ids=[1, 2, 3, 4],
                                       decomposition=root / "cache")
         else:
             logits = ensemble(input_ids=torch.randint(0, 32000, (1, 64)), attention_mask=torch.ones(1, 64, dtype=torch.long))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,14 @@ from sve_cli import __version__
 from sve_cli.architectures import architecture
 from sve_cli.checkpoint import Checkpoint, open_checkpoint
 from sve_cli.tensors import DTYPE_NAMES, source_fingerprint
-from sve_cli.factors import FORMAT_VERSION, INDEX, MANIFEST, SHARD_NAME
+from sve_cli.factors import FORMAT_VERSION, INDEX, MANIFEST, SHARD_NAME, FactorCache, default_output
 from sve_cli.writing import (Shard, ShardWriter, exclusive, fault_point, plan_shards, visible_entries, write_index,
                              write_json)
 from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.outputs import refuse_inputs
 from sve_cli.targets import Target, resolve_targets
+
+log = logging.getLogger("sve")
 
 PRECISIONS = ("float32", "float64")
 ERROR_PROBES = 16  # Gaussian probes for the reconstruction-error estimate
@@ -376,3 +379,27 @@ def _manifest(plan: DecomposePlan, fingerprints: dict[str, str], identity: str,
     }
 
 
+
+
+def decomposition_for(model: str, decomposition: Path | None, targets: str | None,
+                      refresh: bool = False) -> FactorCache:
+    """The given cache, or the model's default cache under `$SVE_HOME`.
+
+    The default cache is sve's own: it is made when absent or unfinished, and a complete one is used as
+    it is — matching it to the model's weights when the ensemble is built proves it current without hashing
+    the checkpoint a second time; `refresh` brings a stale one up to date (reused shard by shard).
+    """
+    if decomposition is not None:
+        return FactorCache(decomposition)
+    out = default_output(model, targets)
+    if (out / MANIFEST).exists() and not refresh:
+        try:
+            return FactorCache(out)
+        except SveError:  # written by an older sve: made again below
+            pass
+    if not (out / MANIFEST).exists():
+        log.info("decomposing %s into %s (no model.decomposition given: done once, then reused)", model, out)
+    result = decompose(plan_decomposition(model, targets), out, overwrite=True)
+    if result.computed:
+        log.info("decomposed %d targets of %s in %.1f s", len(result.computed), model, result.seconds)
+    return FactorCache(out)

@@ -17,9 +17,7 @@ chunk of the members (`train.members_per_pass`).
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -27,18 +25,14 @@ from torch import nn
 
 from sve_cli.architectures import Architecture, BackboneLayout, architecture, check_config
 from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers
-from sve_cli.decompose import decompose, plan_decomposition
-from sve_cli.factors import MANIFEST, FactorCache, default_output
-from sve_cli.errors import SveError
+from sve_cli.factors import FactorCache
+from sve_cli.errors import ForeignDecompositionError, SveError
 from sve_cli.heads import MemberHead, Stem, features, resolve_representation
 from sve_cli.baselines import DenseMembersLinear, LoRAMembersLinear
 from sve_cli.layer import SVELinear
 from sve_cli.prefix import SharedPrefix, shared_prefix
 from sve_cli.recipe import EnsembleConfig
 from sve_cli.tensors import TORCH_DTYPES, source_fingerprint, tensor_fingerprint
-
-log = logging.getLogger("sve")
-
 
 @dataclass
 class Identity:
@@ -183,7 +177,7 @@ def _replace_targets(backbone: nn.Module, targets: list[dict], make_layer, where
                     found[target["name"]] = (module_name, module)
     missing = [t["name"] for t in targets if t["name"] not in found]
     if missing:
-        raise SveError(f"{where} does not belong to this model: "
+        raise ForeignDecompositionError(f"{where} does not belong to this model: "
                        f"{len(missing)} target(s) not found, first '{missing[0]}'")
     layers = {}
     for target in targets:
@@ -213,14 +207,14 @@ def _source_fingerprint(targets: list[dict]) -> str:
 
 
 def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: EnsembleConfig,
-                   decomposition: Path | None, generator: torch.Generator
-                   ) -> tuple[dict[str, nn.Module], str, str]:
+                   factors: FactorCache | None, generator: torch.Generator) -> tuple[dict[str, nn.Module], str, str]:
     """Replace the targets for `config.method`; returns (layers, identity fingerprint, source fingerprint)."""
     if config.uses_decomposition:
-        cache = ensure_decomposition(checkpoint.source, decomposition, config.targets)
+        if factors is None:
+            raise SveError(f"method {config.method} needs the decomposition of {checkpoint.source}")
 
         def make_sve(target: dict, layer: nn.Module) -> SVELinear:
-            U, S, Vh = cache.factors(target["name"])  # of the stored tensor
+            U, S, Vh = factors.factors(target["name"])  # of the stored tensor
             if type(layer).__name__ == "Conv1D":  # stored W^T = U S Vh, so the linear map is Vh^T S U^T
                 U, Vh = Vh.T, U.T
             return SVELinear(U.float(), S.float(), Vh.float(), config.members,
@@ -229,14 +223,8 @@ def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: Ensemble
                              parameterisation=config.parameterisation, strategy=config.strategy,
                              generator=generator)
 
-        try:
-            layers = _replace_targets(backbone, cache.manifest["targets"], make_sve, f"decomposition {cache.directory}")
-        except SveError:
-            if decomposition is not None:
-                raise
-            cache = ensure_decomposition(checkpoint.source, None, config.targets, refresh=True)  # stale: redone
-            layers = _replace_targets(backbone, cache.manifest["targets"], make_sve, f"decomposition {cache.directory}")
-        return layers, cache.fingerprint, cache.manifest["source"]["fingerprint"]
+        layers = _replace_targets(backbone, factors.manifest["targets"], make_sve, f"decomposition {factors.directory}")
+        return layers, factors.fingerprint, factors.manifest["source"]["fingerprint"]
 
     targets = _checkpoint_targets(checkpoint, config.targets)
     source = _source_fingerprint(targets)
@@ -252,37 +240,15 @@ def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: Ensemble
     return _replace_targets(backbone, targets, make_layer, checkpoint.source), source, source
 
 
-def ensure_decomposition(model: str, decomposition: Path | None, targets: str | None,
-                         refresh: bool = False) -> FactorCache:
-    """The given cache, or the model's default cache under `$SVE_HOME`.
-
-    The default cache is sve's own: it is made when absent or unfinished, and a complete one is used as
-    it is — matching it to the model's weights (`_replace_targets`) proves it current without hashing
-    the checkpoint a second time; `refresh` brings a stale one up to date (reused shard by shard).
-    """
-    if decomposition is not None:
-        return FactorCache(decomposition)
-    out = default_output(model, targets)
-    if (out / MANIFEST).exists() and not refresh:
-        try:
-            return FactorCache(out)
-        except SveError:  # written by an older sve: made again below
-            pass
-    if not (out / MANIFEST).exists():
-        log.info("decomposing %s into %s (no model.decomposition given: done once, then reused)", model, out)
-    result = decompose(plan_decomposition(model, targets), out, overwrite=True)
-    if result.computed:
-        log.info("decomposed %d targets of %s in %.1f s", len(result.computed), model, result.seconds)
-    return FactorCache(out)
-
-
 def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = None,
-                   letter_token_ids: list[int] | None = None, decomposition: Path | None = None,
+                   letter_token_ids: list[int] | None = None, factors: FactorCache | None = None,
                    pad_token_id: int | None = None, seed: int = 0, trust_remote_code: bool = False) -> SVEModel:
     """An ensemble of `model` (`config.method`, `config.members` members) with a classification
     head of `classes` classes, or (for a causal LM) a letter head scoring `letter_token_ids` with
     the LM head's own rows. `seed` fixes every random initialisation.
 
+    `factors` is the decomposition of `model` the SVE methods need, resolved by the caller (building
+    never decomposes: `sve_cli.pipeline.ensemble_for` resolves and builds).
     `config.head_init`: "normal" (N(0, 0.01²) per member) or "checkpoint" (copy the checkpoint's
     own classifier into every member). `pad_token_id` overrides the config's (the tokenizer's pad
     token decides which position is the last real token).
@@ -300,7 +266,7 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
     backbone = _load_backbone(checkpoint, spec, config.dropout, trust_remote_code)
     backbone.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    layers, fingerprint, source_fingerprint = _attach_method(backbone, checkpoint, config, decomposition, generator)
+    layers, fingerprint, source_fingerprint = _attach_method(backbone, checkpoint, config, factors, generator)
     layout = BackboneLayout(spec, checkpoint.names)
 
     stem = _stem(checkpoint, spec, layout, backbone.config, generator) if representation == "pooler" else None

@@ -18,5 +18,9 @@ class TargetError(SveError):
     """The targeted parameters cannot be resolved."""
 
 
+class ForeignDecompositionError(SveError):
+    """A decomposition cache was taken from other weights than the model being built."""
+
+
 class OutputExistsError(SveError):
     """An output already exists and `--overwrite` was not given."""

@@ -16,10 +16,11 @@ import torch
 from sve_cli.bank import load_bank, read_bank_metadata
 from sve_cli.checkpoint import open_checkpoint, quiet_transformers
 from sve_cli.data import Examples, splits_summary
+from sve_cli.decompose import decomposition_for
 from sve_cli.ensemble import SVEModel, build_ensemble
-from sve_cli.errors import SveError
+from sve_cli.errors import ForeignDecompositionError, SveError
 from sve_cli.images import pixel_values
-from sve_cli.recipe import Recipe
+from sve_cli.recipe import EnsembleConfig, Recipe
 
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer")  # position ids start at pad_token_id + 1
 log = logging.getLogger("sve")
@@ -34,6 +35,22 @@ def letter_token_id(tokenizer, letter: str) -> int:
         if len(ids) == 1:
             return ids[0]
     raise SveError(f"answer letter '{letter}' is not a single token for this tokenizer")
+
+
+def ensemble_for(model: str, config: EnsembleConfig, decomposition: Path | None = None, **options) -> SVEModel:
+    """`build_ensemble` with the decomposition resolved first: `decomposition`, or sve's default cache of
+    `model` (made when absent, brought up to date when the model's weights changed). `options` are
+    build_ensemble's (classes or letter_token_ids, pad_token_id, seed, trust_remote_code)."""
+    if not config.uses_decomposition:
+        return build_ensemble(model, config, **options)
+    factors = decomposition_for(model, decomposition, config.targets)
+    try:
+        return build_ensemble(model, config, factors=factors, **options)
+    except ForeignDecompositionError:
+        if decomposition is not None:
+            raise  # the user's own cache: theirs to remake
+        return build_ensemble(model, config, factors=decomposition_for(model, None, config.targets, refresh=True),
+                              **options)
 
 
 def load_ensemble(recipe: Recipe, bank: Path) -> tuple["Pipeline", SVEModel, dict]:
@@ -96,8 +113,8 @@ class Pipeline:
         if recipe.task.type == "multiple_choice":
             self.letters = recipe.task.letters[:len(label_names)]
             ids = [letter_token_id(self.tokenizer, letter) for letter in self.letters]
-            return build_ensemble(recipe.model.path, recipe.ensemble, letter_token_ids=ids, **common)
-        return build_ensemble(recipe.model.path, recipe.ensemble, classes=len(label_names), **common)
+            return ensemble_for(recipe.model.path, recipe.ensemble, letter_token_ids=ids, **common)
+        return ensemble_for(recipe.model.path, recipe.ensemble, classes=len(label_names), **common)
 
     def cut_share(self, examples: Examples, sample: int = 2000) -> float | None:
         """The share of inputs longer than the tokens this run reads (`max_length`), on a seeded sample;

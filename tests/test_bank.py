@@ -4,13 +4,13 @@ from safetensors import safe_open
 
 from sve_cli.bank import load_bank, read_bank_metadata, save_bank
 from sve_cli.writing import save_safetensors
-from sve_cli.ensemble import build_ensemble
+from sve_cli.pipeline import ensemble_for
 from sve_cli.recipe import EnsembleConfig
 from sve_cli.errors import SveError
 
 
 def _trained(path, seed=0, targets=None, members=3):
-    ensemble = build_ensemble(str(path), EnsembleConfig(members=members, targets=targets or "all"), classes=3, seed=seed)
+    ensemble = ensemble_for(str(path), EnsembleConfig(members=members, targets=targets or "all"), classes=3, seed=seed)
     generator = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for parameter in ensemble.trainable_parameters().values():

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from sve_cli.tensors import tensor_fingerprint
-from sve_cli.ensemble import build_ensemble
+from sve_cli.pipeline import ensemble_for
 from sve_cli.recipe import EnsembleConfig
 from sve_cli.errors import SveError
 
@@ -35,7 +35,7 @@ def test_zero_noise_members_equal_the_plain_model(tiny_checkpoints, kind, strate
     path = tiny_checkpoints[kind]
     reference = _reference(kind, path)
     config = EnsembleConfig(members=3, sigma_init=0.0, strategy=strategy, head_init="checkpoint")
-    ensemble = build_ensemble(str(path), config, classes=3 if kind != "vit" else 10).eval()
+    ensemble = ensemble_for(str(path), config, classes=3 if kind != "vit" else 10).eval()
     inputs = _inputs(kind)
     with torch.no_grad():
         expected = reference(**inputs).logits  # [B, C]
@@ -84,7 +84,7 @@ def test_trained_like_members_equal_plain_models_with_merged_weights(tiny_checkp
     outputs = {}
     for strategy in ("factored", "materialised"):
         config = EnsembleConfig(members=3, strategy=strategy, bias=kind != "llama-cls")
-        ensemble = build_ensemble(str(path), config, classes=3 if kind != "vit" else 10, seed=5).eval()
+        ensemble = ensemble_for(str(path), config, classes=3 if kind != "vit" else 10, seed=5).eval()
         generator = torch.Generator().manual_seed(11)
         with torch.no_grad():
             for layer in ensemble.layers.values():
@@ -104,7 +104,7 @@ def test_trained_like_members_equal_plain_models_with_merged_weights(tiny_checkp
 
 
 def test_only_sigma_bias_and_heads_learn(tiny_checkpoints):
-    ensemble = build_ensemble(str(tiny_checkpoints["bert"]), EnsembleConfig(members=2), classes=3)
+    ensemble = ensemble_for(str(tiny_checkpoints["bert"]), EnsembleConfig(members=2), classes=3)
     ensemble.train()
     trainable = ensemble.trainable_parameters()
     sve_modules = {name for name, module in ensemble.named_modules() if module in ensemble.layers.values()}
@@ -135,7 +135,7 @@ def test_deep_ensemble_members_start_apart_even_with_a_copied_letter_head(tiny_c
 
     def build(method, members, sigma_init):
         config = EnsembleConfig(method=method, members=members, sigma_init=sigma_init, bias=False)
-        return build_ensemble(str(path), config, letter_token_ids=letters).eval()
+        return ensemble_for(str(path), config, letter_token_ids=letters).eval()
 
     deep = build("deep_ensemble", 3, 0.01)
     for name, layer in deep.layers.items():
@@ -159,7 +159,7 @@ def test_decomposition_of_another_model_is_refused(tiny_checkpoints, tmp_path):
 
     decompose(plan_decomposition(str(tiny_checkpoints["llama"])), tmp_path / "llama-cache")
     with pytest.raises(SveError, match="does not belong to this model"):
-        build_ensemble(str(tiny_checkpoints["llama-cls"]), EnsembleConfig(members=2), classes=3,
+        ensemble_for(str(tiny_checkpoints["llama-cls"]), EnsembleConfig(members=2), classes=3,
                        decomposition=tmp_path / "llama-cache")
 
 
@@ -167,9 +167,9 @@ def test_bad_ensemble_requests(tiny_checkpoints):
     with pytest.raises(ValueError, match="members"):
         EnsembleConfig(members=0)
     with pytest.raises(SveError, match="letter head needs a causal LM"):
-        build_ensemble(str(tiny_checkpoints["bert"]), EnsembleConfig(members=2), letter_token_ids=[5, 6])
+        ensemble_for(str(tiny_checkpoints["bert"]), EnsembleConfig(members=2), letter_token_ids=[5, 6])
     with pytest.raises(SveError, match="no classifier"):
-        build_ensemble(str(tiny_checkpoints["llama"]), EnsembleConfig(members=2, head_init="checkpoint"), classes=3)
+        ensemble_for(str(tiny_checkpoints["llama"]), EnsembleConfig(members=2, head_init="checkpoint"), classes=3)
 
 
 @pytest.mark.slow
@@ -182,7 +182,7 @@ def test_real_minilm_members_equal_bert_for_sequence_classification(minilm_path,
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     inputs = dict(tokenizer(["what a wonderful day", "the train was late again, as always"],
                             padding=True, return_tensors="pt"))
-    ensemble = build_ensemble(str(tmp_path / "minilm-cls"), EnsembleConfig(members=4, sigma_init=0.0, head_init="checkpoint"),
+    ensemble = ensemble_for(str(tmp_path / "minilm-cls"), EnsembleConfig(members=4, sigma_init=0.0, head_init="checkpoint"),
                               classes=3).eval()
     with torch.no_grad():
         expected = model(**inputs).logits
@@ -203,7 +203,7 @@ def test_smollm2_letter_head_reproduces_the_lm_letter_logits():
                "Question: is the sky green?\nA) yes\nB) no\nAnswer:"]
     tokenizer.padding_side = "left"
     inputs = dict(tokenizer(prompts, padding=True, return_tensors="pt"))
-    ensemble = build_ensemble("builtin:smollm2", EnsembleConfig(members=2, sigma_init=0.0, bias=False),
+    ensemble = ensemble_for("builtin:smollm2", EnsembleConfig(members=2, sigma_init=0.0, bias=False),
                               letter_token_ids=letters).eval()
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -219,11 +219,11 @@ def test_stale_default_cache_is_refreshed(tiny_checkpoints, tmp_path):
     model.mkdir()
     for file in tiny_checkpoints["bert"].iterdir():
         (model / file.name).write_bytes(file.read_bytes())
-    first = build_ensemble(str(model), EnsembleConfig(members=2), classes=3)
+    first = ensemble_for(str(model), EnsembleConfig(members=2), classes=3)
     tensors = load_file(model / "model.safetensors")
     tensors["bert.encoder.layer.0.attention.self.query.weight"] *= 2  # the checkpoint changes in place
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
-    second = build_ensemble(str(model), EnsembleConfig(members=2), classes=3)
+    second = ensemble_for(str(model), EnsembleConfig(members=2), classes=3)
     assert second.identity.decomposition_fingerprint != first.identity.decomposition_fingerprint
     layer = second.layers["bert.encoder.layer.0.attention.self.query.weight"]
     torch.testing.assert_close(layer.U @ torch.diag(layer.sigma[0].detach()) @ layer.Vh,
@@ -261,7 +261,7 @@ def test_representation_follows_the_checkpoints_own_pooling(tiny_checkpoints, mi
 @pytest.mark.parametrize("kind", ["mean", "max", "cls"])
 def test_pooled_representations_ignore_padding(tiny_checkpoints, kind):
     """A padded row gives the same logits as the row alone: pooling never reads padding."""
-    ensemble = build_ensemble(str(tiny_checkpoints["bert"]), EnsembleConfig(members=2, representation=kind),
+    ensemble = ensemble_for(str(tiny_checkpoints["bert"]), EnsembleConfig(members=2, representation=kind),
                               classes=3).eval()
     ids = torch.tensor([[5, 6, 7, 8, 0, 0], [5, 6, 7, 8, 9, 10]])
     with torch.no_grad():

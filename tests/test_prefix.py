@@ -9,7 +9,7 @@ import torch
 
 from sve_cli.architectures import ARCHITECTURES
 from sve_cli.checkpoint import open_checkpoint
-from sve_cli.ensemble import build_ensemble
+from sve_cli.pipeline import ensemble_for
 from sve_cli.recipe import EnsembleConfig
 from sve_cli.targets import resolve_targets
 
@@ -77,7 +77,7 @@ def _both(ensemble, inputs, train: bool = False):
 def test_shared_prefix_equals_fanning_out_at_the_input(family, tmp_path):
     path = _save(family, tmp_path / family)
     config = EnsembleConfig(members=4, targets=_upper_targets(path), bias=False, dropout=False)
-    ensemble = build_ensemble(path, config, classes=3, seed=1).double().eval()
+    ensemble = ensemble_for(path, config, classes=3, seed=1).double().eval()
     if family in INFERRED:  # not in sve's registry: fans out at the input, as BLOOM's ALiBi needs
         assert ensemble.prefix is None
         return
@@ -93,7 +93,7 @@ def test_shared_prefix_equals_fanning_out_at_the_input(family, tmp_path):
 def test_shared_prefix_gradients_are_exact(family, checkpointing, tmp_path):
     path = _save(family, tmp_path / family)
     config = EnsembleConfig(members=4, targets=_upper_targets(path), bias=False, dropout=False)
-    ensemble = build_ensemble(path, config, classes=3, seed=1).double().train()
+    ensemble = ensemble_for(path, config, classes=3, seed=1).double().train()
     if checkpointing:
         ensemble.enable_gradient_checkpointing()
     _perturbed(ensemble)
