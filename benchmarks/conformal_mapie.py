@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
+
+from sve_cli.vocabulary import CONFORMAL_SCORES
 from safetensors.torch import load_file
 
 from sve_cli import conformal
@@ -73,7 +75,7 @@ def main() -> None:
             how = handle.metadata()["sve.combine"]
         validation, test = Prediction.of(saved["validation.logits"], how), Prediction.of(saved["logits"], how)
         validation_labels, labels = saved["validation.labels"], saved["labels"]
-        for score in conformal.SCORES:
+        for score in CONFORMAL_SCORES:
             calibration = conformal.calibration_scores(validation.probs, validation_labels, score)
             for level in args.levels:
                 threshold = conformal.quantile(calibration, level)

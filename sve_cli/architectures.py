@@ -20,11 +20,10 @@ from functools import lru_cache
 
 from sve_cli.errors import SveError, TargetError
 
-REPRESENTATIONS = ("pooler", "cls", "mean", "max", "last_token", "cls_mean")
 
 
 @dataclass(frozen=True)
-class Stem:
+class StemSpec:
     """The dense layer + activation between the first token and the head in a family's classifier
     (BERT's pooler, RoBERTa's `classifier.dense`, DistilBERT's `pre_classifier`, …). Frozen in sve: taken
     from the checkpoint when it has one, otherwise initialised as transformers would (and kept in the bank)."""
@@ -49,11 +48,12 @@ class Architecture:
     causal_lm: str | None = None  # …ForCausalLM, for letter heads
     lm_head: str = "lm_head.weight"  # the LM head in that class
     embeddings: str = "embed_tokens.weight"  # input embeddings, under the prefix (a tied LM head reads them)
-    stem: Stem | None = None
+    stem: StemSpec | None = None
     conv1d: bool = False  # GPT-2: Conv1D layers store W as [in, out]
     pooler_option: bool = False  # the backbone class takes add_pooling_layer (turned off: sve reads no pooler)
     drop: tuple[str, ...] = ()  # backbone tensors the classification class does not hold (e.g. an unused pooler)
     inferred: bool = False
+    unresolved: str | None = None  # an inferred spec whose layers could not be listed: why (said when a preset is asked)
 
     @property
     def image(self) -> bool:
@@ -75,7 +75,7 @@ _VIT_ATTENTION = ("*.attention.attention.query.weight", "*.attention.attention.k
                   "*.attention.attention.value.weight", "*.attention.output.dense.weight")
 
 
-def _encoder(model_type: str, cls: str, prefix: str, stem: Stem, head: str = "classifier", **more) -> Architecture:
+def _encoder(model_type: str, cls: str, prefix: str, stem: StemSpec, head: str = "classifier", **more) -> Architecture:
     return Architecture(model_type, more.pop("attention", _BERT_ATTENTION), more.pop("mlp", _BERT_MLP), "pooler",
                         f"{cls}ForSequenceClassification", prefix, (f"{head}.weight", f"{head}.bias"), stem=stem, **more)
 
@@ -91,20 +91,20 @@ def _vision(model_type: str, cls: str, prefix: str, representation: str = "cls",
                         f"{cls}ForImageClassification", prefix, ("classifier.weight", "classifier.bias"), **more)
 
 
-_ROBERTA_STEM = Stem("classifier.dense", "tanh")
+_ROBERTA_STEM = StemSpec("classifier.dense", "tanh")
 ARCHITECTURES: dict[str, Architecture] = {spec.model_type: spec for spec in (
     # encoders: the classifier reads the first token through the family's own stem
-    _encoder("bert", "Bert", "bert", Stem("pooler.dense", "tanh", in_backbone=True), pooler_option=True),
+    _encoder("bert", "Bert", "bert", StemSpec("pooler.dense", "tanh", in_backbone=True), pooler_option=True),
     _encoder("roberta", "Roberta", "roberta", _ROBERTA_STEM, "classifier.out_proj", pooler_option=True,
              drop=("pooler.",)),
     _encoder("xlm-roberta", "XLMRoberta", "roberta", _ROBERTA_STEM, "classifier.out_proj", pooler_option=True,
              drop=("pooler.",)),
-    _encoder("electra", "Electra", "electra", Stem("classifier.dense", "gelu"), "classifier.out_proj"),
-    _encoder("distilbert", "DistilBert", "distilbert", Stem("pre_classifier", "relu"),
+    _encoder("electra", "Electra", "electra", StemSpec("classifier.dense", "gelu"), "classifier.out_proj"),
+    _encoder("distilbert", "DistilBert", "distilbert", StemSpec("pre_classifier", "relu"),
              attention=("*.attention.q_lin.weight", "*.attention.k_lin.weight", "*.attention.v_lin.weight",
                         "*.attention.out_lin.weight"), mlp=("*.ffn.lin1.weight", "*.ffn.lin2.weight")),
     _encoder("deberta-v2", "DebertaV2", "deberta",
-             Stem("pooler.dense", "gelu", activation_key="pooler_hidden_act", size_key="pooler_hidden_size"),
+             StemSpec("pooler.dense", "gelu", activation_key="pooler_hidden_act", size_key="pooler_hidden_size"),
              attention=("*.attention.self.query_proj.weight", "*.attention.self.key_proj.weight",
                         "*.attention.self.value_proj.weight", "*.attention.output.dense.weight")),
     # decoders: the last non-pad token into `score`, or the LM head's answer-letter rows
@@ -129,8 +129,8 @@ def architecture(checkpoint) -> Architecture:
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     if not model_type:
-        raise TargetError(f"{checkpoint.source} has no model_type in its config.json: pass --targets with globs "
-                          "such as '*.q_proj.weight,*.v_proj.weight'")
+        raise TargetError(f"{checkpoint.source} has no model_type in its config.json, so transformers cannot build "
+                          "it (`sve decompose --targets GLOBS` can still decompose named layers)")
     return infer(checkpoint.directory, tuple(checkpoint.names))
 
 
@@ -182,21 +182,24 @@ def infer(directory, names: tuple[str, ...]) -> Architecture:
 
     base = meta_model(directory)
     if base is None:
-        raise TargetError(f"model_type '{_model_type(directory)}' is neither known to sve nor to this transformers: "
-                          "pass --targets with globs such as '*.q_proj.weight,*.v_proj.weight'")
+        raise TargetError(f"model_type '{_model_type(directory)}' is neither known to sve nor to this transformers, "
+                          "so it cannot be built (upgrade transformers; `sve decompose --targets GLOBS` can still "
+                          "decompose named layers)")
     config, model_type = base.config, base.config.model_type
     blocks_name, blocks = block_list(base)
+    attention, mlp, conv1d, unresolved = [], [], False, None
     if blocks is None:
-        raise TargetError(f"cannot find the transformer blocks of a {model_type} model: pass --targets")
-    attention, mlp, conv1d = [], [], False
-    for name, module in blocks.named_modules():
+        unresolved = f"cannot find the transformer blocks of a {model_type} model"
+    for name, module in blocks.named_modules() if blocks is not None else ():
         if not _is_layer(module):
             continue
         conv1d |= type(module).__name__ == "Conv1D"
         suffix = f"{blocks_name}.{name}.weight"
         stored = [n for n in names if n == suffix or n.endswith("." + suffix)]
         if len(stored) != 1:
-            raise TargetError(f"cannot tell which stored tensor is {model_type}'s '{suffix}': pass --targets")
+            unresolved = f"cannot tell which stored tensor is {model_type}'s '{suffix}'"
+            attention, mlp = [], []
+            break
         within = name.split(".", 1)[1]  # the layer's path inside one block
         pattern = f"{stored[0][:len(stored[0]) - len(suffix)]}{blocks_name}.*.{within}.weight"  # every block
         part = attention if any(word in within.lower() for word in ("attn", "attention", "self")) else mlp
@@ -209,7 +212,7 @@ def infer(directory, names: tuple[str, ...]) -> Architecture:
     head = ("score.weight", None) if decoder else ("classifier.weight", "classifier.bias")
     spec = Architecture(model_type, tuple(attention), tuple(mlp), "mean", None, base.base_model_prefix or "model",
                         head, decoder=decoder, causal_lm=causal if decoder else None,
-                        conv1d=conv1d, inferred=True)
+                        conv1d=conv1d, inferred=True, unresolved=unresolved)
     return replace(spec, **_inferred_head(directory, classifier, decoder))
 
 
@@ -246,7 +249,7 @@ def _inferred_head(directory, classifier: str | None, decoder: bool) -> dict:
     activations = _activation_names()
     if _is_layer(dense) and type(activation) in activations:
         return {"representation": "pooler", "classifier": classifier, "prefix": prefix, "head": head,
-                "stem": Stem("pooler.dense", activations[type(activation)], in_backbone=True), "pooler_option": True}
+                "stem": StemSpec("pooler.dense", activations[type(activation)], in_backbone=True), "pooler_option": True}
     return {}
 
 
@@ -270,7 +273,9 @@ def resolve_patterns(spec: str | None, checkpoint) -> tuple[list[str], Architect
     family = architecture(checkpoint)
     patterns = family.patterns(spec)
     if not patterns:
-        raise TargetError(f"the inferred {family.model_type} spec has no '{spec}' layers: pass --targets")
+        why = family.unresolved or f"the inferred {family.model_type} spec has no '{spec}' layers"
+        raise TargetError(f"{why}: name the layers to target with globs (`--targets` of sve decompose, "
+                          "`ensemble.targets` of a recipe), e.g. '*.q_proj.weight,*.v_proj.weight'")
     return patterns, family
 
 

@@ -7,6 +7,7 @@ Each command parses its options, calls one library function and prints with rich
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import sys
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from sve_cli import __version__, display
 from sve_cli.errors import SveError
+from sve_cli.vocabulary import CONFORMAL_SCORES, METRIC, UNCERTAINTY_SCORES, VALIDATION_METRICS
 
 app = typer.Typer(
     name="sve",
@@ -55,16 +57,8 @@ class ExportFormat(str, Enum):
     sigma_bank = "sigma-bank"
 
 
-class Score(str, Enum):
-    entropy = "entropy"
-    msp = "msp"
-    mutual_information = "mutual_information"
-
-
-class ConformalScore(str, Enum):
-    lac = "lac"
-    aps = "aps"
-    raps = "raps"
+Score = Enum("Score", {name: name for name in UNCERTAINTY_SCORES}, type=str)  # the library's own tuples
+ConformalScore = Enum("ConformalScore", {name: name for name in CONFORMAL_SCORES}, type=str)
 
 
 class ExportDtype(str, Enum):
@@ -151,16 +145,22 @@ def train(
     device: Device = typer.Option(Device.auto, "--device", help="With --dry-run: the device to estimate for."),
     memory: Optional[str] = typer.Option(None, "--memory", help="With --dry-run: the memory to fit in, e.g. "
                                          "80GB (default: the device's)."),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="With --dry-run: the ranks torchrun would start (figures "
+    nproc: int = typer.Option(1, "--nproc", min=1, max=65536, help="With --dry-run: the ranks torchrun would start (figures "
                               "per rank; train.parallelism: fsdp shards weights and factors across them)."),
 ) -> None:
     """Joint M-member fine-tuning from a YAML recipe (SVE and its baselines)."""
     from sve_cli.recipe import find_recipe, load_recipe
     from sve_cli.train import interrupted_message, train as run_train
 
+    if nproc != 1 and not dry_run:
+        raise SveError(f"--nproc sizes the --dry-run plan; to train on {nproc} processes run "
+                       f"`torchrun --nproc-per-node {nproc} -m sve_cli train {recipe}`")
     recipe = find_recipe(recipe)  # a local file, or one that ships with sve (`sve recipes`)
     loaded = load_recipe(recipe, overrides)
     if dry_run:
+        if loaded.train.batch_size % nproc:
+            raise SveError(f"train.batch_size {loaded.train.batch_size} is not divisible by --nproc {nproc}: each "
+                           "process takes an equal share of every batch (choose a batch size that is)")
         _print_memory_plan(loaded, device, memory, nproc)
         return
     out = out or Path("runs") / recipe.stem
@@ -185,8 +185,8 @@ def train(
                 out_console.print(line, highlight=False, soft_wrap=True)
 
         def on_eval(line: dict) -> None:
-            progress.console.print(f"step {line['step']:>5} {line['split']}: acc {line['accuracy']:.4f} "
-                                   f"nll {line['nll']:.4f} ece {line['ece']:.4f} brier {line['brier']:.4f}")
+            progress.console.print(f"step {line['step']:>5} {line['split']}: " + " ".join(
+                f"{METRIC[key].label} {METRIC[key].format(line[key])}" for key in VALIDATION_METRICS))
 
         try:
             state = run_train(loaded, out, resume=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval,
@@ -205,7 +205,8 @@ def recipes(
     copy: Optional[Path] = typer.Option(None, "--copy", help="Write the recipe to this file, to edit it."),
 ) -> None:
     """List the recipes that ship with sve; print one, or copy it out to edit."""
-    from sve_cli.recipe import RecipeError, find_recipe, shipped_recipes
+    from sve_cli.errors import RecipeError
+    from sve_cli.recipe import find_recipe, shipped_recipes
 
     if name is None:
         if copy is not None:
@@ -223,13 +224,36 @@ def recipes(
     if copy is None:
         typer.echo(text, nl=False)
         return
-    from sve_cli.writing import atomic_path
+    from sve_cli.writing import create_new
 
-    if copy.exists() or copy.is_symlink():
-        raise SveError(f"--copy {copy} already exists; sve never replaces it: choose another name")
-    with atomic_path(copy) as temporary:
-        temporary.write_text(text, encoding="utf-8")
+    create_new(copy, text, "--copy")
     out_console.print(f"wrote {copy}: edit it, then `sve train {copy}`", highlight=False)
+
+
+@app.command(epilog="Example:  sve init --data reviews.csv --out reviews.yaml")
+def init(
+    data: str = typer.Option(..., "--data", help="Your data: a .csv/.jsonl/.parquet file (sve cuts it 80/10/10), or "
+                             "a folder of split files (train.csv, validation.csv, test.csv)."),
+    model: str = typer.Option("builtin:minilm", "--model", help="The checkpoint to fine-tune (local path, "
+                              "builtin:… or hub id)."),
+    out: Path = typer.Option(Path("recipe.yaml"), "--out", help="The recipe to write (never replaced)."),
+) -> None:
+    """Propose a commented recipe for your own data: text and label columns, splits, max_length."""
+    from sve_cli.checkpoint import open_checkpoint
+    from sve_cli.pipeline import load_tokenizer
+    from sve_cli.recipe import load_recipe
+    from sve_cli.scaffold import propose, render
+    from sve_cli.writing import create_new
+
+    if out.exists() or out.is_symlink():
+        raise SveError(f"--out {out} already exists; sve never replaces it: choose another name")
+    with console.status(f"reading {data}…"):
+        proposal = propose(data, load_tokenizer(open_checkpoint(model).directory, model))
+    # validated as `sve train` will read it, before it is linked into place
+    create_new(out, render(proposal, data, model, str(out)), "--out", check=load_recipe)
+    out_console.print(f"wrote {out}: text '{proposal.text_field}', label '{proposal.label_field}' "
+                      f"({len(proposal.classes)} classes), max_length {proposal.max_length}; check it, then "
+                      f"`sve train {out} --dry-run`", highlight=False, soft_wrap=True)
 
 
 @app.command(epilog="Example:  sve evaluate runs/quickstart --ood bbc_news --save-predictions")
@@ -348,8 +372,9 @@ def predict(
     conformal: Optional[float] = typer.Option(None, "--conformal", help="Give each row a prediction set that holds "
                                               "the true label with this probability (0.8, 0.9 or 0.95; fitted by sve "
                                               "evaluate)."),
-    conformal_score: ConformalScore = typer.Option(ConformalScore.lac, "--conformal-score",
-                                                   help="The conformal score the sets are built from."),
+    conformal_score: Optional[ConformalScore] = typer.Option(None, "--conformal-score", show_default=False,
+                                                             help="With --conformal: the conformal score the sets "
+                                                             "are built from [default: lac]."),
     bank: Optional[Path] = typer.Option(None, "--bank", help="With a run directory: use this Σ bank."),
     raw: bool = typer.Option(False, "--raw", help="Write the raw ensemble's probabilities instead of the calibrated "
                              "ones (the temperature sve train fitted on validation)."),
@@ -359,10 +384,15 @@ def predict(
 ) -> None:
     """Label new inputs with probabilities and uncertainty; abstain where the ensemble is unsure."""
     from sve_cli.predict import (abstain_threshold as choose_threshold, answered_accuracy, check_predictions_output,
-                                 conformal_threshold, coverage_of, open_predictor, predict_rows, write_predictions)
+                                 check_risk_level, conformal_threshold, coverage_of, open_predictor, predict_rows,
+                                 write_predictions)
 
     if sum(option is not None for option in (abstain_coverage, abstain_risk, abstain_threshold)) > 1:
         raise SveError("give at most one of --abstain-coverage, --abstain-risk and --abstain-threshold")
+    check_risk_level(abstain_risk)
+    if conformal_score is not None and conformal is None:
+        raise SveError("--conformal-score chooses how --conformal builds its sets: give --conformal LEVEL too "
+                       "(e.g. --conformal 0.9)")
     if abstain_threshold is not None and not math.isfinite(abstain_threshold):
         raise SveError(f"--abstain-threshold must be a finite number, not {abstain_threshold}")
     out = out or (source if source.is_dir() else source.parent) / "predictions.jsonl"
@@ -374,8 +404,9 @@ def predict(
     threshold, where = choose_threshold(predictor, score.value, abstain_coverage, abstain_risk, abstain_threshold, raw)
     sets = None
     if conformal is not None:
-        value, said = conformal_threshold(predictor, conformal, conformal_score.value, raw)
-        sets, where = (conformal_score.value, value), f"{where}; {said}"
+        chosen = (conformal_score or ConformalScore.lac).value
+        value, said = conformal_threshold(predictor, conformal, chosen, raw)
+        sets, where = (chosen, value), f"{where}; {said}"
     rank0 = predictor.parallel.writer  # under torchrun, every rank predicts a share and rank 0 writes
     with _progress(TextColumn("{task.completed} rows"), eta=False, disable=not rank0) as progress:
         task = progress.add_task("predicting", total=None)
@@ -434,6 +465,31 @@ def _line(text: str) -> str:
     return " ".join(public_names(str(text)).split())
 
 
+class _Notices(logging.StreamHandler):
+    """The library's notices as `sve: …` lines on whatever stderr is at the time of the notice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("sve: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; stderr is looked up at each notice
+        pass
+
+
+def show_library_notices() -> None:
+    """Let the "sve" logger's INFO notices reach stderr (once; an application's own handler is kept)."""
+    logger = logging.getLogger("sve")
+    if not logger.handlers:
+        logger.addHandler(_Notices())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main() -> None:
     """Console entry point: usage mistakes get typer's usage line, user errors one line; both exit 2.
     Anything else is a bug of ours and keeps its traceback."""
@@ -441,6 +497,7 @@ def main() -> None:
 
     from sve_cli.recipe import validation_line
 
+    show_library_notices()
     try:
         code = app(standalone_mode=False, prog_name="sve")
     except click.ClickException as error:  # an unknown command or option, a missing or bad value

@@ -22,8 +22,8 @@ import math
 import torch
 
 from sve_cli.metrics import Prediction
+from sve_cli.vocabulary import CONFORMAL_SCORES
 
-SCORES = ("lac", "aps", "raps")
 LEVELS = (0.8, 0.9, 0.95)
 RAPS_LAMBDA, RAPS_K_REG = 0.01, 1
 TOLERANCE = 1e-12  # scores equal up to rounding count as equal
@@ -48,7 +48,7 @@ def label_scores(probs: torch.Tensor, score: str, lam: float = RAPS_LAMBDA, k_re
         return cumulative
     if score == "raps":
         return cumulative + lam * (ranks - k_reg).clamp_min(0)
-    raise ValueError(f"unknown conformal score '{score}' (use one of {', '.join(SCORES)})")
+    raise ValueError(f"unknown conformal score '{score}' (use one of {', '.join(CONFORMAL_SCORES)})")
 
 
 def calibration_scores(probs: torch.Tensor, labels: torch.Tensor, score: str) -> torch.Tensor:
@@ -79,14 +79,14 @@ def prediction_sets(probs: torch.Tensor, score: str, threshold: float) -> torch.
 def fit(validation: Prediction, labels: torch.Tensor, levels=LEVELS) -> dict[str, dict[str, float]]:
     """Per score and level (as "0.9"), the threshold fitted on held-out predictions."""
     return {score: {f"{level:g}": quantile(calibration_scores(validation.probs, labels, score), level)
-                    for level in levels} for score in SCORES}
+                    for level in levels} for score in CONFORMAL_SCORES}
 
 
 def curve(validation: Prediction, validation_labels: torch.Tensor, test: Prediction, labels: torch.Tensor,
           levels=tuple(0.5 + 0.01 * i for i in range(50))) -> dict[str, list[tuple[float, float]]]:
     """Per score, (test coverage, mean set size) at each level fitted on validation: set size against coverage."""
     points: dict[str, list[tuple[float, float]]] = {}
-    for score in SCORES:
+    for score in CONFORMAL_SCORES:
         calibration = calibration_scores(validation.probs, validation_labels, score)
         for level in levels:
             sets = prediction_sets(test.probs, score, quantile(calibration, level))

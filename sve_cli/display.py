@@ -7,9 +7,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-# the metrics of every table and report, in order: key, label, scale (100: shown as a percentage)
-ROWS = [("accuracy", "Acc", 100), ("nll", "NLL", 1), ("brier", "Brier", 1), ("ece", "ECE", 100),
-        ("adaptive_ece", "aECE", 100), ("mce", "MCE", 100), ("disagreement", "disagreement", 100)]
+from sve_cli.vocabulary import CONFORMAL_SCORES, METRIC, METRICS, UNCERTAINTY_SCORES, VALIDATION_METRICS
+
 
 
 def human(nbytes: float) -> str:
@@ -115,12 +114,14 @@ def run_summary(out: Path, recipe, state: dict) -> Table:
     best = state["history"][[h["step"] for h in state["history"]].index(state["best_step"])]
     table = Table(title=f"run {out}", show_header=False, title_justify="left")
     table.add_row("best step", f"{state['best_step']} of {state['total_steps']} ({recipe.eval.metric})")
-    for key in ("accuracy", "nll", "brier", "ece"):
-        table.add_row(f"{recipe.eval.split} {key} (raw)", f"{best[key]:.4f}")
+    for key in VALIDATION_METRICS:
+        table.add_row(f"{recipe.eval.split} {METRIC[key].heading} (raw)", METRIC[key].format(best[key]))
     if recipe.eval.calibration == "temperature":
         table.add_row("temperature", f"{best['temperature']:.4f} (fitted on {recipe.eval.split}; evaluate, predict "
                       "and exports use it)")
-    table.add_row("bank", str(out / "sigma_bank.safetensors"))
+    from sve_cli.rundir import BANK
+
+    table.add_row("bank", str(out / BANK))
     return table
 
 
@@ -130,26 +131,24 @@ def evaluation(runs: list[Path], reports: list[dict]) -> Table:
     table.add_column("metric")
     for run, result in zip(runs, reports):
         table.add_column(f"{run.name}\n{result['model']['method']} M={result['model']['members']}", justify="right")
-    for key, label, scale in ROWS:
-        table.add_row(label + (" (%)" if scale == 100 else ""),
-                      *[f"{r['metrics'][key] * scale:.2f}" if scale == 100 else f"{r['metrics'][key]:.4f}" for r in reports])
+    for metric in METRICS:
+        table.add_row(metric.heading, *[metric.format(r["metrics"][metric.key]) for r in reports])
     table.add_row("temperature", *[f"{r['calibration']['temperature']:.3f}" if r["calibration"]["method"] == "temperature"
                                    else "none (raw)" for r in reports])
-    for key, label, scale in ROWS[:4]:
-        table.add_row(f"raw {label}" + (" (%)" if scale == 100 else ""),
-                      *[f"{r['raw_metrics'][key] * scale:.2f}" if scale == 100 else f"{r['raw_metrics'][key]:.4f}"
-                        for r in reports])
-    for score in ("msp", "entropy", "mutual_information"):
+    for key in VALIDATION_METRICS:
+        table.add_row(f"raw {METRIC[key].heading}", *[METRIC[key].format(r["raw_metrics"][key]) for r in reports])
+    for score in UNCERTAINTY_SCORES:
         table.add_row(f"AURC {score}", *[f"{r['selective'][score]['aurc']:.4f}" if score in r["selective"] else "—"
                                          for r in reports])
-    for score in ("lac", "aps"):
-        table.add_row(f"90% sets ({score}): coverage (%) / mean size",
-                      *[f"{100 * r['conformal']['0.9'][score]['coverage']:.2f} / {r['conformal']['0.9'][score]['mean_set_size']:.2f}"
-                        for r in reports])
+    for score in CONFORMAL_SCORES:
+        if all(score in r["conformal"]["0.9"] for r in reports):
+            table.add_row(f"90% sets ({score}): coverage (%) / mean size",
+                          *[f"{100 * r['conformal']['0.9'][score]['coverage']:.2f} / "
+                            f"{r['conformal']['0.9'][score]['mean_set_size']:.2f}" for r in reports])
     table.add_row("acc. at 90% coverage (%, entropy)",
                   *[f"{100 * r['selective']['entropy']['accuracy_at_coverage']['0.9']:.2f}" for r in reports])
     for name in reports[0]["ood"]:
-        for score in ("msp", "entropy", "mutual_information"):
+        for score in UNCERTAINTY_SCORES:
             table.add_row(f"OOD {name} AUROC {score} (%)",
                           *[f"{100 * r['ood'][name][score]['auroc']:.2f}" if score in r["ood"][name] else "—" for r in reports])
     return table

@@ -145,7 +145,7 @@ def _load_backbone(checkpoint: Checkpoint, spec: Architecture, dropout: bool, tr
     from transformers import AutoModel
 
     quiet_transformers()  # e.g. "weights not used" for the classifier we read ourselves
-    options = {"add_pooling_layer": False} if spec.pooler_option else {}  # a pooler is read through `Stem`
+    options = {"add_pooling_layer": False} if spec.pooler_option else {}  # a pooler is read through `heads.Stem`
     if not dropout:  # e.g. hidden_dropout_prob, attention_probs_dropout_prob, attention_dropout
         options.update({key: 0.0 for key, value in checkpoint.config.items()
                         if "dropout" in key and isinstance(value, float)})

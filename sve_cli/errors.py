@@ -10,6 +10,14 @@ class SveError(Exception):
     """A problem with what the user handed us (a path, a file, an option), not a bug."""
 
 
+class RecipeError(SveError):
+    """A recipe file that cannot be read or validated."""
+
+
+class LockedError(SveError):
+    """Another sve process holds the output."""
+
+
 class CheckpointError(SveError):
     """A model checkpoint is missing, unreadable or malformed."""
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from sve_cli.vocabulary import VALIDATION_METRICS
 from sve_cli.data import (BUILTIN_DATA, Examples, Table, build_examples, load_source, load_splits, split_origins,
                           test_split, unlabelled_examples)
 from sve_cli import conformal
@@ -179,7 +180,7 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
         member_scale = torch.tensor(calibration["member_temperatures"], dtype=torch.float64)[None, :, None]
         pooled = Prediction.of(raw.logits / member_scale, combine_how)
         calibration["per_member_then_pool"] = {key: value for key, value in calibration_metrics(
-            pooled, examples.labels, bins).items() if key in ("accuracy", "nll", "brier", "ece")}
+            pooled, examples.labels, bins).items() if key in VALIDATION_METRICS}
 
     for name, table in zip(ood, ood_tables):
         short = _short_name(name, result.ood_predictions)

@@ -2,7 +2,8 @@
 
 The merged checkpoint is streamed tensor by tensor from the base checkpoint, the decomposition
 cache and the bank — the model is never built in memory: every targeted weight becomes
-`U diag(f(sigma_m)) Vh` (f = relu or softplus), its bias `b_m`, and member m's head becomes the
+`U diag(s_m) Vh` (s_m = S ⊙ relu(1 + sigma_m) `relative`, relu(sigma_m) `clamp`, softplus(sigma_m)
+`softplus`: `sve_cli.layer.singular_values`), its bias `b_m`, and member m's head becomes the
 architecture's own classifier (or the LM-head rows of the answer letters). Plain `transformers`
 loads the result with no `sve` import and reproduces member m's logits.
 

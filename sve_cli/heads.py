@@ -22,9 +22,9 @@ from torch import nn
 from sve_cli.architectures import Architecture, check_representation
 from sve_cli.errors import SveError
 from sve_cli.layer import MemberSlice, jittered_copies
+from sve_cli.vocabulary import REPRESENTATIONS
 
 HEAD_INIT_STD = 0.01  # the reference implementation's N(0, 0.01²)
-REPRESENTATIONS = ("pooler", "cls", "mean", "max", "last_token", "cls_mean")
 # sentence-transformers pooling modes -> our representation names, and its legacy boolean keys
 SENTENCE_TRANSFORMERS_POOLING = {"mean": "mean", "cls": "cls", "max": "max", "lasttoken": "last_token"}
 LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",

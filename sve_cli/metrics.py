@@ -16,18 +16,15 @@ from functools import cached_property
 
 import torch
 
+from sve_cli.vocabulary import METRICS
+
 CONVENTIONS = {
     "combine": "members are combined by the mean of their probabilities (or of their logits when asked)",
-    "nll": "natural log, mean over examples",
-    "brier": "sum over classes of squared error, mean over examples (0-2)",
-    "ece": "equal-width bins on top-1 confidence, (lo, hi] bins, |accuracy - confidence| weighted by bin mass",
-    "adaptive_ece": "the same with equal-mass bins",
-    "mce": "the largest |accuracy - confidence| over non-empty equal-width bins",
+    **{metric.key: metric.meaning for metric in METRICS if metric.key != "accuracy"},
     "ood": "OOD is the positive class; a higher score means more OOD. msp = 1 - max ensemble probability, "
            "entropy = entropy of the ensemble prediction, mutual_information = entropy of the members' mean "
            "probabilities minus the mean of member entropies (BALD; ensembles only, whatever the combine mode); "
            "AUROC, AUPR (average precision), FPR at 95% TPR",
-    "disagreement": "fraction of examples where a member's argmax differs from the ensemble's, mean over members",
     "calibration": "temperature (eval.calibration, the default): one temperature dividing every member's logits, "
                    "fitted at the end of training by the NLL of the combined prediction on the validation split; "
                    "'metrics' are the calibrated numbers, 'raw_metrics' those of the raw logits",
@@ -146,9 +143,6 @@ def calibration_metrics(prediction: Prediction, labels: torch.Tensor, bins: int 
         "disagreement": disagreement(logits, probs),
         "member_accuracy": [accuracy(prediction.member_probs[:, m], labels) for m in range(prediction.members)],
     }
-
-
-HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False, "brier": False}
 
 
 # --------------------------------------------------------------------------- temperature scaling

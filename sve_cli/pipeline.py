@@ -37,6 +37,24 @@ def letter_token_id(tokenizer, letter: str) -> int:
     raise SveError(f"answer letter '{letter}' is not a single token for this tokenizer")
 
 
+def load_tokenizer(directory: Path, source: str, trust_remote_code: bool = False):
+    """The tokenizer beside a checkpoint (with a pad token), or one clear error."""
+    from transformers import AutoTokenizer
+
+    # transformers would build an empty-vocabulary tokenizer (everything becomes [UNK]) rather
+    # than fail when a checkpoint ships none: refuse that here
+    if not any((directory / name).exists() for name in VOCABULARY_FILES):
+        raise SveError(f"no tokenizer beside {source} (none of {', '.join(VOCABULARY_FILES)})")
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise SveError(f"no usable tokenizer beside {source}: {error}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def ensemble_for(model: str, config: EnsembleConfig, decomposition: Path | None = None, **options) -> SVEModel:
     """`build_ensemble` with the decomposition resolved first: `decomposition`, or sve's default cache of
     `model` (made when absent, brought up to date when the model's weights changed). `options` are
@@ -72,20 +90,7 @@ class Pipeline:
         self.config = self.checkpoint.config
         self.tokenizer = None
         if recipe.task.type != "image_classification":
-            from transformers import AutoTokenizer
-
-            # transformers would build an empty-vocabulary tokenizer (everything becomes [UNK]) rather
-            # than fail when a checkpoint ships none: refuse that here
-            if not any((self.checkpoint.directory / name).exists() for name in VOCABULARY_FILES):
-                raise SveError(f"no tokenizer beside {recipe.model.path} (none of {', '.join(VOCABULARY_FILES)})")
-            quiet_transformers()
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(
-                    self.checkpoint.directory, trust_remote_code=recipe.model.trust_remote_code)
-            except (OSError, ValueError) as error:
-                raise SveError(f"no usable tokenizer beside {recipe.model.path}: {error}") from None
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.tokenizer = load_tokenizer(self.checkpoint.directory, recipe.model.path, recipe.model.trust_remote_code)
             self.max_length = self._checked_max_length(recipe.task.max_length)
         self.letters: list[str] | None = None
 

@@ -31,10 +31,9 @@ from sve_cli.distributed import Parallel, for_inference
 from sve_cli.inference import predict
 from sve_cli.recipe import Recipe
 from sve_cli.rundir import CONFORMAL, THRESHOLDS, open_run, read_fitted
-from sve_cli.selective import THRESHOLD_COVERAGES
+from sve_cli.selective import TARGET_RISKS, THRESHOLD_COVERAGES
 from sve_cli.writing import atomic_path
 
-SCORES = ("entropy", "msp", "mutual_information")
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 CHUNK_ROWS = 1024
 
@@ -102,6 +101,13 @@ def _fitted_alike(fitted: dict, temperature: float, what: str) -> None:
                        f"{temperature:g}: {advice}")
 
 
+def check_risk_level(risk: float | None) -> None:
+    """Refuse an `--abstain-risk` that `sve evaluate` fits no threshold for (before any model is loaded)."""
+    if risk is not None and not any(math.isclose(risk, level) for level in TARGET_RISKS):
+        raise SveError(f"--abstain-risk {risk:g} is not a fitted level: `sve evaluate` fits "
+                       f"{', '.join(f'{level:g}' for level in TARGET_RISKS)} (or pass --abstain-threshold)")
+
+
 def abstain_threshold(predictor: Predictor, score: str, coverage: float | None, risk: float | None,
                       threshold: float | None, raw: bool = False) -> tuple[float | None, str]:
     """The score above which to abstain, and a sentence saying where it comes from."""
@@ -128,6 +134,7 @@ def abstain_threshold(predictor: Predictor, score: str, coverage: float | None, 
                                f"0.01, and {THRESHOLD_COVERAGES[-1]})")
             value = _number(fitted_score["coverage"][key])
             return value, f"abstaining when {score} > {value:.6g}: the {100 * coverage:g}% coverage threshold, {where}"
+        check_risk_level(risk)
         entry = fitted_score["risk"].get(f"{risk:g}")
         if entry is None:
             known = ", ".join(fitted_score["risk"]) or "none"

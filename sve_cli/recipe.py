@@ -15,11 +15,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sve_cli.errors import SveError
-
-
-class RecipeError(SveError):
-    """A recipe file that cannot be read or validated."""
+from sve_cli.errors import RecipeError, SveError
+from sve_cli.vocabulary import REPRESENTATIONS, VALIDATION_METRICS
 
 
 PROMPT_FIELDS = {"question", "choices"}
@@ -179,7 +176,7 @@ class EnsembleConfig(_Section):
                        "by default members own a bias exactly where the base layer has one")
     dropout: bool = Field(True, description="keep the checkpoint's dropout while training (false: every "
                           "dropout probability in its config is set to 0)")
-    representation: Literal["auto", "pooler", "cls", "mean", "max", "last_token"] = Field(
+    representation: Literal[("auto", *REPRESENTATIONS)] = Field(
         "auto", description="what the heads read: auto = the checkpoint's own pooling (sentence-transformers "
         "config) or the architecture's HF classifier's")
     head_init: Literal["normal", "checkpoint"] = "normal"
@@ -249,7 +246,7 @@ class TrainSection(_Section):
 
 class EvalSection(_Section):
     split: str = "validation"
-    metric: Literal["accuracy", "nll", "ece", "brier"] = "accuracy"
+    metric: Literal[VALIDATION_METRICS] = "accuracy"
     bins: int = Field(15, gt=0, le=MAX_BINS)
     batch_size: int = Field(64, gt=0)
     combine: Literal["probs", "logits"] = "probs"

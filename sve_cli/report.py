@@ -16,8 +16,8 @@ import torch
 
 from sve_cli import __version__, conformal
 from sve_cli.writing import atomic_path, save_safetensors, write_json
-from sve_cli.display import ROWS
 from sve_cli.evaluate import Evaluation
+from sve_cli.vocabulary import METRICS
 from sve_cli.metrics import CONVENTIONS, Prediction, equal_width_bins
 from sve_cli.outputs import tool_files
 from sve_cli.rundir import CONFORMAL, THRESHOLDS
@@ -45,10 +45,6 @@ def report_dict(evaluation: Evaluation) -> dict:
     }
 
 
-def _fmt(value: float, scale: float) -> str:
-    return f"{value * scale:.2f}" if scale == 100 else f"{value:.4f}"
-
-
 def markdown(report: dict) -> str:
     metrics, members = report["metrics"], report["model"]["members"]
     lines = [f"# sve evaluation — {report['run']}", "",
@@ -58,8 +54,8 @@ def markdown(report: dict) -> str:
              f"Calibration: {_calibration_words(report['calibration'])}", "",
              "| metric | calibrated | raw |", "| --- | --- | --- |"]
     raw = report["raw_metrics"]
-    lines += [f"| {label}{' (%)' if scale == 100 else ''} | {_fmt(metrics[key], scale)} | {_fmt(raw[key], scale)} |"
-              for key, label, scale in ROWS]
+    lines += [f"| {metric.heading} | {metric.format(metrics[metric.key])} | {metric.format(raw[metric.key])} |"
+              for metric in METRICS]
     lines.append("| member accuracy (%) | " + ", ".join(f"{100 * a:.2f}" for a in metrics["member_accuracy"]) + " | "
                  + ", ".join(f"{100 * a:.2f}" for a in raw["member_accuracy"]) + " |")
     if "per_member_then_pool" in report["calibration"]:

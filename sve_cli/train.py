@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.distributed import (Parallel, any_rank, average, barrier, full, gradient_sync, init_parallel, like, settle,
                                  wrap)
 from sve_cli.inference import member_chunks, predict
-from sve_cli.metrics import HIGHER_IS_BETTER, Prediction, calibration_metrics, fit_calibration, temperature_of
+from sve_cli.vocabulary import METRIC, VALIDATION_METRICS
+from sve_cli.metrics import Prediction, calibration_metrics, fit_calibration, temperature_of
 from sve_cli.pipeline import Encoded, Pipeline
 from sve_cli.schedule import MemberOrders, lr_factor, param_groups
 from sve_cli.recipe import Recipe, load_recipe, recipe_yaml
@@ -166,7 +166,7 @@ class TensorBoard(Listener):
             self.writer.add_scalar(f"lr/{name}", lr, info["step"])
 
     def on_eval(self, line: dict) -> None:
-        for key in ("accuracy", "nll", "brier", "ece", "disagreement"):
+        for key in (*VALIDATION_METRICS, "disagreement"):
             self.writer.add_scalar(f"{self.split}/{key}", line[key], line["step"])
         self.writer.flush()
 
@@ -389,7 +389,7 @@ def _evaluate_and_keep_best(session: Session) -> dict:
             "train_loss": session.last_loss, **numbers, "temperature": temperature_of(calibration)}
     state["history"].append(line)
     metric, value = recipe.eval.metric, numbers[recipe.eval.metric]
-    higher = HIGHER_IS_BETTER[metric]
+    higher = METRIC[metric].higher_is_better
     if state["best"] is None or (value > state["best"] if higher else value < state["best"]):
         state["best"], state["best_step"] = value, step
         settle(session.ensemble, parallel)

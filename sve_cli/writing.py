@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import torch
 
 from sve_cli.tensors import SAFETENSORS_DTYPES, tensor_fingerprint
-from sve_cli.errors import SveError
+from sve_cli.errors import LockedError, SveError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -62,10 +62,6 @@ def is_bookkeeping(path: Path) -> bool:
 def visible_entries(directory: Path) -> list[Path]:
     """What a directory holds besides sve's lock and temporaries."""
     return [path for path in directory.iterdir() if not is_bookkeeping(path)]
-
-
-class LockedError(SveError):
-    """Another sve process holds the output."""
 
 
 @contextlib.contextmanager
@@ -122,6 +118,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.chmod(temporary, 0o666 & ~_UMASK)  # some writers create 0600 files
         fault_point("before-rename")
         os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def create_new(path: Path, text: str, option: str, check=None) -> None:
+    """Write `text` to `path`, which must not exist: written whole under a temporary name, checked
+    (`check(temporary)` may raise), then linked into place (a hard link never replaces what appeared in the
+    meantime); `option` names it in the refusal."""
+    if path.exists() or path.is_symlink():
+        raise SveError(f"{option} {path} already exists; sve never replaces it: choose another name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o666 & ~_UMASK)
+        if check is not None:
+            check(temporary)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise SveError(f"{option} {path} already exists; sve never replaces it: choose another name") from None
         _fsync_directory(path.parent)
     finally:
         temporary.unlink(missing_ok=True)

@@ -190,3 +190,20 @@ def test_help_and_usage_mistakes_do_not_wait_for_torch():
     code = "import sys, sve_cli.cli; print(sorted({'torch', 'transformers', 'pandas'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["predict", "run", "--data", "x.csv", "--conformal-score", "aps"], "give --conformal LEVEL too"),
+    (["predict", "run", "--data", "x.csv", "--abstain-risk", "1"], "--abstain-risk 1 is not a fitted level"),
+    (["predict", "run", "--data", "x.csv", "--abstain-risk", "0.03"], "fits 0.01, 0.02, 0.05, 0.1, 0.2"),
+    (["train", "quickstart", "--nproc", "2"], "torchrun --nproc-per-node 2 -m sve_cli train"),
+    (["train", "quickstart", "--dry-run", "--nproc", "3"], "train.batch_size 16 is not divisible by --nproc 3"),
+])
+def test_options_that_cannot_apply_are_refused_before_anything_loads(sve, tmp_path, monkeypatch, args, fragment):
+    """An option that would be silently ignored, or promise what the real run refuses: one line, exit 2,
+    nothing written (the run directory named does not even exist)."""
+    from conftest import assert_one_error_line
+
+    monkeypatch.chdir(tmp_path)
+    assert_one_error_line(sve(*args), fragment)
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from sve_cli.vocabulary import CONFORMAL_SCORES
+
 from sve_cli import conformal
 from sve_cli.metrics import Prediction
 
@@ -68,7 +70,7 @@ def test_aps_and_raps_scores_and_sets_equal_mapies_non_randomised_ones(score):
     assert np.array_equal(sets, theirs[:, :, 0])
 
 
-@pytest.mark.parametrize("score", conformal.SCORES)
+@pytest.mark.parametrize("score", CONFORMAL_SCORES)
 def test_coverage_holds_on_exchangeable_data(score):
     """A perfectly calibrated model, 2,000 calibration and 20,000 test examples: coverage is at least the
     level (up to sampling noise) and at most level + 1/(n+1) + noise for lac."""
@@ -87,7 +89,7 @@ def test_coverage_holds_on_exchangeable_data(score):
 
 def test_sets_hold_the_predicted_label_whenever_they_are_not_empty():
     prediction, labels = _probabilities(500, seed=5)
-    for score in conformal.SCORES:
+    for score in CONFORMAL_SCORES:
         for threshold in (0.05, 0.3, 0.6, 0.95, math.inf):
             sets = conformal.prediction_sets(prediction.probs, score, threshold)
             predicted = sets.gather(-1, prediction.probs.argmax(-1, keepdim=True))[:, 0]

@@ -18,7 +18,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import REPO, sentiment_file, sve_subprocess
+from conftest import REPO, sentiment_file
 
 KILLS = int(os.environ.get("SVE_KILLS", "8"))
 KILLED = -signal.SIGKILL

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from sve_cli.checkpoint import open_checkpoint
 from sve_cli.errors import SveError
-from sve_cli.recipe import RecipeError, load_recipe
+from sve_cli.errors import RecipeError
+from sve_cli.recipe import load_recipe
 
 from conftest import assert_one_error_line
 

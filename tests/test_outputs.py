@@ -7,7 +7,6 @@ existed before unchanged."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from sve_cli.recipe import RecipeError, load_recipe, parse_overrides, recipe_yaml
+from sve_cli.errors import RecipeError
+from sve_cli.recipe import load_recipe, parse_overrides, recipe_yaml
 
 from conftest import assert_one_error_line
 

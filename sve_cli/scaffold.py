@@ -1,0 +1,143 @@
+"""`sve init --data FILE`: a commented recipe for a user's own data, proposed from the data itself.
+
+Reads the file (or a folder / mapping of split files), proposes the text and label columns, the splits
+X
+length of the training texts (95th percentile, at most 256 on account of CPU cost), and writes a recipe in the quickstart's shape, with a
+header that says how it was proposed, how to run it and about what it costs. The recipe is validated
+before it is written, so `sve train FILE` reads what `sve init` wrote.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from sve_cli.errors import SveError
+
+TEXT_NAMES = ("text", "sentence", "content", "review", "tweet", "body", "article", "document", "question", "comment")
+LABEL_NAMES = ("label", "labels", "class", "category", "target", "sentiment", "topic", "y")
+MAX_CLASSES = 100
+MAX_LENGTH_CAP = 256  # longer inputs cost quadratically more on a CPU: raise it in the recipe on a GPU
+QUICKSTART_STEP_SECONDS = 1.7  # MiniLM, M = 4, 16 rows × 40 tokens per step, 2 CPU cores (recipes/quickstart.yaml)
+
+
+@dataclass
+class Proposal:
+    text_field: str
+    label_field: str
+    classes: list[str]
+    rows: dict[str, int]  # per split as read (one file: the 80/10/10 cut)
+    splits: str  # in words
+    validation_split: str  # a split name, or "train:10%"
+    max_length: int
+    cut_share: float  # of training texts longer than max_length
+
+
+def _text_column(frame: pd.DataFrame, exclude: set[str]) -> str:
+    strings = [c for c in frame.columns if c not in exclude and len(frame[c].dropna())
+               and frame[c].dropna().map(lambda v: isinstance(v, str)).all()]
+    named = [c for c in strings if c.lower() in TEXT_NAMES]
+    if named:
+        return named[0]
+    if not strings:
+        raise SveError(f"no column holds text (columns: {', '.join(map(str, frame.columns))}): sve init proposes "
+                       "text classification recipes")
+    return max(strings, key=lambda c: frame[c].dropna().str.len().mean())
+
+
+def _label_column(frame: pd.DataFrame) -> str:
+    named = [c for c in frame.columns if str(c).lower() in LABEL_NAMES]
+    if named:
+        return named[0]
+    few = [c for c in frame.columns if 2 <= frame[c].nunique() <= min(MAX_CLASSES, max(2, len(frame) // 2))]
+    if not few:
+        raise SveError(f"cannot tell which column holds the labels (columns: {', '.join(map(str, frame.columns))}): "
+                       f"name it 'label', or set task.label_field in a copied recipe (sve recipes quickstart --copy FILE)")
+    return min(few, key=lambda c: frame[c].nunique())
+
+
+def propose(data: str, tokenizer) -> Proposal:
+    """Read `data` and propose the columns, splits and `max_length` (`tokenizer`: the model's)."""
+    from sve_cli.data import Table, load_source, seeded_splits
+
+    source = load_source(data)
+    if isinstance(source, Table):
+        if source.frame.columns.tolist() == ["image", "label"]:
+            raise SveError(f"{data} is an image folder: start from `sve recipes digits_vit --copy FILE` instead")
+        tables = seeded_splits(source, "train", "validation", "test")
+        splits, validation = f"{data}, cut 80/10/10 by sve (seeded)", "validation"
+    else:
+        tables = dict(source)
+        if "train" not in tables:
+            raise SveError(f"the split files of {data} have no 'train' split (splits: {', '.join(sorted(tables))})")
+        validation = "validation" if "validation" in tables else "train:10%"
+        splits = ", ".join(sorted(tables)) + ("" if "validation" in tables else "; validation: 10% held out of train")
+        if "test" not in tables:
+            raise SveError(f"the split files of {data} have no 'test' split (splits: {', '.join(sorted(tables))}): "
+                           "add a test file, or point --data at one file for sve's 80/10/10 cut")
+    train = tables["train"].frame
+    label = _label_column(train)
+    text = _text_column(train, {label})
+    classes = sorted(map(str, train[label].dropna().unique()))
+    if len(classes) < 2:
+        raise SveError(f"column '{label}' of the training split holds one class ({classes[0] if classes else 'none'}): "
+                       "a classifier needs at least two")
+    sample = train[text].dropna().astype(str).head(2000).tolist()
+    lengths = sorted(len(ids) for ids in tokenizer(sample, truncation=False)["input_ids"])
+    longest = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]
+    max_length = max(16, min(MAX_LENGTH_CAP, 8 * math.ceil(longest / 8)))
+    cut = sum(length > max_length for length in lengths) / len(lengths)
+    return Proposal(text, label, classes, {name: len(table.frame) for name, table in tables.items()}, splits,
+                    validation, max_length, cut)
+
+
+def render(proposal: Proposal, data: str, model: str, out: str) -> str:
+    """The recipe's text: a comment header, then the quickstart's shape with the proposed values."""
+    train_rows = proposal.rows["train"] if proposal.validation_split == "validation" else int(0.9 * proposal.rows["train"])
+    steps = 2 * max(1, train_rows // 16)
+    minutes = steps * QUICKSTART_STEP_SECONDS * proposal.max_length / 40 / 60
+    cost = (f"about {max(1, round(minutes))} minutes of training on 2 CPU cores ({steps} steps; scaled from the "
+            "quickstart's measured step)" if model == "builtin:minilm" else
+            f"{steps} steps; `sve train {out} --dry-run` estimates its memory")
+    rows = ", ".join(f"{name} {count:,}" for name, count in proposal.rows.items())
+    dataset = f'"{data}"'
+    return f"""# SVE (M=4) on your data, proposed by `sve init --data {data}` — check the columns, then train:
+#
+#   sve train {out} --dry-run     # rows and classes per split, steps, what max_length cuts, memory
+#   sve train {out}
+#   sve evaluate runs/{out.rsplit('/', 1)[-1].removesuffix('.yaml')}     # add --ood NAME=FILE: inputs it should not trust
+#
+# Data: {rows} rows ({proposal.splits}); {len(proposal.classes)} classes in '{proposal.label_field}':
+# {', '.join(proposal.classes[:12])}{' …' if len(proposal.classes) > 12 else ''}. Text: '{proposal.text_field}'.
+# max_length {proposal.max_length}: the 95th percentile of the training texts' tokens, at most {MAX_LENGTH_CAP}
+# ({100 * proposal.cut_share:.1f}% are longer and cut). Cost: {cost}.
+# The rest is recipes/quickstart.yaml's (docs/results.md): lr 3e-3, 2 epochs, every member its own order
+# of the data; the ensemble's probabilities are calibrated on the validation split (eval.calibration).
+model:
+  path: {model}
+task:
+  type: text_classification
+  dataset: {dataset}
+  text_field: {proposal.text_field}
+  label_field: {proposal.label_field}
+  validation_split: "{proposal.validation_split}"
+  max_length: {proposal.max_length}
+ensemble:
+  method: sve
+  members: 4
+  sigma_init: 0.01
+  targets: all
+  representation: auto
+  dropout: false
+train:
+  epochs: 2
+  batch_size: 16
+  lr: 3.0e-3
+  seed: 0
+  member_batches: shuffled
+eval:
+  split: "{proposal.validation_split}"
+  metric: accuracy
+"""
