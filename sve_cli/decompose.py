@@ -29,7 +29,7 @@ from sve_cli.factors import FORMAT_VERSION, INDEX, MANIFEST, SHARD_NAME, FactorC
 from sve_cli.writing import (Shard, ShardWriter, exclusive, fault_point, plan_shards, visible_entries, write_index,
                              write_json)
 from sve_cli.errors import OutputExistsError, SveError
-from sve_cli.outputs import refuse_inputs
+from sve_cli.outputs import refuse_inputs, refuse_unusual
 from sve_cli.targets import Target, resolve_targets
 
 log = logging.getLogger("sve")
@@ -242,8 +242,7 @@ def _check_output(out: Path, identity: str, overwrite: bool) -> bool:
     """Refuse to clobber anything that is not this decomposition (finished or not); True when
     `out` holds another decomposition that `--overwrite` replaces. sve's own lock and temporaries
     (left by a killed run) do not count: a directory holding only those is empty."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file, not a directory")
+    refuse_unusual(out, directory=True)
     if not out.exists() or not visible_entries(out):
         return False
     existing = _existing_identity(out)

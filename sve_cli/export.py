@@ -313,7 +313,8 @@ def export_merged(run: Path, out: Path, member: int | str = 0, dtype: str | None
                   "sve": {"run": Path(run).resolve().name, "member": member, "members": members,
                           "temperature": member_temperature(bank.metadata, member),
                           "method": bank.metadata["method"], "tool": f"sve {__version__}",
-                          "files": sorted([p.name for p in staging.iterdir()] + ["config.json"])}}
+                          "files": sorted([p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()]
+                                          + ["config.json"])}}
         config.pop("torch_dtype", None)
         write_json(staging / "config.json", config)
         _replace_directory(staging, out)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from sve_cli.errors import OutputExistsError, SveError
-from sve_cli.writing import visible_entries
+from sve_cli.writing import is_bookkeeping, visible_entries
 
 
 def resolved(path: Path | str) -> Path:
@@ -43,6 +43,18 @@ def refuse_inputs(out: Path, inputs: Iterable[Path | str | None], option: str = 
             raise SveError(f"{option} {out} is one of this command's inputs ({item}); choose another {option}")
         if target in source.parents:
             raise SveError(f"{option} {out} contains {item}, an input of this command; choose another {option}")
+
+
+def refuse_unusual(out: Path, directory: bool) -> None:
+    """One line, at once, for an existing `--out` that is a broken symbolic link, not a regular file or
+    directory (opening a pipe to look inside would block), or a file where a directory is written."""
+    if out.is_symlink() and not out.exists():
+        raise OutputExistsError(f"--out {out} is a broken symbolic link; sve never replaces it: choose another --out")
+    if out.exists() and not out.is_dir() and not out.is_file():
+        raise OutputExistsError(f"--out {out} is not a regular file or directory (a pipe, socket or device); "
+                                "sve never writes there: choose another --out")
+    if directory and out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file, not a directory")
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,7 @@ def check_output(out: Path, kind: OutputKind, overwrite: bool, inputs: Iterable[
         raise SveError(f"--out {out} is the current directory or one of its parents; choose another --out")
     if not out.exists() and not out.is_symlink():
         return False
-    if kind.is_directory and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file, not a directory")
+    refuse_unusual(out, directory=kind.is_directory)
     if not kind.is_directory and out.is_dir():
         raise OutputExistsError(f"--out {out} is a directory, not a file")
     if kind.is_directory and not visible_entries(out):
@@ -74,7 +85,8 @@ def check_output(out: Path, kind: OutputKind, overwrite: bool, inputs: Iterable[
         raise OutputExistsError(f"{out} exists and is not {kind.noun}; sve never replaces it: choose another --out")
     own = kind.own_entries(out) if kind.is_directory else None
     if own is not None:
-        foreign = sorted(p.name for p in visible_entries(out) if p.name not in own)
+        foreign = foreign_entries(out, own) if kind.replaced_whole else sorted(
+            p.name for p in visible_entries(out) if p.name not in own)
         if foreign:
             raise OutputExistsError(f"{out} holds files sve did not write there (e.g. {foreign[0]}); "
                                     "sve never replaces it: choose another --out")
@@ -117,14 +129,35 @@ def _json(path: Path) -> object:
 
 
 def tool_files(directory: Path, name: str, section: str | None = None) -> set[str] | None:
-    """The `files` list an sve manifest (`name`, optionally under `section`) records, or None."""
+    """The `files` list an sve manifest (`name`, optionally under `section`) records — paths relative to
+    `directory`, `/`-separated (an export's `2_Dense/model.safetensors`) — or None."""
     payload = _json(directory / name)
     if isinstance(payload, dict) and section:
         payload = payload.get(section)
     files = payload.get("files") if isinstance(payload, dict) else None
     if not isinstance(files, list):
         return None
-    return {f for f in files if isinstance(f, str) and f not in ("", ".", "..") and Path(f).name == f} | {name}
+    return {f for f in files if isinstance(f, str) and f and not f.startswith("/")
+            and all(part not in ("", ".", "..") for part in f.split("/"))} | {name}
+
+
+def foreign_entries(directory: Path, own: set[str]) -> list[str]:
+    """Every entry under `directory` (symlinks not followed) that is not one of the `own` files and does
+    not lead to one: a user's file in an export's `2_Dense/`, a symlink, a pipe, an empty folder."""
+    folders = {"/".join(path.split("/")[:depth]) for path in own for depth in range(1, path.count("/") + 1)}
+    foreign = []
+    for root, directories, files in os.walk(directory):
+        relative = Path(root).relative_to(directory)
+        for entry in sorted(directories) + sorted(files):
+            path = (relative / entry).as_posix()
+            if relative == Path(".") and is_bookkeeping(directory / entry):
+                continue  # sve's lock and temporaries
+            kept = path in folders if entry in directories and not (Path(root) / entry).is_symlink() else (
+                path in own and (Path(root) / entry).is_file() and not (Path(root) / entry).is_symlink())
+            if not kept:
+                foreign.append(path)
+        directories[:] = [d for d in directories if (relative / d).as_posix() in folders]
+    return foreign
 
 
 def _is_sve_export(directory: Path) -> bool:

@@ -33,7 +33,7 @@ from sve_cli.metrics import Prediction, calibration_metrics, fit_calibration, te
 from sve_cli.pipeline import Encoded, Pipeline
 from sve_cli.schedule import MemberOrders, lr_factor, param_groups
 from sve_cli.recipe import Recipe, load_recipe, recipe_yaml
-from sve_cli.outputs import refuse_inputs
+from sve_cli.outputs import refuse_inputs, refuse_unusual
 from sve_cli.rundir import BANK, CHECKPOINT, CONFORMAL, METRICS, RECIPE, STATE, THRESHOLDS, is_run_directory, is_stub
 from sve_cli.writing import atomic_path, exclusive, fault_point, save_safetensors, visible_entries, write_json
 
@@ -194,8 +194,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
     Another `sve train` writing into `out` is refused at once (its lock is held); `on_note(text)`
     receives remarks worth a line (e.g. a resume that starts from step 0).
     """
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file, not a directory")
+    refuse_unusual(out, directory=True)
     if out.exists() and visible_entries(out) and not is_run_directory(out):  # before its lock is created there
         raise OutputExistsError(f"{out} holds files that are not an sve run; sve never writes there: "
                                 "choose another --out")

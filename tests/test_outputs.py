@@ -7,6 +7,7 @@ existed before unchanged."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,23 @@ def world(text_models, tmp_path_factory):
     mine = root / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("\\section{precious}")
-    return {"root": root, "run": run, "data": data, "mine": mine, "model": text_models["bert"]}
+    # sve's own export, with a user's file inside a folder of it; a pipe; symbolic links, one broken
+    from sve_cli.cli import main
+
+    nested = root / "exported-nested"
+    argv, sys.argv = sys.argv, ["sve", "export", str(run), "--format", "safetensors", "--out", str(nested)]
+    try:
+        main()
+    except SystemExit as exit_:
+        assert not exit_.code
+    finally:
+        sys.argv = argv
+    (nested / "extra").mkdir()
+    (nested / "extra" / "mine.txt").write_text("mine")
+    os.mkfifo(root / "pipe")
+    (root / "link").symlink_to(mine / "thesis.tex")
+    (root / "broken").symlink_to(root / "nowhere")
+    return {"root": root, "run": run, "data": data, "mine": mine, "model": text_models["bert"], "nested": nested}
 
 
 # --------------------------------------------------------------------------- data loss
@@ -94,7 +111,7 @@ def test_export_never_replaces_the_current_directory(sve, world, monkeypatch):
     assert again.code == 0, again.stderr
 
 
-CANDIDATES = ["run", "runs", "mine", "model", "data", "bank", "notes"]
+CANDIDATES = ["run", "runs", "mine", "model", "data", "bank", "notes", "nested", "pipe", "link", "broken"]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -104,7 +121,8 @@ def test_property_overwrite_changes_nothing_it_did_not_make(sve, world, command,
     """For any command and any --out that is not that command's own output, --overwrite changes nothing."""
     run = world["run"]
     paths = {"run": run, "runs": run.parent, "mine": world["mine"], "model": world["model"], "data": world["data"],
-             "bank": run / "sigma_bank.safetensors", "notes": run.parent / "notes.txt"}
+             "bank": run / "sigma_bank.safetensors", "notes": run.parent / "notes.txt", "nested": world["nested"],
+             "pipe": world["root"] / "pipe", "link": world["root"] / "link", "broken": world["root"] / "broken"}
     out = paths[target]
     args = {"export": ["export", run, "--format", "safetensors", "--out", out],
             "bank": ["export", run, "--format", "sigma-bank", "--out", out],
@@ -115,9 +133,20 @@ def test_property_overwrite_changes_nothing_it_did_not_make(sve, world, command,
     if command == "train" and target == "run":
         return  # the run is train's own output: --overwrite replaces it, by design
     before = _snapshot(world["root"], world["model"])
+    kinds = {path: _kind(path) for path in world["root"].rglob("*")}
     result = sve(*args, "--overwrite")
     assert result.code == 2 and "Traceback" not in result.stderr, (command, target, result.stderr)
     assert _snapshot(world["root"], world["model"]) == before, (command, target)
+    assert {path: _kind(path) for path in world["root"].rglob("*")} == kinds, (command, target)
+
+
+def _kind(path: Path) -> str:
+    """What a path is, without following it: pipes and links must survive as what they were."""
+    import stat
+
+    mode = path.lstat().st_mode
+    return "link:" + str(path.readlink()) if stat.S_ISLNK(mode) else "pipe" if stat.S_ISFIFO(mode) else \
+        "dir" if stat.S_ISDIR(mode) else "file"
 
 
 def test_concurrent_exports_into_one_new_output_never_both_succeed(world, tmp_path):
