@@ -61,6 +61,11 @@ Score = Enum("Score", {name: name for name in UNCERTAINTY_SCORES}, type=str)  # 
 ConformalScore = Enum("ConformalScore", {name: name for name in CONFORMAL_SCORES}, type=str)
 
 
+class ConformalMode(str, Enum):
+    marginal = "marginal"
+    class_ = "class"
+
+
 class ExportDtype(str, Enum):
     float32 = "float32"
     float16 = "float16"
@@ -375,6 +380,10 @@ def predict(
     conformal_score: Optional[ConformalScore] = typer.Option(None, "--conformal-score", show_default=False,
                                                              help="With --conformal: the conformal score the sets "
                                                              "are built from [default: lac]."),
+    conformal_mode: Optional[ConformalMode] = typer.Option(None, "--conformal-mode", show_default=False,
+                                                           help="With --conformal: marginal (coverage on average "
+                                                           "over inputs) or class (within every class) [default: "
+                                                           "marginal]."),
     bank: Optional[Path] = typer.Option(None, "--bank", help="With a run directory: use this Σ bank."),
     raw: bool = typer.Option(False, "--raw", help="Write the raw ensemble's probabilities instead of the calibrated "
                              "ones (the temperature sve train fitted on validation)."),
@@ -390,9 +399,10 @@ def predict(
     if sum(option is not None for option in (abstain_coverage, abstain_risk, abstain_threshold)) > 1:
         raise SveError("give at most one of --abstain-coverage, --abstain-risk and --abstain-threshold")
     check_risk_level(abstain_risk)
-    if conformal_score is not None and conformal is None:
-        raise SveError("--conformal-score chooses how --conformal builds its sets: give --conformal LEVEL too "
-                       "(e.g. --conformal 0.9)")
+    for option, value in (("--conformal-score", conformal_score), ("--conformal-mode", conformal_mode)):
+        if value is not None and conformal is None:
+            raise SveError(f"{option} chooses how --conformal builds its sets: give --conformal LEVEL too "
+                           "(e.g. --conformal 0.9)")
     if abstain_threshold is not None and not math.isfinite(abstain_threshold):
         raise SveError(f"--abstain-threshold must be a finite number, not {abstain_threshold}")
     out = out or (source if source.is_dir() else source.parent) / "predictions.jsonl"
@@ -405,7 +415,7 @@ def predict(
     sets = None
     if conformal is not None:
         chosen = (conformal_score or ConformalScore.lac).value
-        value, said = conformal_threshold(predictor, conformal, chosen, raw)
+        value, said = conformal_threshold(predictor, conformal, chosen, raw, by_class=conformal_mode == ConformalMode.class_)
         sets, where = (chosen, value), f"{where}; {said}"
     rank0 = predictor.parallel.writer  # under torchrun, every rank predicts a share and rank 0 writes
     with _progress(TextColumn("{task.completed} rows"), eta=False, disable=not rank0) as progress:

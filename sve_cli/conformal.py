@@ -13,6 +13,19 @@ validation and new inputs are exchangeable, it holds the true label with probabi
           (λ = 0.01, k_reg = 1 unless given).
 
 Conventions follow MAPIE's (`include_last_label=True` for aps/raps); the tests compare with it.
+
+Class-conditional (Mondrian) sets fit one threshold per class on that class's validation examples, and a
+label y is in the set when its score is at most y's threshold: coverage ≥ the level *within every class*,
+where marginal sets may cover a rare or hard class far less. A class with too few validation examples
+for a level gets no finite threshold (it is in every set), which the report says.
+
+Reading a set: one label is a confident answer; several are the labels the ensemble cannot tell apart at
+that level; an empty set (lac, or any class-conditional set) means no label is plausible enough — an input
+to refer to a person rather than to answer. Which score: lac gives the smallest sets on average; aps and
+raps grow the set with the ensemble's doubt (never empty); with many classes (≳ 10) raps keeps the tail short.
+
+The coverage measured on N test examples varies around the level: with n calibration examples it follows
+a beta-binomial law (Angelopoulos & Bates 2021, §C), whose 95% interval the report gives beside it.
 """
 
 from __future__ import annotations
@@ -64,9 +77,12 @@ def quantile(scores: torch.Tensor, level: float) -> float:
     return float(torch.sort(scores.double()).values[rank - 1])
 
 
-def prediction_sets(probs: torch.Tensor, score: str, threshold: float) -> torch.Tensor:
-    """`[N, C]` booleans: the labels in each input's set at `threshold`."""
+def prediction_sets(probs: torch.Tensor, score: str, threshold: float | list[float]) -> torch.Tensor:
+    """`[N, C]` booleans: the labels in each input's set at `threshold` (a list: one per class, the
+    class-conditional rule `score(x, y) ≤ q_y`)."""
     scores = label_scores(probs, score)
+    if isinstance(threshold, (list, tuple)):
+        return scores <= torch.tensor(threshold, dtype=scores.dtype)[None, :] + TOLERANCE  # [N, C]
     if score == "lac":
         return scores <= threshold + TOLERANCE
     # aps/raps: labels in order of probability up to and including the first whose score reaches the threshold
@@ -82,6 +98,40 @@ def fit(validation: Prediction, labels: torch.Tensor, levels=LEVELS) -> dict[str
                     for level in levels} for score in CONFORMAL_SCORES}
 
 
+def fit_by_class(validation: Prediction, labels: torch.Tensor, levels=LEVELS) -> dict[str, dict[str, list[float]]]:
+    """Per score and level, one threshold per class from that class's validation examples (+inf when the
+    class has too few of them for the level, or none)."""
+    classes = validation.probs.shape[-1]
+    fitted: dict[str, dict[str, list[float]]] = {}
+    for score in CONFORMAL_SCORES:
+        calibration = calibration_scores(validation.probs, labels, score)  # [n]
+        fitted[score] = {f"{level:g}": [quantile(calibration[labels == c], level) for c in range(classes)]
+                         for level in levels}
+    return fitted
+
+
+def coverage_interval(calibration: int, level: float, test: int, mass: float = 0.95) -> tuple[float, float]:
+    """Where the coverage measured on `test` examples falls with probability `mass`, for sets fitted on
+    `calibration` examples at `level`: beta-binomial(test, n + 1 − l, l) with l = ⌊(n + 1)(1 − level)⌋."""
+    l = math.floor((calibration + 1) * (1 - level) + 1e-9)
+    if l <= 0 or test <= 0:
+        return 1.0, 1.0  # no finite threshold: every label is in every set
+    a, b = calibration + 1 - l, l
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    pmf = [math.exp(math.lgamma(test + 1) - math.lgamma(k + 1) - math.lgamma(test - k + 1)
+                    + math.lgamma(k + a) + math.lgamma(test - k + b) - math.lgamma(test + a + b) - log_beta)
+           for k in range(test + 1)]
+    cumulative, low, high = 0.0, None, test
+    for k, p in enumerate(pmf):
+        cumulative += p
+        if low is None and cumulative >= (1 - mass) / 2:
+            low = k
+        if cumulative >= 1 - (1 - mass) / 2:
+            high = k
+            break
+    return low / test, high / test
+
+
 def curve(validation: Prediction, validation_labels: torch.Tensor, test: Prediction, labels: torch.Tensor,
           levels=tuple(0.5 + 0.01 * i for i in range(50))) -> dict[str, list[tuple[float, float]]]:
     """Per score, (test coverage, mean set size) at each level fitted on validation: set size against coverage."""
@@ -95,11 +145,13 @@ def curve(validation: Prediction, validation_labels: torch.Tensor, test: Predict
     return points
 
 
-def evaluate(test: Prediction, labels: torch.Tensor, thresholds: dict[str, dict[str, float]],
-             calibration_size: int) -> dict[str, dict[str, dict]]:
-    """`report.json["conformal"]`: per level, per score, the sets' coverage and sizes on the test split,
-    and coverage per class (where a guarantee on average can hide a class that is rarely covered)."""
+def evaluate(test: Prediction, labels: torch.Tensor, thresholds: dict[str, dict[str, float | list[float]]],
+             validation_labels: torch.Tensor) -> dict[str, dict[str, dict]]:
+    """`report.json["conformal"]` (or `["conformal_by_class"]`, given per-class thresholds): per level, per
+    score, the sets' coverage (with the interval it should fall in) and sizes on the test split, and coverage
+    per class (where a guarantee on average can hide a class that is rarely covered)."""
     classes = test.probs.shape[-1]
+    counts = torch.bincount(validation_labels, minlength=classes)
     report: dict[str, dict[str, dict]] = {}
     for score, by_level in thresholds.items():
         for level, threshold in by_level.items():
@@ -107,10 +159,21 @@ def evaluate(test: Prediction, labels: torch.Tensor, thresholds: dict[str, dict[
             covered = sets.gather(-1, labels[:, None])[:, 0].double()
             sizes = sets.sum(-1).double()
             per_class = {str(c): float(covered[labels == c].mean()) for c in range(classes) if (labels == c).any()}
-            report.setdefault(level, {})[score] = {
-                "threshold": threshold if math.isfinite(threshold) else None,
+            by_class = isinstance(threshold, list)
+            calibration = min(int(counts[c]) for c in range(classes) if (labels == c).any()) if by_class \
+                else len(validation_labels)
+            tested = min(int((labels == c).sum()) for c in range(classes) if (labels == c).any()) if by_class \
+                else len(labels)
+            entry = {
+                "threshold": [t if math.isfinite(t) else None for t in threshold] if by_class
+                else threshold if math.isfinite(threshold) else None,
                 "coverage": float(covered.mean()), "mean_set_size": float(sizes.mean()),
                 "singletons": float((sizes == 1).double().mean()), "empty": float((sizes == 0).double().mean()),
                 "coverage_per_class": per_class, "lowest_class_coverage": min(per_class.values()),
-                "calibration_examples": calibration_size}
+                "calibration_examples": int(calibration),
+                # marginal: of the coverage; by class: of the least covered class (its own n and test count)
+                "expected_coverage_95": list(coverage_interval(calibration, float(level), tested)),
+                "uncalibrated_classes": [c for c in range(classes) if by_class and not math.isfinite(threshold[c])]
+                if by_class else [c for c in range(classes) if counts[c] == 0]}
+            report.setdefault(level, {})[score] = entry
     return report

@@ -61,6 +61,8 @@ class Evaluation:
     bank_fingerprint: str = ""
     conformal: dict = field(default_factory=dict)  # per level and score: coverage and set sizes (in-distribution)
     conformal_thresholds: dict = field(default_factory=dict)  # per score and level: fitted on validation
+    conformal_by_class: dict = field(default_factory=dict)  # the same for class-conditional (Mondrian) sets
+    class_thresholds: dict = field(default_factory=dict)  # per score and level: one threshold per class
     ood_sources: dict[str, str] = field(default_factory=dict)  # OOD set name in the report -> what was given
     bins: int = 15
 
@@ -175,7 +177,9 @@ def evaluate_run(run: Path, data: str | None = None, ood: list[str] = (), bins: 
                         thresholds=fit_thresholds(validation_prediction, validation.labels),
                         bank_fingerprint=file_fingerprint(bank), bins=bins,
                         conformal_thresholds=conformal.fit(validation_prediction, validation.labels))
-    result.conformal = conformal.evaluate(prediction, examples.labels, result.conformal_thresholds, len(validation))
+    result.conformal = conformal.evaluate(prediction, examples.labels, result.conformal_thresholds, validation.labels)
+    result.class_thresholds = conformal.fit_by_class(validation_prediction, validation.labels)
+    result.conformal_by_class = conformal.evaluate(prediction, examples.labels, result.class_thresholds, validation.labels)
     if calibration.get("member_temperatures"):  # the alternative: each member calibrated alone, then pooled
         member_scale = torch.tensor(calibration["member_temperatures"], dtype=torch.float64)[None, :, None]
         pooled = Prediction.of(raw.logits / member_scale, combine_how)

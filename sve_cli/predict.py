@@ -154,8 +154,10 @@ def _number(value: object) -> float:
     return float(value)
 
 
-def conformal_threshold(predictor: Predictor, level: float, score: str, raw: bool = False) -> tuple[float, str]:
-    """The conformal threshold of `score` at coverage `level`, and a sentence saying where it comes from."""
+def conformal_threshold(predictor: Predictor, level: float, score: str, raw: bool = False,
+                        by_class: bool = False) -> tuple[float | list[float], str]:
+    """The conformal threshold of `score` at coverage `level` (`by_class`: one per class, the class-conditional
+    sets), and a sentence saying where it comes from."""
     fitted = predictor.conformal
     if fitted is None:
         raise SveError("no conformal thresholds for this ensemble: run `sve evaluate` on the run first (it fits "
@@ -164,21 +166,32 @@ def conformal_threshold(predictor: Predictor, level: float, score: str, raw: boo
         raise SveError(f"the conformal thresholds were fitted with members combined by {fitted.get('combine')}, "
                        f"this run combines them by {predictor.recipe.eval.combine}: run `sve evaluate` again")
     _fitted_alike(fitted, predictor.temperature(raw=raw), "conformal thresholds")
-    levels = fitted["scores"].get(score)
+    table = fitted.get("class_scores" if by_class else "scores")
+    if by_class and not isinstance(table, dict):
+        raise SveError("no class-conditional thresholds for this ensemble: run `sve evaluate` on the run again "
+                       "(this sve fits them)")
+    levels = table.get(score) if isinstance(table, dict) else None
     if not isinstance(levels, dict) or f"{level:g}" not in levels:
         known = ", ".join(levels) if isinstance(levels, dict) else "none"
         raise SveError(f"--conformal {level:g} with --conformal-score {score} was not fitted (fitted levels: {known})")
     value = levels[f"{level:g}"]
+    fitted_on = f"fitted on {fitted.get('examples')} validation examples by `sve evaluate` ({str(fitted.get('created'))[:10]})"
+    if by_class:
+        if not isinstance(value, list) or len(value) != len(predictor.label_names):
+            raise SveError("the fitted class-conditional thresholds are damaged (not what `sve evaluate` writes); run it again")
+        thresholds = [math.inf if v is None else _number(v) for v in value]
+        open_classes = [name for name, v in zip(predictor.label_names, value) if v is None]
+        return thresholds, (f"class-conditional {score} sets at {100 * level:g}% coverage within every class, {fitted_on}"
+                            + (f"; too few validation examples of {', '.join(open_classes)}: always in the set"
+                               if open_classes else ""))
     threshold = math.inf if value is None else _number(value)
-    where = (f"{score} sets at {100 * level:g}% coverage: threshold "
-             f"{'none (every label)' if value is None else f'{threshold:.6g}'}, fitted on {fitted.get('examples')} "
-             f"validation examples by `sve evaluate` ({str(fitted.get('created'))[:10]})")
-    return threshold, where
+    return threshold, (f"{score} sets at {100 * level:g}% coverage: threshold "
+                       f"{'none (every label)' if value is None else f'{threshold:.6g}'}, {fitted_on}")
 
 
 def predict_rows(predictor: Predictor, data: str, member: int | None, batch_size: int, score: str,
                  threshold: float | None, on_rows: Callable[[int], None] | None = None,
-                 sets: tuple[str, float] | None = None, cache_budget: str | None = None,
+                 sets: tuple[str, float | list[float]] | None = None, cache_budget: str | None = None,
                  raw: bool = False) -> Iterator[list[dict]]:
     """One list of output rows per chunk of the input, with calibrated probabilities (the run's fitted
     temperature; `raw`: none); with `sets` (conformal score, threshold) each row also gets its prediction set."""

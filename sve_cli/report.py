@@ -41,6 +41,7 @@ def report_dict(evaluation: Evaluation) -> dict:
         "calibration": evaluation.calibration,
         "selective": evaluation.selective,
         "conformal": evaluation.conformal,
+        "conformal_by_class": evaluation.conformal_by_class,
         "ood": evaluation.ood,
     }
 
@@ -69,14 +70,7 @@ def markdown(report: dict) -> str:
     lines += [f"| {score} | {v['aurc']:.4f} | " + " | ".join(f"{100 * a:.2f}" for a in v["accuracy_at_coverage"].values())
               + " |" for score, v in report["selective"].items()]
     if report.get("conformal"):
-        examples = next(iter(next(iter(report["conformal"].values())).values()))["calibration_examples"]
-        lines += ["", f"Conformal prediction sets (thresholds fitted on {examples} validation examples; the set holds "
-                  "the true label with probability ≥ the level):", "",
-                  "| level | score | coverage (%) | mean set size | singletons (%) | empty (%) | lowest class coverage (%) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {level} | {score} | {100 * v['coverage']:.2f} | {v['mean_set_size']:.3f} | {100 * v['singletons']:.1f} "
-                  f"| {100 * v['empty']:.1f} | {100 * v['lowest_class_coverage']:.2f} |"
-                  for level, scores in report["conformal"].items() for score, v in scores.items()]
+        lines += _conformal_lines(report, report["data"]["label_names"])
     for name, scores in report["ood"].items():
         lines += ["", f"OOD set `{name}` ({report['data']['sizes'][f'ood.{name}']} examples):", "",
                   "| score | AUROC (%) | AUPR (%) | FPR@95%TPR (%) |", "| --- | --- | --- | --- |"]
@@ -86,6 +80,44 @@ def markdown(report: dict) -> str:
         lines += ["", "mutual_information is not reported: it needs an ensemble (M > 1)."]
     lines += ["", "Conventions:", ""] + [f"- {key}: {text}" for key, text in report["conventions"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _conformal_lines(report: dict, label_names: list[str]) -> list[str]:
+    """The conformal tables of report.md, with how to read a set and what the measured coverage should be."""
+    examples = next(iter(next(iter(report["conformal"].values())).values()))["calibration_examples"]
+    header = ["| level | score | coverage (%) | expected 95% range (%) | mean set size | singletons (%) | empty (%) "
+              "| lowest class coverage (%) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def rows(table: dict) -> list[str]:
+        return [f"| {level} | {score} | {100 * v['coverage']:.2f} | {100 * v['expected_coverage_95'][0]:.1f}–"
+                f"{100 * v['expected_coverage_95'][1]:.1f} | {v['mean_set_size']:.3f} | {100 * v['singletons']:.1f} "
+                f"| {100 * v['empty']:.1f} | {100 * v['lowest_class_coverage']:.2f} |"
+                for level, scores in table.items() for score, v in scores.items()]
+
+    lines = ["", f"Conformal prediction sets (thresholds fitted on {examples} validation examples; a set holds the "
+             "true label with probability ≥ the level, on average over inputs). One label: a confident answer; "
+             "several: the labels the ensemble cannot tell apart at that level; empty (lac only): no label is "
+             "plausible enough — refer the input rather than answer it. lac gives the smallest sets, aps/raps grow "
+             "with the ensemble's doubt and are never empty; with ≳ 10 classes raps keeps sets short. The expected "
+             "range is where the test coverage falls 95% of the time if the guarantee holds (beta-binomial).", "",
+             *header, *rows(report["conformal"])]
+    missing = sorted({c for scores in report["conformal"].values() for v in scores.values()
+                      for c in v.get("uncalibrated_classes", [])})
+    if missing:
+        names = ", ".join(label_names[c] if c < len(label_names) else str(c) for c in missing)
+        lines += ["", f"**Warning:** the validation split holds no example of {names}: the sets are not calibrated "
+                  "for it (see its test coverage in report.json, coverage_per_class)."]
+    if report.get("conformal_by_class"):
+        lines += ["", "Class-conditional (Mondrian) sets, `sve predict --conformal-mode class`: one threshold per "
+                  "class, so coverage ≥ the level within every class (the expected range is the least covered "
+                  "class's):", "", *header, *rows(report["conformal_by_class"])]
+        thin = sorted({c for scores in report["conformal_by_class"].values() for v in scores.values()
+                       for c in v.get("uncalibrated_classes", [])})
+        if thin:
+            names = ", ".join(label_names[c] if c < len(label_names) else str(c) for c in thin)
+            lines += ["", f"Too few validation examples of {names} for some levels: no finite threshold there, so "
+                      "the label is in every class-conditional set at those levels."]
+    return lines
 
 
 def _calibration_words(calibration: dict) -> str:
@@ -169,7 +201,7 @@ def conformal_png(path: Path, evaluation: Evaluation, title: str) -> None:
     for score, points in conformal.curve(evaluation.validation, evaluation.validation_labels, evaluation.prediction,
                                          evaluation.labels).items():
         axis.plot([c for c, _ in points], [s for _, s in points], marker=".", label=score)
-    axis.set_xlabel("coverage on the test split (levels 0.50 … 0.99 fitted on validation)")
+    axis.set_xlabel("coverage on the test split\n(levels 0.50–0.99 fitted on validation)")
     axis.set_ylabel("mean prediction-set size")
     axis.set_title(title)
     axis.legend(fontsize=8)
@@ -258,5 +290,11 @@ def write_fitted(evaluation: Evaluation) -> list[Path]:
     write_json(sets, {**common, "rule": "a label is in the set when its score is at most the threshold (null: every "
                       "label); the set holds the true label with probability at least the level",
                       "scores": {score: {level: None if math.isinf(value) else value for level, value in levels.items()}
-                                 for score, levels in evaluation.conformal_thresholds.items()}})
+                                 for score, levels in evaluation.conformal_thresholds.items()},
+                      "class_rule": "class-conditional (--conformal-mode class): label y is in the set when its score "
+                      "is at most y's own threshold; the set holds the true label with probability at least the level "
+                      "within every class",
+                      "class_scores": {score: {level: [None if math.isinf(v) else v for v in values]
+                                               for level, values in levels.items()}
+                                       for score, levels in evaluation.class_thresholds.items()}})
     return [thresholds, sets]

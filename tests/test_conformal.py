@@ -77,7 +77,7 @@ def test_coverage_holds_on_exchangeable_data(score):
     calibration, labels = _probabilities(2000, seed=3)
     test, test_labels = _probabilities(20000, seed=4)
     thresholds = conformal.fit(calibration, labels)
-    report = conformal.evaluate(test, test_labels, {score: thresholds[score]}, 2000)
+    report = conformal.evaluate(test, test_labels, {score: thresholds[score]}, labels)
     for level in conformal.LEVELS:
         numbers = report[f"{level:g}"][score]
         assert numbers["coverage"] >= level - 0.012, (level, numbers)
@@ -85,6 +85,54 @@ def test_coverage_holds_on_exchangeable_data(score):
         if score != "lac":
             assert numbers["empty"] == 0.0  # aps/raps sets always hold the most probable label
         assert set(numbers["coverage_per_class"]) == {"0", "1", "2", "3", "4"}
+
+
+def test_coverage_interval_is_the_beta_binomial_law():
+    from scipy.stats import betabinom
+
+    for n, level, test in ((200, 0.9, 500), (1000, 0.8, 300), (50, 0.95, 1000), (9, 0.9, 100)):
+        l = math.floor((n + 1) * (1 - level) + 1e-9)
+        law = betabinom(test, n + 1 - l, l)
+        low, high = conformal.coverage_interval(n, level, test)
+        assert (low * test, high * test) == (law.ppf(0.025), law.ppf(0.975)), (n, level, test)
+    assert conformal.coverage_interval(5, 0.95, 100) == (1.0, 1.0)  # no finite threshold: every label
+
+
+def test_class_conditional_sets_cover_every_class():
+    """A class the model does not recognise (some of its examples look like the others): marginal sets
+    under-cover it, class-conditional sets do not."""
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(24000, 2, 4, generator=generator) * 1.5  # [N, M, C]
+    prediction = Prediction.of(logits)
+    labels = torch.multinomial(prediction.probs.float(), 1, generator=generator)[:, 0]
+    labels[(labels != 3) & (torch.rand(len(labels), generator=generator) < 0.15)] = 3  # a hard class
+    calibration, test = slice(0, 8000), slice(8000, None)
+
+    def part(rows):
+        return Prediction.of(prediction.logits[rows])
+
+    fitted = conformal.fit_by_class(part(calibration), labels[calibration])
+    marginal = conformal.evaluate(part(test), labels[test], conformal.fit(part(calibration), labels[calibration]),
+                                  labels[calibration])
+    by_class = conformal.evaluate(part(test), labels[test], fitted, labels[calibration])
+    for score in CONFORMAL_SCORES:
+        for c, covered in by_class["0.9"][score]["coverage_per_class"].items():  # within the law's 99.9% range
+            n, tested = int((labels[calibration] == int(c)).sum()), int((labels[test] == int(c)).sum())
+            assert covered >= conformal.coverage_interval(n, 0.9, tested, mass=0.999)[0], (score, c, covered)
+        sets = conformal.prediction_sets(part(test).probs, score, fitted[score]["0.9"])
+        by_hand = conformal.label_scores(part(test).probs, score) <= torch.tensor(fitted[score]["0.9"], dtype=torch.float64)[None] + 1e-12
+        assert torch.equal(sets, by_hand)
+    assert marginal["0.9"]["lac"]["lowest_class_coverage"] < by_class["0.9"]["lac"]["lowest_class_coverage"]
+
+
+def test_a_class_missing_from_validation_is_said():
+    prediction, labels = _probabilities(300, seed=2)
+    labels[labels == 4] = 0  # no example of class 4 in the calibration split
+    test, test_labels = _probabilities(300, seed=6)
+    report = conformal.evaluate(test, test_labels, conformal.fit(prediction, labels), labels)
+    assert report["0.9"]["lac"]["uncalibrated_classes"] == [4]
+    fitted = conformal.fit_by_class(prediction, labels)
+    assert all(values[4] == math.inf for levels in fitted.values() for values in levels.values())
 
 
 def test_sets_hold_the_predicted_label_whenever_they_are_not_empty():
@@ -121,7 +169,7 @@ def test_evaluate_reports_every_score_at_every_level_as_recomputed_from_its_pred
     saved = load_file(run / "report" / "predictions.safetensors")
     validation, test = Prediction.of(saved["validation.logits"]), Prediction.of(saved["logits"])
     thresholds = conformal.fit(validation, saved["validation.labels"])
-    expected = conformal.evaluate(test, saved["labels"], thresholds, len(saved["validation.labels"]))
+    expected = conformal.evaluate(test, saved["labels"], thresholds, saved["validation.labels"])
     assert set(report["conformal"]) == {"0.8", "0.9", "0.95"}
     for level, scores in expected.items():
         assert set(report["conformal"][level]) == {"lac", "aps", "raps"}
@@ -133,6 +181,13 @@ def test_evaluate_reports_every_score_at_every_level_as_recomputed_from_its_pred
     fitted = json.loads((run / "conformal.json").read_text())
     assert fitted["combine"] == "probs" and set(fitted["scores"]) == {"lac", "aps", "raps"}
     assert (run / "report" / "conformal.png").stat().st_size > 1000
+    by_class = conformal.evaluate(test, saved["labels"], conformal.fit_by_class(validation, saved["validation.labels"]),
+                                  saved["validation.labels"])
+    for level, scores in by_class.items():
+        for score, numbers in scores.items():
+            assert report["conformal_by_class"][level][score]["coverage"] == pytest.approx(numbers["coverage"], abs=1e-12)
+    assert "Class-conditional (Mondrian) sets" in markdown and "expected 95% range" in markdown
+    assert len(fitted["class_scores"]["lac"]["0.9"]) == 2
 
 
 def test_predict_writes_a_set_per_row_that_holds_the_prediction(sve, evaluated, tmp_path):
@@ -166,3 +221,22 @@ def test_predict_refuses_sets_it_cannot_promise(sve, evaluated, text_models, tmp
                           "no conformal thresholds for this ensemble: run `sve evaluate`")
     assert_one_error_line(sve("predict", run, "--data", data, "--out", tmp_path / "c.jsonl", "--conformal", "0.9",
                               "--member", "1"), "fitted for the whole ensemble")
+
+
+def test_predict_class_conditional_sets_use_each_class_threshold(sve, evaluated, tmp_path):
+    from conftest import assert_one_error_line, sentiment_file
+
+    run, _, _ = evaluated
+    data = sentiment_file(tmp_path, count=40)
+    result = sve("predict", run, "--data", data, "--out", tmp_path / "class.jsonl", "--conformal", "0.9",
+                 "--conformal-mode", "class")
+    assert result.code == 0, result.stderr
+    assert "class-conditional lac sets at 90% coverage within every class" in " ".join(result.stdout.split())
+    thresholds = json.loads((run / "conformal.json").read_text())["class_scores"]["lac"]["0.9"]
+    limits = torch.tensor([math.inf if t is None else t for t in thresholds], dtype=torch.float64)
+    for row in (json.loads(line) for line in (tmp_path / "class.jsonl").read_text().splitlines()):
+        probs = torch.tensor(list(row["probabilities"].values()), dtype=torch.float64)
+        expected = [name for name, p, limit in zip(row["probabilities"], probs, limits) if 1 - p <= limit + 1e-12]
+        assert row["prediction_set"] == expected
+    assert_one_error_line(sve("predict", run, "--data", data, "--out", tmp_path / "x.jsonl", "--conformal-mode", "class"),
+                          "--conformal-mode chooses how --conformal builds its sets")
