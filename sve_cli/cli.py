@@ -150,6 +150,8 @@ def train(
     device: Device = typer.Option(Device.auto, "--device", help="With --dry-run: the device to estimate for."),
     memory: Optional[str] = typer.Option(None, "--memory", help="With --dry-run: the memory to fit in, e.g. "
                                          "80GB (default: the device's)."),
+    timed: bool = typer.Option(False, "--time", help="With --dry-run: also run a few training steps and an "
+                               "evaluation batch here and estimate how long the run takes on this machine."),
     nproc: int = typer.Option(1, "--nproc", min=1, max=65536, help="With --dry-run: the ranks torchrun would start (figures "
                               "per rank; train.parallelism: fsdp shards weights and factors across them)."),
 ) -> None:
@@ -157,6 +159,8 @@ def train(
     from sve_cli.recipe import find_recipe, load_recipe
     from sve_cli.train import interrupted_message, train as run_train
 
+    if timed and not dry_run:
+        raise SveError("--time estimates a run's duration within --dry-run: sve train RECIPE --dry-run --time")
     if nproc != 1 and not dry_run:
         raise SveError(f"--nproc sizes the --dry-run plan; to train on {nproc} processes run "
                        f"`torchrun --nproc-per-node {nproc} -m sve_cli train {recipe}`")
@@ -167,6 +171,8 @@ def train(
             raise SveError(f"train.batch_size {loaded.train.batch_size} is not divisible by --nproc {nproc}: each "
                            "process takes an equal share of every batch (choose a batch size that is)")
         _print_memory_plan(loaded, device, memory, nproc)
+        if timed:
+            _print_time_estimate(loaded, nproc)
         return
     out = out or Path("runs") / recipe.stem
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -462,6 +468,21 @@ def _print_memory_plan(recipe, device: Device, memory: str | None, nproc: int) -
             for note in Pipeline(recipe).data_notes(splits, label_names):
                 out_console.print(note, soft_wrap=True, highlight=False)
     out_console.print(display.memory_plan(recipe, estimate, chosen, capacity, recipe_export_notes(recipe)))
+
+
+def _print_time_estimate(recipe, nproc: int) -> None:
+    from sve_cli.train import estimate_time
+
+    if nproc != 1:
+        raise SveError("--time measures one process on this machine: drop --nproc")
+    with console.status("measuring 3 training steps and an evaluation batch…"):
+        estimate = estimate_time(recipe)
+    minutes = lambda seconds: f"{seconds / 60:.1f} min"  # noqa: E731
+    out_console.print(f"time on this machine (measured: {estimate['seconds_per_step']:.2f} s/step): training "
+                      f"{estimate['steps']:,} steps ≈ {minutes(estimate['train_seconds'])}, {estimate['evaluations']} "
+                      f"evaluation(s) of {estimate['evaluation_rows']:,} rows ≈ {minutes(estimate['evaluation_seconds'])}; "
+                      f"about {minutes(estimate['total_seconds'])} in all (loading the model and data not counted)",
+                      soft_wrap=True, highlight=False)
 
 
 USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR,

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,6 +286,14 @@ def _setup(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
            on_note: Callable[[str], None] | None) -> Session:
     """The run directory, data, model, optimiser and step plan (restored from a checkpoint when resuming)."""
     resuming = _prepare_run_dir(out, recipe, resume, overwrite, parallel, on_note)
+    session = _session(recipe, out, parallel, on_note)
+    if resuming:
+        session.state = _load_checkpoint(out, session.ensemble, session.optimizer)
+    return session
+
+
+def _session(recipe: Recipe, out: Path, parallel: Parallel, on_note: Callable[[str], None] | None) -> Session:
+    """Data, model, optimiser and step plan of a fresh run (nothing is written)."""
     config = recipe.train
     torch.manual_seed(config.seed)
     pipeline = Pipeline(recipe)
@@ -312,14 +322,41 @@ def _setup(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
     optimizer = torch.optim.AdamW(param_groups(ensemble, recipe))
     state = {"step": 0, "total_steps": total, "best": None, "best_step": None, "history": [],
              "finished": False, "label_names": label_names}
-    if resuming:
-        state = _load_checkpoint(out, ensemble, optimizer)
     model.train()
     return Session(recipe, out, parallel, model, ensemble, optimizer, train_data, eval_data,
                    MemberOrders(len(train_data), ensemble.members, config.seed, config.member_batches), device,
                    batches_per_epoch, steps_per_epoch, total, int(config.warmup_ratio * total), state,
                    {"label_names": label_names, "task": recipe.task.type, "letters": pipeline.letters,
                     "recipe": recipe.model_dump(mode="json")})  # a bank alone can be predicted with
+
+
+def estimate_time(recipe: Recipe, steps: int = 3) -> dict:
+    """`sve train --dry-run --time`: `steps` optimiser steps (the first a warm-up) and two evaluation batches
+    measured on this machine, scaled to the whole run. Nothing is written (but the decomposition cache, when
+    the recipe's model has none yet)."""
+    session = _session(recipe, Path(os.devnull), Parallel(), None)
+    seconds = []
+    for _ in range(max(2, steps)):
+        started = time.perf_counter()
+        _step(session)
+        seconds.append(time.perf_counter() - started)
+    per_step = statistics.median(seconds[1:])
+    rows = torch.arange(min(len(session.eval_data), recipe.eval.batch_size))
+    batch = {k: v.to(session.device) for k, v in session.eval_data.batch(rows).items()}
+    session.ensemble.eval()
+    with torch.no_grad():
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            session.ensemble(**batch)
+            timings.append(time.perf_counter() - started)
+    per_row = statistics.median(timings[1:]) / len(rows)
+    every = recipe.train.eval_every_steps or session.steps_per_epoch
+    evaluations = sum(1 for step in range(1, session.total + 1) if step % every == 0 or step == session.total)
+    train_seconds, eval_seconds = per_step * session.total, evaluations * per_row * len(session.eval_data)
+    return {"seconds_per_step": per_step, "steps": session.total, "train_seconds": train_seconds,
+            "evaluations": evaluations, "evaluation_rows": len(session.eval_data), "evaluation_seconds": eval_seconds,
+            "total_seconds": train_seconds + eval_seconds}
 
 
 def _step(session: Session) -> dict:

@@ -197,6 +197,7 @@ def test_help_and_usage_mistakes_do_not_wait_for_torch():
     (["predict", "run", "--data", "x.csv", "--abstain-risk", "1"], "--abstain-risk 1 is not a fitted level"),
     (["predict", "run", "--data", "x.csv", "--abstain-risk", "0.03"], "fits 0.01, 0.02, 0.05, 0.1, 0.2"),
     (["train", "quickstart", "--nproc", "2"], "torchrun --nproc-per-node 2 -m sve_cli train"),
+    (["train", "quickstart", "--time"], "--time estimates a run's duration within --dry-run"),
     (["train", "quickstart", "--dry-run", "--nproc", "3"], "train.batch_size 16 is not divisible by --nproc 3"),
 ])
 def test_options_that_cannot_apply_are_refused_before_anything_loads(sve, tmp_path, monkeypatch, args, fragment):
@@ -207,3 +208,16 @@ def test_options_that_cannot_apply_are_refused_before_anything_loads(sve, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert_one_error_line(sve(*args), fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_time_measures_steps_and_writes_no_run(sve, text_models, tmp_path, monkeypatch):
+    from conftest import sentiment_file, write_recipe
+
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path / "r.yaml", text_models["bert"], sentiment_file(tmp_path),
+                          train={"max_steps": 40, "eval_every_steps": 20, "batch_size": 8})
+    result = sve("train", recipe, "--dry-run", "--time")
+    assert result.code == 0, result.stderr
+    line = " ".join(result.stdout.split())
+    assert "time on this machine (measured:" in line and "training 40 steps" in line and "2 evaluation(s)" in line
+    assert not (tmp_path / "runs").exists()
