@@ -456,7 +456,12 @@ def _print_memory_plan(recipe, device: Device, memory: str | None, nproc: int) -
     from sve_cli.memory import device_capacity, plan_training
     from sve_cli.writing import parse_size
 
-    chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == Device.auto else device.value
+    if device != Device.auto:
+        chosen = device.value
+    elif recipe.train.device != "auto":
+        chosen = recipe.train.device  # the device the recipe is meant for, GPU or not on this machine
+    else:
+        chosen = "cuda" if torch.cuda.is_available() else "cpu"
     capacity = parse_size(memory) if memory else device_capacity(chosen)
     with console.status(f"reading {recipe.model.path} and {recipe.task.dataset_name}…"):
         estimate = plan_training(recipe, chosen, capacity, nproc)

@@ -73,13 +73,13 @@ def memory_plan(recipe, estimate, device: str, capacity: int | None, notes: list
     table.add_row("estimated peak", human(estimate.peak_bytes))
     table.add_row("evaluate / predict", f"{human(estimate.inference_bytes)} (plus at most the eval cache budget)")
     if capacity is None:
-        table.add_row("fits", "unknown (pass --memory)")
+        table.add_row("fits", f"unknown (no {device} memory to measure here: pass --memory, e.g. 80GB)")
     else:
         verdict = "yes" if estimate.fits else "no"
         table.add_row("fits", f"{verdict}: {human(capacity)} available, "
                       f"{100 * (1 - estimate.peak_bytes / capacity):.0f}% headroom (10% wanted)")
     for suggestion in estimate.suggestions:
-        table.add_row("would fit with", suggestion)
+        table.add_row("to fit", suggestion)
     for note in notes:
         table.add_row("export", note.removeprefix("export: "))
     return table

@@ -41,6 +41,7 @@ KEPT_SHARE = {"cpu": 1.0, "cuda": 0.8}  # of those, what the device's attention 
 BACKWARD_BLOCKS = {"cpu": 3.0, "cuda": 0.3}  # gradients and temporaries of the block being differentiated
 CUDA_CONTEXT = 600_000_000  # bytes the CUDA runtime and its kernels hold outside PyTorch's allocator
 ADAM_BYTES = 16  # float32 parameter + gradient + two moments
+HEADROOM = 0.10  # a plan fits when its peak leaves this share of the memory free
 GATHERED_BLOCKS = 2  # FSDP gathers one block and prefetches the next
 BLOCK_NAME = re.compile(r"\.\d+\.")  # a tensor inside a numbered transformer block
 
@@ -74,7 +75,7 @@ class MemoryEstimate:
     @property
     def fits(self) -> bool | None:
         """Fits with at least 10% headroom; None when the capacity is unknown."""
-        return None if self.capacity is None else self.peak_bytes <= 0.9 * self.capacity
+        return None if self.capacity is None else self.peak_bytes <= (1 - HEADROOM) * self.capacity
 
 
 def _blocks(config: dict) -> int:
@@ -217,14 +218,24 @@ def _suggestions(recipe: Recipe, estimate: MemoryEstimate, classes: int, device:
     for per_pass in (8, 4, 2, 1):
         if per_pass < (recipe.train.members_per_pass or recipe.ensemble.members):
             candidates.append({"gradient_checkpointing": True, "members_per_pass": per_pass})
+    smallest = None
     for changes in candidates:
         changed = recipe.model_copy(update={"train": recipe.train.model_copy(update=changes)})
         trial = estimate_memory(changed, classes, device, capacity, world, suggest=False)
+        options = " ".join(f"--set train.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                           for key, value in changes.items())
         if trial.fits:
-            options = " ".join(f"--set train.{key}={str(value).lower() if isinstance(value, bool) else value}"
-                               for key, value in changes.items())
             return [f"{options}  (estimated peak {trial.peak_bytes / 1e9:.1f} GB)"]
-    return []
+        if smallest is None or trial.peak_bytes < smallest[0]:
+            smallest = (trial.peak_bytes, options)
+    peak, options = smallest if smallest is not None else (estimate.peak_bytes, "as written")
+    needed = peak / (1 - HEADROOM)
+    where = "a GPU" if device == "cuda" else "a machine"
+    lines = [f"nothing at {capacity / 1e9:.1f} GB; {options} needs {peak / 1e9:.1f} GB: {where} with "
+             f"≥ {needed / 1e9:.0f} GB (10% headroom){', or --nproc N with train.parallelism: fsdp' if device == 'cuda' else ''}"]
+    if device == "cpu" and recipe.train.precision == "bf16":
+        lines.append("precision bf16 applies on a GPU only: plan it there with --device cuda --memory 80GB")
+    return lines
 
 
 def device_capacity(device: str) -> int | None:

@@ -226,6 +226,9 @@ class TrainSection(_Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_clip: Optional[float] = Field(1.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="the device the recipe is meant for: "
+                                                   "`--dry-run` plans for it, and training refuses cuda without a GPU "
+                                                   "(auto: a GPU when there is one)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on a GPU, frozen factors and "
                                                 "weights stored in bf16, fp32 master copies of what trains")
     seed: int = 0

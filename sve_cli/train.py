@@ -285,6 +285,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
 def _setup(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: Parallel,
            on_note: Callable[[str], None] | None) -> Session:
     """The run directory, data, model, optimiser and step plan (restored from a checkpoint when resuming)."""
+    training_device(recipe.train.device)  # a GPU recipe on a machine without one: refused before anything
     resuming = _prepare_run_dir(out, recipe, resume, overwrite, parallel, on_note)
     session = _session(recipe, out, parallel, on_note)
     if resuming:
@@ -302,7 +303,7 @@ def _session(recipe: Recipe, out: Path, parallel: Parallel, on_note: Callable[[s
         for note in pipeline.data_notes(splits, label_names):
             on_note(note)
     ensemble = pipeline.build_model(label_names)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(training_device(config.device))
     if config.gradient_checkpointing:
         ensemble.enable_gradient_checkpointing()
     if config.precision == "bf16" and device.type == "cuda":
@@ -328,6 +329,14 @@ def _session(recipe: Recipe, out: Path, parallel: Parallel, on_note: Callable[[s
                    batches_per_epoch, steps_per_epoch, total, int(config.warmup_ratio * total), state,
                    {"label_names": label_names, "task": recipe.task.type, "letters": pipeline.letters,
                     "recipe": recipe.model_dump(mode="json")})  # a bank alone can be predicted with
+
+
+def training_device(asked: str) -> str:
+    """`train.device` on this machine: cuda refused without a GPU (one line saying how to run it here)."""
+    if asked == "cuda" and not torch.cuda.is_available():
+        raise SveError("this recipe is meant for a GPU (train.device: cuda) and this machine has none: "
+                       "`--set train.device=cpu` runs it here anyway (`--dry-run --device cpu` says whether it fits)")
+    return asked if asked != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def estimate_time(recipe: Recipe, steps: int = 3) -> dict:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from sve_cli.recipe import load_recipe
 from sve_cli.train import train
 
-from conftest import REPO, sentiment_file, write_recipe
+from conftest import REPO, assert_one_error_line, sentiment_file, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +146,33 @@ def test_dry_run_says_what_would_make_a_recipe_fit(sve, text_models, tmp_path):
     result = sve("train", recipe, "--dry-run", "--device", "cpu", "--memory", str(capacity))
     assert result.code == 0, result.stderr
     text = " ".join(result.stdout.replace("│", " ").split())
-    assert "fits no:" in text and "would fit with --set train." in text
+    assert "fits no:" in text and "to fit --set train." in text
     assert "trainable parameters" in text and "shared factors" in text
-    suggestion = text.split("would fit with ")[1].split("(")[0].split()
+    suggestion = text.split("to fit ")[1].split("(")[0].split()
     changes = [suggestion[i + 1] for i in range(0, len(suggestion), 2)]
     assert estimate_memory(load_recipe(recipe, changes), 2, "cpu").peak_bytes <= 0.9 * capacity
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_plan_that_nothing_fits_says_how_much_it_needs_and_where(sve, text_models, tmp_path):
+    """No memory option makes it fit: the plan names the smallest option set, the memory it needs, and (a GPU
+    recipe planned on a CPU) that bf16 applies on a GPU only. A recipe meant for a GPU plans for one."""
+    recipe = write_recipe(tmp_path / "r.yaml", text_models["bert"], sentiment_file(tmp_path),
+                          train={"precision": "bf16"})
+    result = sve("train", recipe, "--dry-run", "--device", "cpu", "--memory", "1KB")
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert result.code == 0 and "to fit nothing at 0.0 GB;" in text and "needs" in text and "a machine with ≥" in text
+    assert "precision bf16 applies on a GPU only" in text
+    shipped = " ".join(sve("train", "arc_easy", "--dry-run").stdout.replace("│", " ").split())
+    assert "on meta-llama/Llama-2-7b-hf, cuda bf16" in shipped and "fits unknown (no cuda memory to measure" in shipped
+
+
+def test_a_recipe_meant_for_a_gpu_refuses_to_train_without_one(sve, text_models, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    recipe = write_recipe(tmp_path / "r.yaml", text_models["bert"], sentiment_file(tmp_path), train={"device": "cuda"})
+    assert_one_error_line(sve("train", recipe, "--out", tmp_path / "run"), "--set train.device=cpu")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_papers_llm_recipe_plans_offline(sve):
