@@ -265,6 +265,10 @@ def init(
     out_console.print(f"wrote {out}: text '{proposal.text_field}', label '{proposal.label_field}' "
                       f"({len(proposal.classes)} classes), max_length {proposal.max_length}; check it, then "
                       f"`sve train {out} --dry-run`", highlight=False, soft_wrap=True)
+    if proposal.incomplete:
+        out_console.print(f"note: {proposal.incomplete} row(s) of {data} have no '{proposal.text_field}' or no "
+                          f"'{proposal.label_field}': sve train refuses them, so remove them first", highlight=False,
+                          soft_wrap=True)
 
 
 @app.command(epilog="Example:  sve evaluate runs/quickstart --ood bbc_news --save-predictions")

@@ -33,6 +33,7 @@ class Proposal:
     validation_split: str  # a split name, or "train:10%"
     max_length: int
     cut_share: float  # of training texts longer than max_length
+    incomplete: int = 0  # rows (all splits) without a text or a label: `sve train` refuses them
 
 
 def _text_column(frame: pd.DataFrame, exclude: set[str]) -> str:
@@ -89,8 +90,10 @@ def propose(data: str, tokenizer) -> Proposal:
     longest = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]
     max_length = max(16, min(MAX_LENGTH_CAP, 8 * math.ceil(longest / 8)))
     cut = sum(length > max_length for length in lengths) / len(lengths)
+    incomplete = sum(int((table.frame[text].isna() | table.frame[label].isna()).sum()) for table in tables.values()
+                     if {text, label} <= set(table.frame.columns))
     return Proposal(text, label, classes, {name: len(table.frame) for name, table in tables.items()}, splits,
-                    validation, max_length, cut)
+                    validation, max_length, cut, incomplete)
 
 
 def render(proposal: Proposal, data: str, model: str, out: str) -> str:

@@ -63,4 +63,10 @@ def test_init_refuses_what_it_cannot_propose_and_replaces_nothing(sve, text_mode
     pd.DataFrame({"text": ["a b", "c d", "e f", "g h"] * 5, "label": ["x"] * 20}).to_csv(tmp_path / "one.csv", index=False)
     assert_one_error_line(sve("init", "--data", "one.csv", "--model", text_models["bert"]), "holds one class")
     assert_one_error_line(sve("init", "--data", "nothing.csv"), "does not exist")
+    frame = pd.read_csv(tmp_path / "reviews.csv")
+    frame.loc[3, "review"] = None
+    frame.to_csv(tmp_path / "source" / "gaps.csv", index=False)
+    noted = sve("init", "--data", tmp_path / "source" / "gaps.csv", "--model", text_models["bert"], "--out",
+                tmp_path / "source" / "gaps.yaml")
+    assert noted.code == 0 and "note: 1 row(s)" in noted.stdout and "have no 'review'" in noted.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml", "numbers.csv", "one.csv", "reviews.csv", "source"]
