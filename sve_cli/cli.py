@@ -389,11 +389,11 @@ def predict(
                                               "evaluate)."),
     conformal_score: Optional[ConformalScore] = typer.Option(None, "--conformal-score", show_default=False,
                                                              help="With --conformal: the conformal score the sets "
-                                                             "are built from [default: lac]."),
+                                                             "are built from (default: lac)."),
     conformal_mode: Optional[ConformalMode] = typer.Option(None, "--conformal-mode", show_default=False,
                                                            help="With --conformal: marginal (coverage on average "
-                                                           "over inputs) or class (within every class) [default: "
-                                                           "marginal]."),
+                                                           "over inputs) or class (within every class) (default: "
+                                                           "marginal)."),
     bank: Optional[Path] = typer.Option(None, "--bank", help="With a run directory: use this Σ bank."),
     raw: bool = typer.Option(False, "--raw", help="Write the raw ensemble's probabilities instead of the calibrated "
                              "ones (the temperature sve train fitted on validation)."),
