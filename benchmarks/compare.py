@@ -20,7 +20,10 @@ runs in its own process, so its wall time and peak RSS (VmHWM) are its own, and 
 of them at once (a GPU is shared). A finished run is reused when its directory holds `cost.json`
 written for exactly the same overrides and its `recipe.yaml` equals what they resolve to now (so
 seeds can be added later without retraining the others); `--fresh` retrains everything, and
-`--no-train` only tabulates what is finished.
+`--no-train` only tabulates what is finished. `--archive DIR` copies each run's small record (cost.json,
+recipe.yaml, metrics.jsonl, report/report.json: what tabulating and resuming need, no weights) to
+DIR/SETTING/RUN, so a grid that outlives a working session continues in the next one:
+`cp -r DIR/. runs/compare/` and run the same command again.
 """
 
 from __future__ import annotations
@@ -209,6 +212,8 @@ def main() -> None:
                         help="recipe overrides for every method (e.g. ensemble.parameterisation=relative)")
     parser.add_argument("--ablate", nargs="+", default=[], choices=list(ABLATIONS),
                         help="rows that change one thing of SVE (or SVF) at its chosen lr, first seed")
+    parser.add_argument("--archive", type=Path, default=None, help="copy every run's small record (no weights) "
+                        "to ARCHIVE/SETTING/RUN after tabulating")
     parser.add_argument("--grid-budget", default=None, help="a cheaper budget for the lr grids (validation only; "
                         "the chosen rate is then trained again at --budget)")
     args = parser.parse_args()
@@ -289,6 +294,25 @@ def main() -> None:
               f"ece {report['metrics']['ece']:.4f} ({cost['seconds']:.0f} s)", flush=True)
     pool.shutdown()
     _write_table(args, recipe, ood, budget, grids, chosen, results, root)
+    if args.archive:
+        archive(root, args.archive / args.setting)
+
+
+RECORD = ("cost.json", "recipe.yaml", "metrics.jsonl", "report/report.json")
+
+
+def archive(root: Path, into: Path) -> None:
+    """Each finished run's small record (RECORD) under `into`, and the setting's table and results."""
+    import shutil
+
+    for run in sorted(p for p in root.iterdir() if (p / "cost.json").exists()):
+        for name in RECORD:
+            if (run / name).exists():
+                (into / run.name / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(run / name, into / run.name / name)
+    for name in ("table.md", "results.json"):
+        if (root / name).exists():
+            shutil.copy2(root / name, into / name)
 
 
 def _wait(job) -> tuple[dict | None, bool]:
