@@ -28,7 +28,6 @@ from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers
 from sve_cli.factors import FactorCache
 from sve_cli.errors import ForeignDecompositionError, SveError
 from sve_cli.heads import MemberHead, Stem, features, resolve_representation
-from sve_cli.baselines import DenseMembersLinear, LoRAMembersLinear
 from sve_cli.layer import SVELinear
 from sve_cli.prefix import SharedPrefix, shared_prefix
 from sve_cli.recipe import EnsembleConfig
@@ -230,13 +229,9 @@ def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: Ensemble
     source = _source_fingerprint(targets)
     if not config.trains_targets:
         return {}, source, source
-    if config.method == "lora_ensemble":
-        def make_layer(target: dict, layer: nn.Module) -> nn.Module:
-            return LoRAMembersLinear(linear_weight(layer), layer.bias, config.members, config.lora_rank,
-                                     config.lora_alpha, generator)
-    else:
-        def make_layer(target: dict, layer: nn.Module) -> nn.Module:
-            return DenseMembersLinear(linear_weight(layer), layer.bias, config.members, config.copy_jitter, generator)
+    def make_layer(target: dict, layer: nn.Module) -> nn.Module:
+        return config.spec.member_layer(linear_weight(layer), layer.bias, config, generator)
+
     return _replace_targets(backbone, targets, make_layer, checkpoint.source), source, source
 
 

@@ -102,7 +102,7 @@ def _merged_weight(bank: RunBank, cache: FactorCache | None, target: str, member
         U, S, Vh = cache.factors(target)
         values = singular_values(sigma, S.float(), bank.metadata["parameterisation"])  # [k]
         return merged_weight(U.float(), values, Vh.float())  # as stored
-    if bank.metadata["method"] == "lora_ensemble":  # members' adapters act on the linear map [out, in]
+    if bank.recipe.ensemble.spec.adapter:  # members' adapters act on the linear map [out, in]
         scale = bank.recipe.ensemble.lora_alpha / bank.recipe.ensemble.lora_rank
         base = bank.base.read(target).float()
         base = base.T if spec.conv1d else base

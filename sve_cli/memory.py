@@ -99,12 +99,7 @@ def _trainable(recipe: Recipe, targets: list[Target], checkpoint: Checkpoint, cl
     for t in targets:
         has_bias = f"{t.module}.bias" in checkpoint.files
         outputs = t.in_features if conv1d else t.out_features
-        if ensemble.uses_decomposition:
-            per_member += t.k + (outputs if ensemble.bias or has_bias else 0)
-        elif ensemble.method == "lora_ensemble":
-            per_member += ensemble.lora_rank * (t.in_features + t.out_features)
-        else:
-            per_member += t.out_features * t.in_features + (outputs if has_bias else 0)
+        per_member += ensemble.spec.values_per_target(t, outputs, has_bias, ensemble)
     return members * per_member + head
 
 
@@ -164,7 +159,7 @@ def estimate_memory(recipe: Recipe, classes: int, device: str = "cpu", capacity:
     backbone = {name: math.prod(checkpoint.shape(name)) for name in BackboneLayout(spec, checkpoint.names).backbone()}
     base_parameters = sum(math.prod(checkpoint.shape(name)) for name in checkpoint.names)
     sve = ensemble.uses_decomposition
-    replaced = sve or ensemble.dense_members
+    replaced = sve or (ensemble.spec.dense and ensemble.trains_targets)  # the member layers hold the targets
     frozen = sum(n for name, n in backbone.items() if not (replaced and name in target_names))
     factors = sum(t.k * (t.out_features + t.in_features) for t in targets) if sve else 0
     trainable = _trainable(recipe, targets, checkpoint, classes)

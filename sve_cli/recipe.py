@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sve_cli.errors import RecipeError, SveError
+from sve_cli.methods import METHODS, Method
 from sve_cli.vocabulary import REPRESENTATIONS, VALIDATION_METRICS
 
 
@@ -161,7 +162,7 @@ def split_files(dataset: "str | dict") -> dict[str, list[Path]] | None:
 class EnsembleConfig(_Section):
     """What the ensemble is: the recipe's `ensemble:` section, and `build_ensemble`'s argument."""
 
-    method: Literal["sve", "svf", "single", "deep_ensemble", "lora_ensemble"] = "sve"
+    method: Literal[tuple(METHODS)] = "sve"
     members: int = Field(4, ge=1, le=256)
     sigma_init: float = Field(0.01, ge=0, description="relative init noise of each member's singular values "
                               "(sve/svf) or of its copies of the weights and copied heads (deep_ensemble)")
@@ -187,29 +188,29 @@ class EnsembleConfig(_Section):
 
     @model_validator(mode="after")
     def _members_of_single_models(self) -> "EnsembleConfig":
-        if self.method in ("svf", "single") and self.members != 1:
+        if METHODS[self.method].one_model and self.members != 1:
             raise ValueError(f"method '{self.method}' trains one model: set members: 1")
         return self
 
     @property
+    def spec(self) -> Method:
+        """The method's interface (sve_cli/methods.py)."""
+        return METHODS[self.method]
+
+    @property
     def uses_decomposition(self) -> bool:
-        return self.method in ("sve", "svf")
+        return self.spec.decomposed
 
     @property
     def trains_targets(self) -> bool:
         """False for single/deep-ensemble runs that train their heads only."""
-        return self.uses_decomposition or self.method == "lora_ensemble" or self.single_mode == "full"
-
-    @property
-    def dense_members(self) -> bool:
-        """Members own full copies of the targeted weights (single, deep_ensemble)."""
-        return self.method in ("single", "deep_ensemble") and self.single_mode == "full"
+        return self.spec.trains_targets(self)
 
     @property
     def copy_jitter(self) -> float:
-        """Relative noise on the deep ensemble's copies of pretrained tensors (weights, copied heads),
-        so its members differ from the start as SVE's do; 0 for every other method."""
-        return self.sigma_init if self.method == "deep_ensemble" and self.members > 1 else 0.0
+        """Relative noise on a jittered method's copies of pretrained tensors (weights, copied heads), so its
+        members differ from the start as SVE's do; 0 for every other method."""
+        return self.sigma_init if self.spec.jittered and self.members > 1 else 0.0
 
 
 class TrainSection(_Section):

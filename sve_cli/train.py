@@ -197,6 +197,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
     receives remarks worth a line (e.g. a resume that starts from step 0).
     """
     refuse_unusual(out, directory=True)
+    training_device(recipe.train.device)  # a GPU recipe on a machine without one: refused before anything
     if out.exists() and visible_entries(out) and not is_run_directory(out):  # before its lock is created there
         raise OutputExistsError(f"{out} holds files that are not an sve run; sve never writes there: "
                                 "choose another --out")
@@ -285,7 +286,6 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
 def _setup(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: Parallel,
            on_note: Callable[[str], None] | None) -> Session:
     """The run directory, data, model, optimiser and step plan (restored from a checkpoint when resuming)."""
-    training_device(recipe.train.device)  # a GPU recipe on a machine without one: refused before anything
     resuming = _prepare_run_dir(out, recipe, resume, overwrite, parallel, on_note)
     session = _session(recipe, out, parallel, on_note)
     if resuming:
