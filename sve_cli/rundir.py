@@ -1,5 +1,5 @@
-"""A run directory: what `sve train` writes into it, and the one check evaluate, export and predict
-make before reading it.
+"""A run directory's lifecycle: what `sve train` writes into it (and may replace, resume or clean up), and the
+one check evaluate, export and predict make before reading it.
 
     recipe.yaml              the resolved recipe
     sigma_bank.safetensors   the best bank by the validation metric
@@ -12,11 +12,13 @@ make before reading it.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Callable
 
-from sve_cli.errors import SveError
-from sve_cli.recipe import RUN_RECIPE_HEADER, Recipe, load_recipe
-from sve_cli.writing import visible_entries
+from sve_cli.errors import OutputExistsError, SveError
+from sve_cli.recipe import RUN_RECIPE_HEADER, Recipe, load_recipe, recipe_yaml
+from sve_cli.writing import atomic_path, visible_entries
 
 RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS, CONFORMAL = (
     "recipe.yaml", "sigma_bank.safetensors", "checkpoint.safetensors", "trainer_state.json", "metrics.jsonl",
@@ -39,6 +41,42 @@ def is_run_directory(path: Path) -> bool:
 def is_stub(path: Path) -> bool:
     """A run that never reached its first checkpoint (killed or failed at the start): only its recipe."""
     return {p.name for p in visible_entries(path)} == {RECIPE} and _written_by_train(path / RECIPE)
+
+
+def check_reuse(out: Path, recipe: Recipe, resume: bool, overwrite: bool,
+                on_note: Callable[[str], None] | None) -> bool:
+    """Whether `sve train` may write into `out` (one line when not); True when it resumes a checkpoint."""
+    if resume:
+        if not (out / RECIPE).exists():
+            raise SveError(f"--resume: {out} holds no run to resume (no {RECIPE}); start it without --resume")
+        if load_recipe(out / RECIPE) != recipe:  # validated recipes: a new default key changes nothing
+            raise SveError(f"--resume: the recipe differs from the one {out} was started with "
+                           f"({out / RECIPE}); start a new run with another --out")
+        resuming = (out / CHECKPOINT).exists()
+        if not resuming and on_note:
+            on_note(f"{out} has no {CHECKPOINT} yet (killed before its first checkpoint): starting from step 0")
+        return resuming
+    if out.exists() and visible_entries(out) and not overwrite and not is_stub(out):
+        raise OutputExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite "
+                                "to replace it")
+    return False
+
+
+def start_fresh(out: Path, recipe: Recipe) -> None:
+    """Remove what an earlier run wrote (and only that), then write the resolved recipe."""
+    for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS, CONFORMAL):
+        (out / name).unlink(missing_ok=True)
+    for folder in ("report", "tensorboard"):
+        shutil.rmtree(out / folder, ignore_errors=True)
+    with atomic_path(out / RECIPE) as temporary:
+        temporary.write_text(recipe_yaml(recipe), encoding="utf-8")
+
+
+def remove_stub(out: Path, created: bool) -> None:
+    """Remove what a run that never reached its first checkpoint wrote, so a rerun starts clean."""
+    (out / RECIPE).unlink(missing_ok=True)
+    if created and not visible_entries(out):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def read_fitted(path: Path, bank: Path, stale_ok: bool = False) -> dict | None:

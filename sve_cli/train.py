@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -34,9 +33,9 @@ from sve_cli.vocabulary import METRIC, VALIDATION_METRICS
 from sve_cli.metrics import Prediction, calibration_metrics, fit_calibration, temperature_of
 from sve_cli.pipeline import Encoded, Pipeline
 from sve_cli.schedule import MemberOrders, lr_factor, param_groups
-from sve_cli.recipe import Recipe, load_recipe, recipe_yaml
+from sve_cli.recipe import Recipe
 from sve_cli.outputs import refuse_inputs, refuse_unusual
-from sve_cli.rundir import BANK, CHECKPOINT, CONFORMAL, METRICS, RECIPE, STATE, THRESHOLDS, is_run_directory, is_stub
+from sve_cli.rundir import BANK, CHECKPOINT, METRICS, STATE, check_reuse, is_run_directory, is_stub, remove_stub, start_fresh
 from sve_cli.writing import atomic_path, exclusive, fault_point, save_safetensors, visible_entries, write_json
 
 
@@ -44,28 +43,10 @@ from sve_cli.writing import atomic_path, exclusive, fault_point, save_safetensor
 def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, parallel: Parallel,
                      on_note: Callable[[str], None] | None) -> bool:
     """Returns True when an existing checkpoint should be resumed. Rank 0 holds the run's lock."""
-    existing = out.exists() and bool(visible_entries(out))
-    resuming = False
-    if resume:
-        if not (out / RECIPE).exists():
-            raise SveError(f"--resume: {out} holds no run to resume (no {RECIPE}); start it without --resume")
-        if load_recipe(out / RECIPE) != recipe:  # validated recipes: a new default key changes nothing
-            raise SveError(f"--resume: the recipe differs from the one {out} was started with "
-                           f"({out / RECIPE}); start a new run with another --out")
-        resuming = (out / CHECKPOINT).exists()
-        if not resuming and parallel.writer and on_note:
-            on_note(f"{out} has no {CHECKPOINT} yet (killed before its first checkpoint): starting from step 0")
-    elif existing and not overwrite and not is_stub(out):
-        raise OutputExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite "
-                                "to replace it")
+    resuming = check_reuse(out, recipe, resume, overwrite, on_note if parallel.writer else None)
     barrier(parallel)  # every rank has looked at `out` before rank 0 writes into it
-    if parallel.writer and not resuming:  # what an earlier run wrote (and only that) goes
-        for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS, CONFORMAL):
-            (out / name).unlink(missing_ok=True)
-        for folder in ("report", "tensorboard"):
-            shutil.rmtree(out / folder, ignore_errors=True)
-        with atomic_path(out / RECIPE) as temporary:
-            temporary.write_text(recipe_yaml(recipe), encoding="utf-8")
+    if parallel.writer and not resuming:
+        start_fresh(out, recipe)
     return resuming
 
 
@@ -211,7 +192,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overwrite: bool = Fal
             return _train(recipe, out, resume, overwrite, parallel, [Callbacks(on_step, on_eval)], on_note)
         except (Exception, KeyboardInterrupt):
             if parallel.writer and is_stub(out):  # failed before its first checkpoint: nothing worth keeping
-                _remove_stub(out, created)
+                remove_stub(out, created)
             raise
 
 
@@ -223,13 +204,6 @@ def interrupted_message(recipe: Path, out: Path, overrides: list[str]) -> str:
         return "interrupted before the first checkpoint: nothing was kept; run the command again to start over"
     sets = "".join(f" --set {item}" for item in overrides)
     return f"interrupted; `sve train {recipe} --out {out}{sets} --resume` continues from step {step}"
-
-
-def _remove_stub(out: Path, created: bool) -> None:
-    """Remove what a run that never reached its first checkpoint wrote, so a rerun starts clean."""
-    (out / RECIPE).unlink(missing_ok=True)
-    if created and not visible_entries(out):
-        shutil.rmtree(out, ignore_errors=True)
 
 
 @dataclass
