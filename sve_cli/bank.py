@@ -48,6 +48,7 @@ def bank_metadata(model: SVEModel, extra: dict[str, object] | None = None) -> di
         "model_type": identity.model_type,
         "decomposition_fingerprint": identity.decomposition_fingerprint,
         "source_fingerprint": identity.source_fingerprint,
+        "base_fingerprint": identity.base_fingerprint,
         "members": model.members,
         "targets": identity.targets,
         "method": identity.method,
@@ -101,6 +102,11 @@ def _is_sve_bank(path: Path) -> bool:
 BANK_OUTPUT = OutputKind("an sve Σ bank", False, _is_sve_bank)  # what `sve export --format sigma-bank` may replace
 
 
+def base_changed(model: str) -> str:
+    return (f"the base checkpoint {model} changed since this bank was trained (weights outside the targets differ: "
+            "embeddings, norms, heads or untargeted layers); use the checkpoint the run was trained on, or train again")
+
+
 def load_bank(model: SVEModel, path: Path) -> dict[str, object]:
     """Copy a bank into `model`; refuse one made for another base, target set or shape."""
     metadata = read_bank_metadata(path)
@@ -112,6 +118,8 @@ def load_bank(model: SVEModel, path: Path) -> dict[str, object]:
         raise SveError(f"{path} was trained on another base model or decomposition ({metadata['base_model']}, "
                        f"decomposition {metadata['decomposition_fingerprint'][:19]}…) than "
                        f"{identity.base_model} ({identity.decomposition_fingerprint[:19]}…)")
+    if metadata.get("base_fingerprint", identity.base_fingerprint) != identity.base_fingerprint:
+        raise SveError(base_changed(identity.base_model))
     parameterisation = bank_metadata(model)["sve.parameterisation"]
     if json.dumps(metadata.get("parameterisation")) != parameterisation:
         raise SveError(f"{path} stores singular values as '{metadata.get('parameterisation')}', this ensemble "

@@ -43,6 +43,7 @@ class Identity:
     source_fingerprint: str
     targets: list[str] = field(default_factory=list)
     method: str = "sve"
+    base_fingerprint: str = ""  # every tensor of the checkpoint, sampled (`Checkpoint.sampled_fingerprint`)
 
 
 class SVEModel(nn.Module):
@@ -291,7 +292,8 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
         else:
             head.init_normal(generator)
 
-    identity = Identity(model, checkpoint.model_type, fingerprint, source_fingerprint, list(layers), config.method)
+    identity = Identity(model, checkpoint.model_type, fingerprint, source_fingerprint, list(layers), config.method,
+                        checkpoint.sampled_fingerprint())
     if pad_token_id is None:
         pad_token_id = getattr(backbone.config, "pad_token_id", None)
     return SVEModel(backbone, head, layers, config.members, representation, pad_token_id, identity,

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from sve_cli import __version__
-from sve_cli.bank import BANK_OUTPUT, read_bank_metadata
+from sve_cli.bank import BANK_OUTPUT, base_changed, read_bank_metadata
 from sve_cli.checkpoint import Checkpoint, open_checkpoint
 from sve_cli.tensors import DTYPE_NAMES, TORCH_DTYPES, source_fingerprint
 from sve_cli.writing import (ShardWriter, parse_size, plan_shards, save_safetensors, write_index,
@@ -71,6 +71,8 @@ class RunBank:
         if missing or source_fingerprint(fingerprints) != metadata["source_fingerprint"]:
             raise SveError(f"the base checkpoint {recipe.model.path} no longer matches the bank of {run} "
                            "(its targeted weights changed since training)")
+        if metadata.get("base_fingerprint", "") not in ("", base.sampled_fingerprint()):  # banks before 0.1 lack it
+            raise SveError(base_changed(recipe.model.path))
         return cls(run, recipe, metadata, safe_open(str(bank), framework="pt"), base)
 
     def tensor(self, name: str) -> torch.Tensor:

@@ -217,6 +217,26 @@ def test_an_altered_decomposition_is_refused(sve, world, tmp_path):
     assert_one_error_line(result, "has changed since `sve decompose` wrote it")
 
 
+def test_a_base_changed_outside_the_targets_is_refused(sve, world, tmp_path):
+    """Embeddings × 3 in the base checkpoint after training: every command that reads the run says so, in
+    one line, and writes nothing."""
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    run = _copy_run(world["run"], tmp_path / "run")
+    (run / "recipe.yaml").write_text((run / "recipe.yaml").read_text().replace(str(world["model"]), str(model)))
+    assert sve("evaluate", run, "--report", tmp_path / "before").code == 0  # the copy is the same checkpoint
+    weights = load_file(model / "model.safetensors")
+    name = next(k for k in weights if "word_embeddings" in k)
+    weights[name] = weights[name] * 3
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    before = _snapshot(tmp_path)
+    for args in (["evaluate", run, "--report", tmp_path / "r"],
+                 ["predict", run, "--data", world["data"], "--out", tmp_path / "p.jsonl"],
+                 ["export", run, "--format", "safetensors", "--out", tmp_path / "e"]):
+        assert_one_error_line(sve(*args), "changed since this bank was trained")
+    assert _snapshot(tmp_path) == before
+
+
 def test_a_bank_of_other_labels_is_refused(sve, world, tmp_path):
     other_data = tmp_path / "other.jsonl"
     other_data.write_text("".join(json.dumps({"text": f"text {i}", "label": ["x", "y", "z"][i % 3]}) + "\n"
