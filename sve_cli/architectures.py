@@ -54,6 +54,7 @@ class Architecture:
     drop: tuple[str, ...] = ()  # backbone tensors the classification class does not hold (e.g. an unused pooler)
     inferred: bool = False
     unresolved: str | None = None  # an inferred spec whose layers could not be listed: why (said when a preset is asked)
+    fused: tuple[str, ...] = ()  # block modules transformers loads as 3-D parameters (MoE experts): never targets
 
     @property
     def image(self) -> bool:
@@ -123,11 +124,19 @@ ARCHITECTURES: dict[str, Architecture] = {spec.model_type: spec for spec in (
 )}
 
 
+# families whose backbone sve cannot run as it runs every other: refused in one line at decompose and train
+_T5 = ("an encoder–decoder whose base model needs decoder inputs and whose layers read their weights' dtype "
+       "directly; BART-style encoder–decoders and every encoder-only or decoder-only family work")
+UNSUPPORTED = {name: _T5 for name in ("t5", "mt5", "umt5", "longt5", "switch_transformers")}
+
+
 def architecture(checkpoint) -> Architecture:
     """The registered spec of `checkpoint`'s `model_type`, or one inferred from its structure."""
     model_type = checkpoint.model_type
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
+    if model_type in UNSUPPORTED:
+        raise TargetError(f"model_type '{model_type}' is not supported: {UNSUPPORTED[model_type]}")
     if not model_type:
         raise TargetError(f"{checkpoint.source} has no model_type in its config.json, so transformers cannot build "
                           "it (`sve decompose --targets GLOBS` can still decompose named layers)")
@@ -188,6 +197,8 @@ def infer(directory, names: tuple[str, ...]) -> Architecture:
     config, model_type = base.config, base.config.model_type
     blocks_name, blocks = block_list(base)
     attention, mlp, conv1d, unresolved = [], [], False, None
+    fused = tuple(sorted({name.split(".", 1)[1] for name, module in (blocks.named_modules() if blocks is not None else ())
+                          if "." in name and any(p.dim() >= 3 for p in module.parameters(recurse=False))}))
     if blocks is None:
         unresolved = f"cannot find the transformer blocks of a {model_type} model"
     for name, module in blocks.named_modules() if blocks is not None else ():
@@ -212,7 +223,7 @@ def infer(directory, names: tuple[str, ...]) -> Architecture:
     head = ("score.weight", None) if decoder else ("classifier.weight", "classifier.bias")
     spec = Architecture(model_type, tuple(attention), tuple(mlp), "mean", None, base.base_model_prefix or "model",
                         head, decoder=decoder, causal_lm=causal if decoder else None,
-                        conv1d=conv1d, inferred=True, unresolved=unresolved)
+                        conv1d=conv1d, inferred=True, unresolved=unresolved, fused=fused)
     return replace(spec, **_inferred_head(directory, classifier, decoder))
 
 
@@ -272,11 +283,20 @@ def resolve_patterns(spec: str | None, checkpoint) -> tuple[list[str], Architect
         return [pattern.strip() for pattern in spec.split(",") if pattern.strip()], None
     family = architecture(checkpoint)
     patterns = family.patterns(spec)
+    if not patterns and family.fused and spec == "mlp":
+        raise TargetError(experts_note(family) + ": `--targets attention` (what `all` covers) is what sve can ensemble")
     if not patterns:
         why = family.unresolved or f"the inferred {family.model_type} spec has no '{spec}' layers"
         raise TargetError(f"{why}: name the layers to target with globs (`--targets` of sve decompose, "
                           "`ensemble.targets` of a recipe), e.g. '*.q_proj.weight,*.v_proj.weight'")
     return patterns, family
+
+
+def experts_note(family: Architecture) -> str:
+    """Why a mixture-of-experts family's experts are never targets."""
+    return (f"{family.model_type}'s MLP is a mixture of experts that transformers loads as 3-D tensors "
+            f"({', '.join(family.fused)}), not linear layers: sve ensembles linear layers only, so the experts stay "
+            "frozen")
 
 
 def matches(name: str, patterns: list[str]) -> bool:

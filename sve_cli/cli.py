@@ -121,6 +121,8 @@ def decompose(
             out_console.print(item)
         return
 
+    for note in display.plan_notes(plan):
+        out_console.print(note, soft_wrap=True, highlight=False)
     work = plan.work
     with _progress(BarColumn(), TextColumn("{task.percentage:>3.0f}%")) as progress:
         task = progress.add_task("fingerprinting sources", total=sum(work.values()))

@@ -30,12 +30,23 @@ def decomposition_plan(plan, out: Path) -> list:
     for target in plan.targets:
         table.add_row(target.name, f"{target.out_features}×{target.in_features}", str(target.k),
                       target.dtype, human(target.factor_bytes(element_size)))
-    items = [table]
-    if plan.inferred:
-        items.append(f"{plan.checkpoint.model_type} has no spec in sve: these targets were inferred (every linear "
-                     "layer of its transformer blocks); --targets narrows them")
+    items = [table, *plan_notes(plan)]
     items.append(f"would write {human(plan.total_size)} in {len(plan.shards)} shard(s) to {out} ({plan.precision})")
     return items
+
+
+def plan_notes(plan) -> list[str]:
+    """What a decomposition plan says besides its targets: inferred targets, and experts left frozen."""
+    if not plan.inferred:
+        return []
+    from sve_cli.architectures import architecture, experts_note
+
+    notes = [f"{plan.checkpoint.model_type} has no spec in sve: these targets were inferred (every linear layer of "
+             "its transformer blocks); --targets narrows them"]
+    family = architecture(plan.checkpoint)
+    if family.fused:
+        notes.append(experts_note(family) + "; the targets are its attention layers")
+    return notes
 
 
 def decomposition(model: str, plan, result, out: Path) -> Table:

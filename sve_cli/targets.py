@@ -82,6 +82,12 @@ def resolve_targets(checkpoint: Checkpoint, spec: str | None = None) -> list[Tar
                 f"target '{name}' has shape {list(shape)}: only 2-D weight matrices can be decomposed"
             )
         targets.append(Target(name, shape[0], shape[1], checkpoint.dtype(name)))
+    if family is None and any(".experts." in t.name for t in targets):
+        from sve_cli.architectures import architecture, experts_note
+
+        spec_of = architecture(checkpoint)
+        if spec_of.fused:  # stored as 2-D tensors per expert, loaded as one fused 3-D tensor: no layer to replace
+            raise TargetError(experts_note(spec_of) + f" (e.g. '{next(t.name for t in targets if '.experts.' in t.name)}')")
     if not targets:
         where = f" in blocks {blocks.start}-{'' if blocks.stop == 1 << 30 else blocks.stop - 1}" if blocks else ""
         raise TargetError(f"the '{spec or 'all'}' preset matches no tensor{where} in {checkpoint.source}")

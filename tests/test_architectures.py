@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import _copy_tokenizer, sentiment_file, train_run
+from conftest import _copy_tokenizer, assert_one_error_line, sentiment_file, train_run, write_recipe
 
 pytestmark = pytest.mark.slow  # the family matrix (~100 s of setup) runs in `make test`, not `make test-fast`
 
@@ -49,8 +49,11 @@ FAMILIES = {
     "megatron-bert": ("MegatronBertConfig", "MegatronBertForMaskedLM", ENCODER, "minilm",
                       "MegatronBertForSequenceClassification"),
     "mpnet": ("MPNetConfig", "MPNetForMaskedLM", ENCODER, "minilm", "SentenceTransformer"),
+    # a mixture of experts: its attention is ensembled, its experts (3-D tensors once loaded) stay frozen
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2),
+                "smollm2", "MixtralForSequenceClassification"),
 }
-DECODERS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "bloom"]
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "bloom", "mixtral"]
 TEXTS = ["the film was great", "the meal was truly awful and cold", "the trip was lovely"]
 PROMPTS = ["Which is a colour? (1)\nA) red\nB) run\nC) rock\nAnswer:", "Which is a colour? (22)\nA) red\nB) run\nC) rock\nAnswer:"]
 
@@ -205,3 +208,29 @@ def test_unlisted_families_are_inferred_and_say_so(sve, exported, tmp_path):
     assert plan.inferred and layers == {"self_attention.query_key_value.weight", "self_attention.dense.weight",
                                         "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight"}
     assert len(plan.targets) == 2 * 4  # two blocks; never embeddings, norms or heads
+
+
+def test_a_mixture_of_experts_says_its_experts_stay_frozen(sve, exported):
+    model = exported["mixtral-text"]["run"].parent.parent / "models" / "mixtral"
+    plan = " ".join(sve("decompose", model, "--dry-run").stdout.split())
+    assert "mixture of experts that transformers loads as 3-D tensors" in plan and "experts stay frozen" in plan
+    assert_one_error_line(sve("decompose", model, "--targets", "mlp", "--dry-run"), "`--targets attention`")
+    assert_one_error_line(sve("decompose", model, "--targets", "*.experts.0.w1.weight", "--dry-run"), "experts stay frozen")
+    from sve_cli.bank import read_bank_metadata
+
+    targets = read_bank_metadata(exported["mixtral-text"]["run"] / "sigma_bank.safetensors")["targets"]
+    assert len(targets) == 8 and all(".self_attn." in name for name in targets)  # 4 projections × 2 blocks
+
+
+@pytest.mark.parametrize("kind", ["T5ForConditionalGeneration", "T5EncoderModel"])
+def test_t5_is_refused_in_one_line_at_decompose_and_train(sve, capsys, kind, tmp_path):
+    import transformers
+
+    model = tmp_path / "t5"
+    torch.manual_seed(0)
+    getattr(transformers, kind)(transformers.T5Config(vocab_size=64, d_model=32, d_ff=48, num_layers=2, num_heads=4,
+                                                      d_kv=8)).save_pretrained(model)
+    capsys.readouterr()  # transformers' own progress bar    assert_one_error_line(sve("decompose", model, "--out", tmp_path / "cache"), "model_type 't5' is not supported")
+    recipe = write_recipe(tmp_path / "r.yaml", model, sentiment_file(tmp_path), ensemble={"targets": "*.q.weight"})
+    assert_one_error_line(sve("train", recipe, "--out", tmp_path / "run"), "model_type 't5' is not supported")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
