@@ -156,9 +156,9 @@ def _flat(overrides: dict) -> list[str]:
 
 def finished(recipe: str, out: Path, overrides: dict, evaluated: bool = True) -> dict | None:
     """The cost of a finished run made with exactly these overrides (and evaluated, when asked), or None."""
-    record = out / "cost.json"
-    if not record.exists() or (evaluated and not (out / "report" / "report.json").exists()):
-        return None
+    record, report = out / "cost.json", out / "report" / "report.json"
+    if not record.exists() or (evaluated and (not report.exists() or "metrics" not in json.loads(report.read_text()))):
+        return None  # (a report cut short holds only sve's marker)
     saved = json.loads(record.read_text())
     same = saved.get("recipe") == recipe and saved.get("overrides") == _flat(overrides)
     return saved if same and load_recipe(out / "recipe.yaml") == load_recipe(REPO / recipe, _flat(overrides)) else None

@@ -306,7 +306,7 @@ def evaluate(
 
     paths = [item for item in (data, *ood) if item and Path(item).exists()]
     for run in runs:  # refuse before minutes of evaluation, not after
-        check_output(report_dir(run), REPORT, overwrite, [run, bank, *paths])
+        check_output(report_dir(run), REPORT, overwrite, [run, bank, *paths], option="--report")
     how = combine.value if combine else None
     reports = []
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, every rank predicts and rank 0 writes
@@ -324,7 +324,7 @@ def evaluate(
             continue
         directory = report_dir(run)
         with output_lock(directory):
-            check_output(directory, REPORT, overwrite, [run, bank, *paths])
+            check_output(directory, REPORT, overwrite, [run, bank, *paths], option="--report")
             reports.append(write_report(evaluation, directory, save_predictions))
         console.print(f"report written to {directory}")
         if bank is None:  # thresholds belong to the run's own bank

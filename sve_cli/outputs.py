@@ -45,16 +45,16 @@ def refuse_inputs(out: Path, inputs: Iterable[Path | str | None], option: str = 
             raise SveError(f"{option} {out} contains {item}, an input of this command; choose another {option}")
 
 
-def refuse_unusual(out: Path, directory: bool) -> None:
+def refuse_unusual(out: Path, directory: bool, option: str = "--out") -> None:
     """One line, at once, for an existing `--out` that is a broken symbolic link, not a regular file or
     directory (opening a pipe to look inside would block), or a file where a directory is written."""
     if out.is_symlink() and not out.exists():
-        raise OutputExistsError(f"--out {out} is a broken symbolic link; sve never replaces it: choose another --out")
+        raise OutputExistsError(f"{option} {out} is a broken symbolic link; sve never replaces it: choose another {option}")
     if out.exists() and not out.is_dir() and not out.is_file():
-        raise OutputExistsError(f"--out {out} is not a regular file or directory (a pipe, socket or device); "
-                                "sve never writes there: choose another --out")
+        raise OutputExistsError(f"{option} {out} is not a regular file or directory (a pipe, socket or device); "
+                                f"sve never writes there: choose another {option}")
     if directory and out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file, not a directory")
+        raise OutputExistsError(f"{option} {out} is a file, not a directory")
 
 
 @dataclass(frozen=True)
@@ -68,28 +68,30 @@ class OutputKind:
     replaced_whole: bool = True  # False: the command writes its own files into the directory
 
 
-def check_output(out: Path, kind: OutputKind, overwrite: bool, inputs: Iterable[Path | str | None] = ()) -> bool:
-    """Refuse what the rule forbids; True when `out` exists and `--overwrite` will replace it."""
-    refuse_inputs(out, inputs)
+def check_output(out: Path, kind: OutputKind, overwrite: bool, inputs: Iterable[Path | str | None] = (),
+                 option: str = "--out") -> bool:
+    """Refuse what the rule forbids; True when `out` exists and `--overwrite` will replace it. `option` is
+    how the command line names `out` (`--report` for a report)."""
+    refuse_inputs(out, inputs, option)
     cwd = Path.cwd().resolve()
     if kind.is_directory and kind.replaced_whole and (resolved(out) == cwd or resolved(out) in cwd.parents):
-        raise SveError(f"--out {out} is the current directory or one of its parents; choose another --out")
+        raise SveError(f"{option} {out} is the current directory or one of its parents; choose another {option}")
     if not out.exists() and not out.is_symlink():
         return False
-    refuse_unusual(out, directory=kind.is_directory)
+    refuse_unusual(out, directory=kind.is_directory, option=option)
     if not kind.is_directory and out.is_dir():
-        raise OutputExistsError(f"--out {out} is a directory, not a file")
+        raise OutputExistsError(f"{option} {out} is a directory, not a file")
     if kind.is_directory and not visible_entries(out):
         return False  # an empty directory (or one holding only sve's lock): nothing to lose
     if not kind.recognise(out):
-        raise OutputExistsError(f"{out} exists and is not {kind.noun}; sve never replaces it: choose another --out")
+        raise OutputExistsError(f"{out} exists and is not {kind.noun}; sve never replaces it: choose another {option}")
     own = kind.own_entries(out) if kind.is_directory else None
     if own is not None:
         foreign = foreign_entries(out, own) if kind.replaced_whole else sorted(
             p.name for p in visible_entries(out) if p.name not in own)
         if foreign:
             raise OutputExistsError(f"{out} holds files sve did not write there (e.g. {foreign[0]}); "
-                                    "sve never replaces it: choose another --out")
+                                    f"sve never replaces it: choose another {option}")
     if not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     return True

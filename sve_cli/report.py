@@ -244,6 +244,13 @@ def write_report(evaluation: Evaluation, directory: Path, save_predictions: bool
     directory.mkdir(parents=True, exist_ok=True)
     earlier = tool_files(directory, "report.json") or set()
     report = report_dict(evaluation)
+    written = {"report.md", "reliability.png", "risk_coverage.png", "conformal.png",
+               *(f"ood_{name}.png" for name in evaluation.ood_predictions),
+               *(["predictions.safetensors"] if save_predictions else [])}
+    # sve's marker first: a report cut short (a full disk, a kill) is still recognised as sve's own, and
+    # `--overwrite` replaces it; the complete report.json replaces this one last
+    write_json(directory / "report.json", {"tool": report["tool"], "complete": False,
+                                           "files": sorted(written | earlier | {"report.json"})})
     with atomic_path(directory / "report.md") as temporary:
         temporary.write_text(markdown(report), encoding="utf-8")
     prediction = evaluation.prediction
@@ -267,8 +274,6 @@ def write_report(evaluation: Evaluation, directory: Path, save_predictions: bool
         save_safetensors(directory / "predictions.safetensors", tensors,
                          {"sve.label_names": json.dumps(report["data"]["label_names"]), "sve.combine": evaluation.combine,
                           "sve.temperature": json.dumps(temperature)})
-    written = {"report.md", "reliability.png", "risk_coverage.png", "conformal.png", *(f"ood_{name}.png" for name in evaluation.ood_predictions),
-               *(["predictions.safetensors"] if save_predictions else [])}
     report["files"] = sorted(written | {"report.json"})
     write_json(directory / "report.json", report)
     for stale in earlier - set(report["files"]):

@@ -237,6 +237,24 @@ def test_a_base_changed_outside_the_targets_is_refused(sve, world, tmp_path):
     assert _snapshot(tmp_path) == before
 
 
+def test_a_report_cut_short_is_replaced_with_overwrite_and_named_by_its_option(sve, world, tmp_path):
+    """What a report killed (or out of disk) halfway leaves — sve's marker and some files — is sve's own:
+    refused without --overwrite, replaced with it; refusals name --report, the option the user gave."""
+    from sve_cli import __version__
+
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.json").write_text(json.dumps({"tool": f"sve {__version__}", "complete": False,
+                                                    "files": ["report.json", "report.md", "reliability.png"]}))
+    (report / "report.md").write_text("# sve evaluation — cut sh")
+    assert_one_error_line(sve("evaluate", world["run"], "--report", report), "already exists; pass --overwrite")
+    result = sve("evaluate", world["run"], "--report", report, "--overwrite")
+    assert result.code == 0, result.stderr
+    assert "metrics" in json.loads((report / "report.json").read_text())
+    assert_one_error_line(sve("evaluate", world["run"], "--report", world["mine"], "--overwrite"),
+                          f"choose another --report")
+
+
 def test_a_bank_of_other_labels_is_refused(sve, world, tmp_path):
     other_data = tmp_path / "other.jsonl"
     other_data.write_text("".join(json.dumps({"text": f"text {i}", "label": ["x", "y", "z"][i % 3]}) + "\n"
