@@ -252,7 +252,7 @@ def test_a_report_cut_short_is_replaced_with_overwrite_and_named_by_its_option(s
     assert result.code == 0, result.stderr
     assert "metrics" in json.loads((report / "report.json").read_text())
     assert_one_error_line(sve("evaluate", world["run"], "--report", world["mine"], "--overwrite"),
-                          f"choose another --report")
+                          "choose another --report")
 
 
 def test_a_bank_of_other_labels_is_refused(sve, world, tmp_path):
