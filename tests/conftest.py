@@ -106,6 +106,7 @@ def sve(capsys):
     from sve_cli.cli import main
 
     def run(*args: str) -> Result:
+        capsys.readouterr()  # what the test's own set-up printed is not the command's output
         argv, sys.argv = sys.argv, ["sve", *map(str, args)]
         try:
             main()
