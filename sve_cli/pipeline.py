@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sve_cli.bank import load_bank, read_bank_metadata
+from sve_cli.architectures import architecture, check_config
 from sve_cli.checkpoint import open_checkpoint, quiet_transformers
 from sve_cli.data import Examples, splits_summary
 from sve_cli.decompose import decomposition_for
@@ -61,6 +62,8 @@ def ensemble_for(model: str, config: EnsembleConfig, decomposition: Path | None 
     build_ensemble's (classes or letter_token_ids, pad_token_id, seed, trust_remote_code)."""
     if not config.uses_decomposition:
         return build_ensemble(model, config, **options)
+    checkpoint = open_checkpoint(model)
+    check_config(checkpoint, architecture(checkpoint))  # a config that cannot build the model: before any SVD
     factors = decomposition_for(model, decomposition, config.targets)
     try:
         return build_ensemble(model, config, factors=factors, **options)
