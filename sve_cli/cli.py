@@ -19,6 +19,7 @@ import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 from sve_cli import __version__, display
 from sve_cli.errors import SveError
@@ -450,9 +451,10 @@ def predict(
 
 def _progress(*columns, eta: bool = True, disable: bool = False) -> Progress:
     """A transient progress display on stderr: description, `columns`, elapsed time (and the ETA)."""
-    tail = (TextColumn("eta"), TimeRemainingColumn()) if eta else ()
-    return Progress(TextColumn("[bold]{task.description}"), *columns, TimeElapsedColumn(), *tail, console=console,
-                    transient=True, disable=disable)
+    clock = Column(min_width=7, no_wrap=True)  # never cut to `0:02:…` when the status text is long
+    tail = (TextColumn("eta"), TimeRemainingColumn(table_column=clock)) if eta else ()
+    return Progress(TextColumn("[bold]{task.description}"), *columns, TimeElapsedColumn(table_column=clock), *tail,
+                    console=console, transient=True, disable=disable)
 
 
 def _print_memory_plan(recipe, device: Device, memory: str | None, nproc: int) -> None:

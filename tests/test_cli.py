@@ -221,3 +221,21 @@ def test_dry_run_time_measures_steps_and_writes_no_run(sve, text_models, tmp_pat
     line = " ".join(result.stdout.split())
     assert "time on this machine (measured:" in line and "training 40 steps" in line and "2 evaluation(s)" in line
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_progress_clock_is_never_cut_on_a_narrow_terminal(monkeypatch):
+    import io
+    import re
+
+    from rich.console import Console
+    from rich.progress import BarColumn, TextColumn
+
+    from sve_cli import cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, width=80, force_terminal=True))
+    with cli._progress(BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[status]}")) as bar:
+        task = bar.add_task("sve M=4", total=250, status="loss 0.123 acc 0.45 1234 tok/s epoch 1.23 " + "x" * 60)
+        bar.update(task, completed=10)
+        bar.refresh()
+    assert re.search(r"\d:\d\d:\d\d", screen.getvalue()), screen.getvalue()[-400:]
