@@ -184,7 +184,7 @@ def train(
 
         for note in recipe_export_notes(loaded):  # what the export will be able to write: now, not after training
             out_console.print(note, soft_wrap=True, highlight=False)
-    with _progress(BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[status]}"),
+    with _progress(BarColumn(), TextColumn("{task.completed}/{task.total}"), status_column(),
                    disable=not rank0) as progress:
         task = progress.add_task(f"{loaded.ensemble.method} M={loaded.ensemble.members}", total=None,
                                  status=f"loading {loaded.model.path} and {loaded.task.dataset_name}…")
@@ -449,12 +449,17 @@ def predict(
     out_console.print(f"{line}; {predictor.probability_note(member, raw)}; {where}", soft_wrap=True, highlight=False)
 
 
+def status_column() -> TextColumn:
+    """A task's status text: it takes the width left over and is cut with "…", so the clocks never are."""
+    return TextColumn("{task.fields[status]}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"))
+
+
 def _progress(*columns, eta: bool = True, disable: bool = False) -> Progress:
     """A transient progress display on stderr: description, `columns`, elapsed time (and the ETA)."""
     clock = Column(min_width=7, no_wrap=True)  # never cut to `0:02:…` when the status text is long
     tail = (TextColumn("eta"), TimeRemainingColumn(table_column=clock)) if eta else ()
     return Progress(TextColumn("[bold]{task.description}"), *columns, TimeElapsedColumn(table_column=clock), *tail,
-                    console=console, transient=True, disable=disable)
+                    console=console, transient=True, disable=disable, expand=True)
 
 
 def _print_memory_plan(recipe, device: Device, memory: str | None, nproc: int) -> None:

@@ -234,8 +234,9 @@ def test_the_progress_clock_is_never_cut_on_a_narrow_terminal(monkeypatch):
 
     screen = io.StringIO()
     monkeypatch.setattr(cli, "console", Console(file=screen, width=80, force_terminal=True))
-    with cli._progress(BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[status]}")) as bar:
+    with cli._progress(BarColumn(), TextColumn("{task.completed}/{task.total}"), cli.status_column()) as bar:
         task = bar.add_task("sve M=4", total=250, status="loss 0.123 acc 0.45 1234 tok/s epoch 1.23 " + "x" * 60)
         bar.update(task, completed=10)
         bar.refresh()
     assert re.search(r"\d:\d\d:\d\d", screen.getvalue()), screen.getvalue()[-400:]
+    assert "…" in screen.getvalue()  # the status text was cut instead
