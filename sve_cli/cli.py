@@ -299,8 +299,9 @@ def evaluate(
 ) -> None:
     """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs."""
     from sve_cli.evaluate import evaluate_run
-    from sve_cli.outputs import REPORT, check_output, output_lock
-    from sve_cli.report import write_fitted, write_report
+    from sve_cli.outputs import REPORT, check_output
+    from sve_cli.report import fitted_payloads, write_report_once
+    from sve_cli.rundir import write_fitted
 
     def report_dir(run: Path) -> Path:
         return (report / run.name if len(runs) > 1 else report) if report else run / "report"
@@ -324,12 +325,10 @@ def evaluate(
         if not rank0:
             continue
         directory = report_dir(run)
-        with output_lock(directory):
-            check_output(directory, REPORT, overwrite, [run, bank, *paths], option="--report")
-            reports.append(write_report(evaluation, directory, save_predictions))
+        reports.append(write_report_once(evaluation, directory, save_predictions, overwrite, [run, bank, *paths]))
         console.print(f"report written to {directory}")
         if bank is None:  # thresholds belong to the run's own bank
-            written = " and ".join(str(path) for path in write_fitted(evaluation))
+            written = " and ".join(str(path) for path in write_fitted(run, *fitted_payloads(evaluation)))
             console.print(f"abstention and conformal thresholds (fitted on validation) written to {written}")
 
     if rank0:

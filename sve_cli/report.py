@@ -19,8 +19,7 @@ from sve_cli.writing import atomic_path, save_safetensors, write_json
 from sve_cli.evaluate import Evaluation
 from sve_cli.vocabulary import METRICS
 from sve_cli.metrics import CONVENTIONS, Prediction, equal_width_bins
-from sve_cli.outputs import tool_files
-from sve_cli.rundir import CONFORMAL, THRESHOLDS
+from sve_cli.outputs import REPORT, check_output, output_lock, tool_files
 from sve_cli.selective import risk_coverage
 
 
@@ -281,25 +280,33 @@ def write_report(evaluation: Evaluation, directory: Path, save_predictions: bool
     return report
 
 
-def write_fitted(evaluation: Evaluation) -> list[Path]:
-    """`RUN/thresholds.json` (abstention, for `sve predict --abstain-coverage` / `--abstain-risk`) and
-    `RUN/conformal.json` (prediction sets, for `sve predict --conformal`): fitted on validation, tied to
-    the bank they were fitted for (its sha256) and to the way members were combined."""
+def fitted_payloads(evaluation: Evaluation) -> tuple[dict, dict]:
+    """What `RUN/thresholds.json` (abstention, for `sve predict --abstain-coverage` / `--abstain-risk`) and
+    `RUN/conformal.json` (prediction sets, for `sve predict --conformal`) hold: fitted on validation, tied to
+    the bank they were fitted for (its sha256) and to the way members were combined (`rundir.write_fitted`
+    writes them)."""
     common = {"tool": f"sve {__version__}", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "bank": evaluation.bank_fingerprint, "fitted_on": "validation",
               "examples": evaluation.sizes["validation"], "combine": evaluation.combine,
               "temperature": evaluation.temperature}  # fitted on calibrated scores: predict must calibrate alike
-    thresholds, sets = Path(evaluation.run) / THRESHOLDS, Path(evaluation.run) / CONFORMAL
-    write_json(thresholds, {**common, "rule": "accept an input when its score is at most the threshold "
-                            "(higher score = less sure)", "scores": evaluation.thresholds})
-    write_json(sets, {**common, "rule": "a label is in the set when its score is at most the threshold (null: every "
-                      "label); the set holds the true label with probability at least the level",
-                      "scores": {score: {level: None if math.isinf(value) else value for level, value in levels.items()}
-                                 for score, levels in evaluation.conformal_thresholds.items()},
-                      "class_rule": "class-conditional (--conformal-mode class): label y is in the set when its score "
-                      "is at most y's own threshold; the set holds the true label with probability at least the level "
-                      "within every class",
-                      "class_scores": {score: {level: [None if math.isinf(v) else v for v in values]
-                                               for level, values in levels.items()}
-                                       for score, levels in evaluation.class_thresholds.items()}})
-    return [thresholds, sets]
+    thresholds = {**common, "rule": "accept an input when its score is at most the threshold (higher score = less "
+                  "sure)", "scores": evaluation.thresholds}
+    sets = {**common, "rule": "a label is in the set when its score is at most the threshold (null: every label); "
+            "the set holds the true label with probability at least the level",
+            "scores": {score: {level: None if math.isinf(value) else value for level, value in levels.items()}
+                       for score, levels in evaluation.conformal_thresholds.items()},
+            "class_rule": "class-conditional (--conformal-mode class): label y is in the set when its score is at "
+            "most y's own threshold; the set holds the true label with probability at least the level within every class",
+            "class_scores": {score: {level: [None if math.isinf(v) else v for v in values]
+                                     for level, values in levels.items()}
+                             for score, levels in evaluation.class_thresholds.items()}}
+    return thresholds, sets
+
+
+def write_report_once(evaluation: Evaluation, directory: Path, save_predictions: bool, overwrite: bool,
+                      inputs: list) -> dict:
+    """`write_report` under the output rule: the report's lock held, the rule checked again inside it (another
+    `sve evaluate` may have written there meanwhile)."""
+    with output_lock(directory):
+        check_output(directory, REPORT, overwrite, inputs, option="--report")
+        return write_report(evaluation, directory, save_predictions)

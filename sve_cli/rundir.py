@@ -79,6 +79,15 @@ def remove_stub(out: Path, created: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def write_fitted(run: Path, thresholds: dict, conformal: dict) -> list[Path]:
+    """`RUN/thresholds.json` and `RUN/conformal.json`, as `sve evaluate` fitted them (`report.fitted_payloads`)."""
+    from sve_cli.writing import write_json
+
+    write_json(run / THRESHOLDS, thresholds)
+    write_json(run / CONFORMAL, conformal)
+    return [run / THRESHOLDS, run / CONFORMAL]
+
+
 def read_fitted(path: Path, bank: Path, stale_ok: bool = False) -> dict | None:
     """A run's `thresholds.json` or `conformal.json` when `sve evaluate` fitted it for `bank` (its sha256);
     None when there is none (or, with `stale_ok`, when it was fitted for an earlier bank)."""

@@ -151,14 +151,15 @@ def test_sets_hold_the_predicted_label_whenever_they_are_not_empty():
 def evaluated(text_models, tmp_path_factory):
     from conftest import sentiment_file, train_run
     from sve_cli.evaluate import evaluate_run
-    from sve_cli.report import write_fitted, write_report
+    from sve_cli.report import fitted_payloads, write_report
+    from sve_cli.rundir import write_fitted
 
     root = tmp_path_factory.mktemp("conformal")
     run = train_run(root, "run", text_models["bert"], sentiment_file(root, count=200), ensemble={"members": 3},
                     train={"lr": 5e-2, "max_steps": 6, "eval_every_steps": 6})
     evaluation = evaluate_run(run)
     report = write_report(evaluation, run / "report", save_predictions=True)
-    write_fitted(evaluation)
+    write_fitted(run, *fitted_payloads(evaluation))
     return run, evaluation, report
 
 
