@@ -100,20 +100,19 @@ def _conformal_lines(report: dict, label_names: list[str]) -> list[str]:
              "with the ensemble's doubt and are never empty; with ≳ 10 classes raps keeps sets short. The expected "
              "range is where the test coverage falls 95% of the time if the guarantee holds (beta-binomial).", "",
              *header, *rows(report["conformal"])]
-    missing = sorted({c for scores in report["conformal"].values() for v in scores.values()
-                      for c in v.get("uncalibrated_classes", [])})
-    if missing:
-        names = ", ".join(label_names[c] if c < len(label_names) else str(c) for c in missing)
+    def uncalibrated(table: dict) -> str:
+        """The names of the classes some level of `table` could not calibrate, or ""."""
+        found = sorted({c for scores in table.values() for v in scores.values() for c in v.get("uncalibrated_classes", [])})
+        return ", ".join(label_names[c] if c < len(label_names) else str(c) for c in found)
+
+    if names := uncalibrated(report["conformal"]):
         lines += ["", f"**Warning:** the validation split holds no example of {names}: the sets are not calibrated "
                   "for it (see its test coverage in report.json, coverage_per_class)."]
     if report.get("conformal_by_class"):
         lines += ["", "Class-conditional (Mondrian) sets, `sve predict --conformal-mode class`: one threshold per "
                   "class, so coverage ≥ the level within every class (the expected range is the least covered "
                   "class's):", "", *header, *rows(report["conformal_by_class"])]
-        thin = sorted({c for scores in report["conformal_by_class"].values() for v in scores.values()
-                       for c in v.get("uncalibrated_classes", [])})
-        if thin:
-            names = ", ".join(label_names[c] if c < len(label_names) else str(c) for c in thin)
+        if names := uncalibrated(report["conformal_by_class"]):
             lines += ["", f"Too few validation examples of {names} for some levels: no finite threshold there, so "
                       "the label is in every class-conditional set at those levels."]
     return lines

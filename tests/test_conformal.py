@@ -191,23 +191,28 @@ def test_evaluate_reports_every_score_at_every_level_as_recomputed_from_its_pred
     assert len(fitted["class_scores"]["lac"]["0.9"]) == 2
 
 
-def test_predict_writes_a_set_per_row_that_holds_the_prediction(sve, evaluated, tmp_path):
+@pytest.mark.parametrize("score,mode", [("aps", "marginal"), ("lac", "class")])
+def test_predict_writes_each_row_the_set_its_threshold_gives(sve, evaluated, tmp_path, score, mode):
+    """Marginal sets (one threshold; aps sets always hold the prediction) and class-conditional ones (label y
+    in the set when its score is at most y's own threshold), each as recomputed from the written probabilities."""
     from conftest import sentiment_file
 
     run, _, _ = evaluated
-    data = sentiment_file(tmp_path, count=40)
-    result = sve("predict", run, "--data", data, "--out", tmp_path / "sets.jsonl", "--conformal", "0.9",
-                 "--conformal-score", "aps")
+    result = sve("predict", run, "--data", sentiment_file(tmp_path, count=40), "--out", tmp_path / "sets.jsonl",
+                 "--conformal", "0.9", "--conformal-score", score, "--conformal-mode", mode)
     assert result.code == 0, result.stderr
-    assert "aps sets at 90% coverage" in " ".join(result.stdout.split())
-    rows = [json.loads(line) for line in (tmp_path / "sets.jsonl").read_text().splitlines()]
-    threshold = json.loads((run / "conformal.json").read_text())["scores"]["aps"]["0.9"]
-    for row in rows:
-        assert row["set_size"] == len(row["prediction_set"]) >= 1
-        assert row["prediction"] in row["prediction_set"]
+    said = f"{score} sets at 90% coverage" if mode == "marginal" else f"class-conditional {score} sets at 90% coverage"
+    assert said in " ".join(result.stdout.split())
+    fitted = json.loads((run / "conformal.json").read_text())
+    threshold = fitted["scores"][score]["0.9"] if mode == "marginal" else \
+        [math.inf if t is None else t for t in fitted["class_scores"][score]["0.9"]]
+    for row in (json.loads(line) for line in (tmp_path / "sets.jsonl").read_text().splitlines()):
         probs = torch.tensor([list(row["probabilities"].values())], dtype=torch.float64)
-        expected = conformal.prediction_sets(probs, "aps", threshold)[0]
+        expected = conformal.prediction_sets(probs, score, threshold)[0]
         assert row["prediction_set"] == [name for name, kept in zip(row["probabilities"], expected) if kept]
+        assert row["set_size"] == len(row["prediction_set"])
+        if score == "aps":
+            assert row["prediction"] in row["prediction_set"]
 
 
 def test_predict_refuses_sets_it_cannot_promise(sve, evaluated, text_models, tmp_path):
@@ -222,22 +227,5 @@ def test_predict_refuses_sets_it_cannot_promise(sve, evaluated, text_models, tmp
                           "no conformal thresholds for this ensemble: run `sve evaluate`")
     assert_one_error_line(sve("predict", run, "--data", data, "--out", tmp_path / "c.jsonl", "--conformal", "0.9",
                               "--member", "1"), "fitted for the whole ensemble")
-
-
-def test_predict_class_conditional_sets_use_each_class_threshold(sve, evaluated, tmp_path):
-    from conftest import assert_one_error_line, sentiment_file
-
-    run, _, _ = evaluated
-    data = sentiment_file(tmp_path, count=40)
-    result = sve("predict", run, "--data", data, "--out", tmp_path / "class.jsonl", "--conformal", "0.9",
-                 "--conformal-mode", "class")
-    assert result.code == 0, result.stderr
-    assert "class-conditional lac sets at 90% coverage within every class" in " ".join(result.stdout.split())
-    thresholds = json.loads((run / "conformal.json").read_text())["class_scores"]["lac"]["0.9"]
-    limits = torch.tensor([math.inf if t is None else t for t in thresholds], dtype=torch.float64)
-    for row in (json.loads(line) for line in (tmp_path / "class.jsonl").read_text().splitlines()):
-        probs = torch.tensor(list(row["probabilities"].values()), dtype=torch.float64)
-        expected = [name for name, p, limit in zip(row["probabilities"], probs, limits) if 1 - p <= limit + 1e-12]
-        assert row["prediction_set"] == expected
     assert_one_error_line(sve("predict", run, "--data", data, "--out", tmp_path / "x.jsonl", "--conformal-mode", "class"),
                           "--conformal-mode chooses how --conformal builds its sets")
