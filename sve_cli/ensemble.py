@@ -33,6 +33,7 @@ from sve_cli.prefix import SharedPrefix, shared_prefix
 from sve_cli.recipe import EnsembleConfig
 from sve_cli.tensors import TORCH_DTYPES, source_fingerprint, tensor_fingerprint
 
+
 @dataclass
 class Identity:
     """What a Σ bank must agree with to be loaded onto this ensemble."""
