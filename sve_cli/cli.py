@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Column
 
 from sve_cli import __version__, display
+from sve_cli.launcher import PEER_LOST
 from sve_cli.errors import SveError
 from sve_cli.vocabulary import CONFORMAL_SCORES, METRIC, UNCERTAINTY_SCORES, VALIDATION_METRICS
 
@@ -155,8 +156,9 @@ def train(
                                          "80GB (default: the device's)."),
     timed: bool = typer.Option(False, "--time", help="With --dry-run: also run a few training steps and an "
                                "evaluation batch here and estimate how long the run takes on this machine."),
-    nproc: int = typer.Option(1, "--nproc", min=1, max=65536, help="With --dry-run: the ranks torchrun would start (figures "
-                              "per rank; train.parallelism: fsdp shards weights and factors across them)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, max=65536, help="Train on N local processes (torchrun's agent, "
+                              "started here; one line per failure). With --dry-run: the figures per rank "
+                              "(train.parallelism: fsdp shards weights and factors across them)."),
 ) -> None:
     """Joint M-member fine-tuning from a YAML recipe (SVE and its baselines)."""
     from sve_cli.recipe import find_recipe, load_recipe
@@ -164,15 +166,21 @@ def train(
 
     if timed and not dry_run:
         raise SveError("--time estimates a run's duration within --dry-run: sve train RECIPE --dry-run --time")
-    if nproc != 1 and not dry_run:
-        raise SveError(f"--nproc sizes the --dry-run plan; to train on {nproc} processes run "
-                       f"`torchrun --nproc-per-node {nproc} -m sve_cli train {recipe}`")
     recipe = find_recipe(recipe)  # a local file, or one that ships with sve (`sve recipes`)
     loaded = load_recipe(recipe, overrides)
+    if nproc != 1 and not dry_run:
+        from sve_cli.launcher import check_ranks, launch
+
+        check_ranks(nproc, loaded.train.device)
+    if loaded.train.batch_size % nproc:
+        raise SveError(f"train.batch_size {loaded.train.batch_size} is not divisible by --nproc {nproc}: each "
+                       "process takes an equal share of every batch (choose a batch size that is)")
+    if nproc != 1 and not dry_run:
+        failures = launch(nproc, _without_option(sys.argv[1:], "--nproc"))
+        for line in failures or ():
+            console.print(f"[red]error:[/red] {_line(line)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(0 if failures is None else 2)
     if dry_run:
-        if loaded.train.batch_size % nproc:
-            raise SveError(f"train.batch_size {loaded.train.batch_size} is not divisible by --nproc {nproc}: each "
-                           "process takes an equal share of every batch (choose a batch size that is)")
         _print_memory_plan(loaded, device, memory, nproc)
         if timed:
             _print_time_estimate(loaded, nproc)
@@ -199,8 +207,9 @@ def train(
                 out_console.print(line, highlight=False, soft_wrap=True)
 
         def on_eval(line: dict) -> None:
-            progress.console.print(f"step {line['step']:>5} {line['split']}: " + " ".join(
-                f"{METRIC[key].label} {METRIC[key].format(line[key])}" for key in VALIDATION_METRICS))
+            if rank0:
+                progress.console.print(f"step {line['step']:>5} {line['split']}: " + " ".join(
+                    f"{METRIC[key].label} {METRIC[key].format(line[key])}" for key in VALIDATION_METRICS))
 
         try:
             state = run_train(loaded, out, resume=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval,
@@ -506,6 +515,19 @@ USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROF
                errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV}
 
 
+def _without_option(arguments: list[str], option: str) -> list[str]:
+    """`arguments` less `option VALUE` / `option=VALUE` (what each rank of a launch is given)."""
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == option:
+            skip = True
+        elif not argument.startswith(option + "="):
+            kept.append(argument)
+    return kept
+
+
 def _line(text: str) -> str:
     """One line, naming final outputs rather than the temporaries they are written under."""
     from sve_cli.writing import public_names
@@ -538,6 +560,24 @@ def show_library_notices() -> None:
         logger.propagate = False
 
 
+def _print_error(text: str, peer_lost: bool = False) -> None:
+    """One `error:` line — under `sve train --nproc`, recorded for the launcher, which prints each cause once."""
+    from sve_cli.launcher import record_rank_message
+
+    if not record_rank_message(text, peer_lost):
+        console.print(f"[red]error:[/red] {text}", highlight=False, soft_wrap=True)
+
+
+def _peer_lost(error: RuntimeError) -> bool:
+    """A collective that failed because another rank of this torchrun job stopped (gloo, NCCL)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return False
+    return isinstance(error, getattr(distributed, "DistError", ())) or any(
+        fragment in str(error) for fragment in ("Connection closed by peer", "Connection reset by peer",
+                                                "Broken pipe", "NCCL communicator was aborted"))
+
+
 def main() -> None:
     """Console entry point: usage mistakes get typer's usage line, user errors one line; both exit 2.
     Anything else is a bug of ours and keeps its traceback."""
@@ -552,17 +592,22 @@ def main() -> None:
         error.show()
         sys.exit(error.exit_code)
     except SveError as error:
-        console.print(f"[red]error:[/red] {_line(error)}", highlight=False, soft_wrap=True)
+        _print_error(_line(error))
         sys.exit(2)
     except ValidationError as error:  # e.g. the recipe a Σ bank carries
-        console.print(f"[red]error:[/red] {_line(validation_line(error))}", highlight=False, soft_wrap=True)
+        _print_error(_line(validation_line(error)))
         sys.exit(2)
     except OSError as error:
         if error.errno not in USER_ERRNOS:
             raise
         where = f" {error.filename}" if error.filename else ""
-        console.print(f"[red]error:[/red] {_line(f'cannot read or write{where}: {error.strerror or error}')}",
-                      highlight=False, soft_wrap=True)
+        _print_error(_line(f"cannot read or write{where}: {error.strerror or error}"))
+        sys.exit(2)
+    except RuntimeError as error:
+        if not _peer_lost(error):
+            raise
+        _print_error(f"{PEER_LOST} ({_line(str(error).splitlines()[0])[:160]}); its own message says why",
+                     peer_lost=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as error:
         console.print(f"[red]{_line(error) or 'interrupted'}[/red]", highlight=False, soft_wrap=True)

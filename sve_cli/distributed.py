@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -53,7 +54,9 @@ def wrap(ensemble: nn.Module, parallel: Parallel) -> nn.Module:
     if parallel.world == 1:
         return ensemble
     if not parallel.fsdp:
-        return nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False)
+        with warnings.catch_warnings():  # torch 2.13 deprecates it, but its successor still syncs at init
+            warnings.simplefilter("ignore", FutureWarning)
+            return nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

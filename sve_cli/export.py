@@ -30,8 +30,8 @@ from sve_cli import __version__
 from sve_cli.bank import BANK_OUTPUT, base_changed, read_bank_metadata
 from sve_cli.checkpoint import Checkpoint, open_checkpoint
 from sve_cli.tensors import DTYPE_NAMES, TORCH_DTYPES, source_fingerprint
-from sve_cli.writing import (ShardWriter, parse_size, plan_shards, save_safetensors, write_index,
-                             write_json)
+from sve_cli.writing import (ShardWriter, claim_temporary, forget_temporary, parse_size, plan_shards,
+                             record_temporary, remove_temporary, save_safetensors, write_index, write_json)
 from sve_cli.factors import FactorCache, default_output
 from sve_cli.errors import SveError
 from sve_cli.outputs import EXPORT, check_output, output_lock
@@ -291,8 +291,7 @@ def export_merged(run: Path, out: Path, member: int | str = 0, dtype: str | None
     sizes = [(name, torch.Size(shape).numel() * out_dtype.itemsize) for name, (shape, _) in plan.items()]
     shards = plan_shards(sizes, parse_size(max_shard_size), prefix="model", single_name="model.safetensors")
 
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with output_lock(out), _removed_afterwards(staging):
+    with output_lock(out), _staging(out) as staging:
         check_output(out, EXPORT, overwrite, inputs)  # again: another export may have finished meanwhile
         with ShardWriter(staging) as writer:
             for shard in shards:
@@ -344,24 +343,29 @@ def _sentence_transformers_modules(bank: RunBank, member: int | str, staging: Pa
 
 
 @contextlib.contextmanager
-def _removed_afterwards(staging: Path) -> Iterator[None]:
-    """A staging directory that never outlives the export, finished or failed."""
-    shutil.rmtree(staging, ignore_errors=True)
+def _staging(out: Path) -> Iterator[Path]:
+    """A new staging directory, journaled as sve's own, that never outlives the export, finished or failed."""
+    staging = claim_temporary(out)
+    staging.mkdir()
+    record_temporary(staging)
     try:
-        yield
+        yield staging
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_temporary(staging)
 
 
 def _replace_directory(staging: Path, out: Path) -> None:
     """Move the finished export into place; an existing output is removed only after that succeeds."""
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = claim_temporary(out, "old")
         os.replace(out, old)
+        record_temporary(old)  # a kill from here on leaves a leftover the next export sweeps
         os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+        forget_temporary(staging)
+        remove_temporary(old)
     else:
         os.replace(staging, out)
+        forget_temporary(staging)
 
 
 def _model_card(bank: RunBank, member: int | str, output: ExportFormat) -> str:

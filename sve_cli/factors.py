@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from sve_cli.checkpoint import read_json, sve_home
+from sve_cli.checkpoint import read_json
+from sve_cli.writing import sve_home
 from sve_cli.tensors import tensor_fingerprint
 from sve_cli.errors import SveError
 

@@ -5,8 +5,8 @@
   or one of its parents.
 - `--overwrite` replaces only what that command itself made, recognised by its own marker (an
   export's `config.json` "sve" entry, a report's `report.json`, a Σ bank's metadata (its kind,
-  `bank.BANK_OUTPUT`, lives with the bank format), a predictions
-  file's columns, a run's files), and never a directory that holds anything else.
+  `bank.BANK_OUTPUT`, lives with the bank format), the journal's record of a predictions
+  file (`writing.journal`), a run's files), and never a directory that holds anything else.
 - Two commands writing one output are serialised: `output_lock` holds a lock on the output's parent
   directory while the output is made and renamed into place, so the second one finds the first's
   result (and refuses it without `--overwrite`); temporaries of killed writers are removed then.
@@ -18,14 +18,12 @@ import contextlib
 import fcntl
 import json
 import os
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from sve_cli.errors import OutputExistsError, SveError
-from sve_cli.writing import is_bookkeeping, visible_entries
+from sve_cli.writing import in_journal, is_bookkeeping, sweep_temporaries, visible_entries
 
 
 def resolved(path: Path | str) -> Path:
@@ -97,27 +95,16 @@ def check_output(out: Path, kind: OutputKind, overwrite: bool, inputs: Iterable[
     return True
 
 
-def leftover_pattern(out: Path) -> re.Pattern:
-    """Temporaries a writer of `out` leaves when killed: `.NAME.tmp-PID` and `.NAME.old-PID`."""
-    return re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-\d+")
-
-
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on `out`'s parent directory for the block (a second writer waits), then
-    remove what killed writers of `out` left there."""
+    remove what killed writers of `out` left there (sve's own temporaries only: `writing.is_own_temporary`)."""
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(parent, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
-        pattern = leftover_pattern(out)
-        for leftover in parent.iterdir():
-            if pattern.fullmatch(leftover.name):
-                if leftover.is_dir() and not leftover.is_symlink():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink(missing_ok=True)
+        sweep_temporaries(parent, of=out.name)
         yield
     finally:
         os.close(descriptor)  # releases the lock
@@ -173,26 +160,19 @@ def _is_sve_report(directory: Path) -> bool:
     return isinstance(report, dict) and str(report.get("tool", "")).startswith("sve")
 
 
-PREDICTION_COLUMNS = {"prediction", "confidence", "entropy"}
-
-
 def _is_sve_predictions(path: Path) -> bool:
-    """A predictions file `sve predict` wrote: its columns (jsonl, csv) or its schema marker (parquet)."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return b"sve" in (pq.read_schema(path).metadata or {})
-        with open(path, encoding="utf-8") as handle:
-            first = handle.readline(1 << 20)
-        if suffix == ".jsonl":
-            row = json.loads(first)
-            return isinstance(row, dict) and PREDICTION_COLUMNS <= set(row)
-        return PREDICTION_COLUMNS <= {column.strip() for column in first.split(",")}
-    except (OSError, ValueError, ImportError):
+    """A predictions file `sve predict` wrote: the file sve's journal recorded at this path (a CSV or
+    JSONL carries no marker inside; columns that look like sve's are not one), or a parquet file with
+    sve's schema marker."""
+    if in_journal(path, "outputs"):
+        return True
+    if path.suffix.lower() != ".parquet":
         return False
-    except Exception:  # pyarrow's own errors for a file that is not parquet
+    try:
+        import pyarrow.parquet as pq
+
+        return b"sve" in (pq.read_schema(path).metadata or {})
+    except Exception:  # OSError, or pyarrow's own errors for a file that is not parquet
         return False
 
 

@@ -32,7 +32,7 @@ from sve_cli.inference import predict
 from sve_cli.recipe import Recipe
 from sve_cli.rundir import CONFORMAL, THRESHOLDS, open_run, read_fitted
 from sve_cli.selective import TARGET_RISKS, THRESHOLD_COVERAGES
-from sve_cli.writing import atomic_path
+from sve_cli.writing import atomic_path, journal
 
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 CHUNK_ROWS = 1024
@@ -274,32 +274,34 @@ def write_predictions(chunks: Iterator[list[dict]], out: Path, overwrite: bool,
     check_predictions_output(out, overwrite, inputs)
     kind = FORMATS[out.suffix.lower()]
     summary = {"rows": 0, "abstained": 0, "answered_correct": 0, "answered_labelled": 0}
-    with output_lock(out), atomic_path(out) as temporary:
-        check_output(out, PREDICTIONS, overwrite, inputs)  # again: another writer may have finished meanwhile
-        if kind == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+    with output_lock(out):
+        with atomic_path(out) as temporary:
+            check_output(out, PREDICTIONS, overwrite, inputs)  # again: another writer may have finished meanwhile
+            if kind == "parquet":
+                import pyarrow as pa
+                import pyarrow.parquet as pq
 
-            writer = None
-            for rows in chunks:
-                _tally(summary, rows)
-                batch = pa.Table.from_pylist([_flat(row) for row in rows])
-                batch = batch.replace_schema_metadata({"sve": f"sve {__version__} predictions"})
-                writer = writer or pq.ParquetWriter(str(temporary), batch.schema)
-                writer.write_table(batch.cast(writer.schema))
-            if writer is not None:
-                writer.close()
-        else:
-            with open(temporary, "w", encoding="utf-8", newline="") as handle:
+                writer = None
                 for rows in chunks:
-                    header = summary["rows"] == 0
                     _tally(summary, rows)
-                    if kind == "jsonl":
-                        handle.writelines(json.dumps(row) + "\n" for row in rows)
-                    else:
-                        pd.DataFrame([_flat(row) for row in rows]).to_csv(handle, header=header, index=False)
-        if summary["rows"] == 0:
-            raise SveError("the input holds no rows: nothing to predict")
+                    batch = pa.Table.from_pylist([_flat(row) for row in rows])
+                    batch = batch.replace_schema_metadata({"sve": f"sve {__version__} predictions"})
+                    writer = writer or pq.ParquetWriter(str(temporary), batch.schema)
+                    writer.write_table(batch.cast(writer.schema))
+                if writer is not None:
+                    writer.close()
+            else:
+                with open(temporary, "w", encoding="utf-8", newline="") as handle:
+                    for rows in chunks:
+                        header = summary["rows"] == 0
+                        _tally(summary, rows)
+                        if kind == "jsonl":
+                            handle.writelines(json.dumps(row) + "\n" for row in rows)
+                        else:
+                            pd.DataFrame([_flat(row) for row in rows]).to_csv(handle, header=header, index=False)
+            if summary["rows"] == 0:
+                raise SveError("the input holds no rows: nothing to predict")
+        journal(out, "outputs")  # a CSV or JSONL cannot carry sve's marker inside
     return summary
 
 

@@ -6,6 +6,13 @@ directory that sve writes into is held by an exclusive lock (`.sve.lock`, `flock
 kernel even when the process is SIGKILLed), so two commands never write the same output at once;
 once the lock is held, temporaries left by a killed process are removed.
 
+A name is not a marker: a user's file may be called `.x.tmp-7`. Each temporary sve creates is
+recorded in its journal (`$SVE_HOME/temporaries/`, one small file per temporary holding its path,
+device and inode) until it is renamed or removed; only a temporary whose record matches is ever
+treated as sve's own (`is_own_temporary`): ignored beside an output, swept once its writer is dead.
+Outputs that cannot carry a marker inside (a predictions CSV or JSONL) are journaled the same way
+(`$SVE_HOME/outputs/`) once renamed into place.
+
 `fault_point(name)` lets the tests kill the process at an exact moment (`SVE_KILL_AT=name[:n]`
 SIGKILLs it the n-th time that point is reached); it does nothing otherwise.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -49,14 +57,96 @@ def fault_point(name: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def sve_home() -> Path:
+    """Where `sve` caches converted checkpoints, default decompositions and its journal (`$SVE_HOME`)."""
+    return Path(os.environ.get("SVE_HOME") or Path.home() / ".cache" / "sve")
+
+
+def _journal_entry(path: Path, section: str) -> Path:
+    key = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:40]
+    return sve_home() / section / f"{key}.json"
+
+
+def _identity(path: Path) -> list[int]:
+    status = path.lstat()
+    return [status.st_dev, status.st_ino]
+
+
+def journal(path: Path, section: str) -> None:
+    """Record that sve made `path` (which exists now): its absolute path, device and inode, under
+    `$SVE_HOME/SECTION/`. A failure to record leaves it unrecorded — never replaced: the safe side."""
+    entry = _journal_entry(path, section)
+    with contextlib.suppress(OSError):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_text(json.dumps({"path": str(path.absolute()), "identity": _identity(path)}))
+
+
+def unjournal(path: Path, section: str) -> None:
+    with contextlib.suppress(OSError):
+        _journal_entry(path, section).unlink(missing_ok=True)
+
+
+def in_journal(path: Path, section: str) -> bool:
+    """True when the journal recorded exactly this file or folder (the same inode at the same path)."""
+    try:
+        record = json.loads(_journal_entry(path, section).read_text(encoding="utf-8"))
+        return record["path"] == str(path.absolute()) and record["identity"] == _identity(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def record_temporary(temporary: Path) -> None:
+    journal(temporary, "temporaries")
+
+
+def forget_temporary(temporary: Path) -> None:
+    """Drop `temporary`'s record (after it was renamed into place or removed)."""
+    unjournal(temporary, "temporaries")
+
+
+def is_own_temporary(path: Path) -> bool:
+    """True when `path` is named like a temporary and the journal recorded exactly it."""
+    return bool(TEMPORARY.fullmatch(path.name)) and in_journal(path, "temporaries")
+
+
+def remove_temporary(path: Path) -> None:
+    """Remove one of sve's own temporaries (a file or a folder) and its record; anything else stays."""
+    if not is_own_temporary(path):
+        return
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    forget_temporary(path)
+
+
+def claim_temporary(path: Path, kind: str = "tmp") -> Path:
+    """The temporary sibling `.NAME.KIND-PID` of `path`, cleared if it is a leftover of sve's own;
+    one clear line when something else holds that name."""
+    temporary = path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+    remove_temporary(temporary)
+    if temporary.exists() or temporary.is_symlink():
+        raise SveError(f"{temporary} exists and sve did not make it; move it away (sve writes {path.name} "
+                       "through that name)")
+    return temporary
+
+
+def sweep_temporaries(directory: Path, of: str | None = None) -> None:
+    """Remove sve's own temporaries left in `directory` by killed writers (of the output `of` only)."""
+    for leftover in directory.iterdir():
+        if of is None or re.fullmatch(rf"\.{re.escape(of)}\.(tmp|old)-\d+", leftover.name):
+            remove_temporary(leftover)
+
+
 def public_names(text: str) -> str:
-    """`text` with every temporary name (`.NAME.tmp-PID`, `.NAME.old-PID`) replaced by `NAME`."""
-    return re.sub(r"(?<![\w.])\.([^/\s]+?)\.(?:tmp|old)-\d+", r"\1", text)
+    """`text` with this process's temporary names (`.NAME.tmp-PID`, `.NAME.old-PID`) replaced by `NAME`;
+    a user's file that merely looks like one (another number) keeps its name."""
+    return re.sub(rf"(?<![\w.])\.([^/\s]+?)\.(?:tmp|old)-{os.getpid()}(?!\d)", r"\1", text)
 
 
 def is_bookkeeping(path: Path) -> bool:
-    """The lock file, or a temporary left by an interrupted write: never part of an output."""
-    return path.name == LOCK_NAME or bool(TEMPORARY.fullmatch(path.name))
+    """The lock file, or sve's own temporary of an interrupted write: never part of an output."""
+    return path.name == LOCK_NAME or is_own_temporary(path)
 
 
 def visible_entries(directory: Path) -> list[Path]:
@@ -82,12 +172,7 @@ def exclusive(directory: Path, what: str, wait: bool, on_wait=None) -> Iterator[
                                   "or choose another output") from None
             on_wait and on_wait()
             fcntl.flock(handle, fcntl.LOCK_EX)
-        for leftover in directory.iterdir():  # nobody else writes here now: leftovers are dead
-            if TEMPORARY.fullmatch(leftover.name):
-                if leftover.is_dir():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink(missing_ok=True)
+        sweep_temporaries(directory)  # nobody else writes here now: leftovers are dead
         yield
     finally:
         handle.close()  # releases the lock
@@ -110,8 +195,10 @@ def parse_size(text: str | int) -> int:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; on success fsync it and rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = claim_temporary(path)
     try:
+        with open(temporary, "xb"):
+            record_temporary(temporary)  # the writer below reuses this file (and its journal record)
         yield temporary
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
@@ -121,6 +208,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _fsync_directory(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+        forget_temporary(temporary)
 
 
 def create_new(path: Path, text: str, option: str, check=None) -> None:
@@ -130,9 +218,10 @@ def create_new(path: Path, text: str, option: str, check=None) -> None:
     if path.exists() or path.is_symlink():
         raise SveError(f"{option} {path} already exists; sve never replaces it: choose another name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = claim_temporary(path)
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
+        with open(temporary, "x", encoding="utf-8") as handle:
+            record_temporary(temporary)
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -146,6 +235,7 @@ def create_new(path: Path, text: str, option: str, check=None) -> None:
         _fsync_directory(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+        forget_temporary(temporary)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -269,12 +359,13 @@ class ShardWriter:
     def begin(self, filename: str, layout: Layout, metadata: dict[str, str]) -> None:
         self.wait()
         self._path = self.directory / filename
-        self._temporary = self._path.with_name(f".{filename}.tmp-{os.getpid()}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._temporary = claim_temporary(self._path)
         self._layout, self._metadata, self._written = list(layout), {"format": "pt", **metadata}, 0
         self._unsynced = 0
         self._header_size = len(_header(self._layout, self._metadata))
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self._temporary, "wb")
+        self._handle = open(self._temporary, "xb")
+        record_temporary(self._temporary)
         self._handle.write(_header(self._layout, self._metadata))
         fault_point("shard-begun")
 
@@ -315,6 +406,7 @@ class ShardWriter:
         os.chmod(self._temporary, 0o666 & ~_UMASK)
         fault_point("before-rename")
         os.replace(self._temporary, self._path)
+        forget_temporary(self._temporary)
         _fsync_directory(self._path.parent)
 
     def close(self) -> None:
@@ -325,6 +417,7 @@ class ShardWriter:
             if self._handle is not None:  # an unfinished shard: its temporary is never trusted
                 self._handle.close()
                 self._temporary.unlink(missing_ok=True)
+                forget_temporary(self._temporary)
 
     def __enter__(self) -> "ShardWriter":
         return self

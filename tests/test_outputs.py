@@ -83,6 +83,10 @@ def _refusals(world):
                                    "is one of this command's inputs"),
         "predict over a user's file": (["predict", run, "--data", data, "--out", root / "mine.jsonl", "--overwrite"],
                                        "is not an sve predictions file"),
+        "predict over a user's file with sve's columns": (["predict", run, "--data", data, "--out",
+                                                           root / "lookalike.csv", "--overwrite"],
+                                                          "is not an sve predictions file"),
+
         "report into the run": (["evaluate", run, "--report", run, "--overwrite"], "is one of this command's inputs"),
         "report over a user's folder": (["evaluate", run, "--report", mine, "--overwrite"], "is not an sve report"),
         "train over a user's folder": (["train", run / "recipe.yaml", "--out", mine, "--overwrite"],
@@ -92,6 +96,7 @@ def _refusals(world):
 
 def test_overwrite_never_replaces_what_the_command_did_not_make(sve, world):
     (world["root"] / "mine.jsonl").write_text('{"text": "my own data", "label": 1}\n')
+    (world["root"] / "lookalike.csv").write_text("prediction,confidence,entropy\n1,0.9,0.3\n")  # columns are no marker
     before = _snapshot(world["root"])
     for name, (args, fragment) in _refusals(world).items():
         assert_one_error_line(sve(*args), fragment)
@@ -160,20 +165,46 @@ def test_concurrent_exports_into_one_new_output_never_both_succeed(world, tmp_pa
     assert json.loads((out / "config.json").read_text())["sve"]["member"] == 0
 
 
-def test_killed_export_leaves_nothing_that_lingers(sve, world, tmp_path):
+def test_a_killed_export_is_swept_and_lookalike_temporaries_are_not(sve, world, tmp_path):
+    """What a killed export left is removed by the next export; files that merely carry a temporary's name
+    (sve did not journal them) are the user's and stay byte for byte."""
     out = tmp_path / "export"
-    staging = tmp_path / f".{out.name}.tmp-99999"  # what a killed export leaves
-    staging.mkdir()
-    (staging / "model.safetensors").write_bytes(b"\0" * 1000)
+    command = [sys.executable, "-m", "sve_cli", "export", str(world["run"]), "--format", "safetensors", "--out", str(out)]
+    killed = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "SVE_KILL_AT": "shard-begun"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "export"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".export.tmp-"), leftovers  # the killed staging folder
+    (tmp_path / ".export.tmp-99999").mkdir()
+    (tmp_path / ".export.tmp-99999" / "mine.txt").write_text("mine")
+    (tmp_path / ".export.old-5").write_text("also mine")
+    before = _snapshot(tmp_path / ".export.tmp-99999", tmp_path / ".export.old-5")
     assert sve("export", world["run"], "--format", "safetensors", "--out", out).code == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.old-5", ".export.tmp-99999", "export"]
+    assert _snapshot(tmp_path / ".export.tmp-99999", tmp_path / ".export.old-5") == before
+    (out / ".model.safetensors.tmp-7").write_text("mine, named like a temporary, inside the export")
+    assert_one_error_line(sve("export", world["run"], "--format", "safetensors", "--out", out, "--overwrite"),
+                          "holds files sve did not write there (e.g. .model.safetensors.tmp-7)")
+    assert (out / ".model.safetensors.tmp-7").read_text() == "mine, named like a temporary, inside the export"
+
+
+def test_predict_overwrite_replaces_only_the_file_it_wrote(sve, world, tmp_path):
+    out = tmp_path / "predictions.csv"
+    assert sve("predict", world["run"], "--data", world["data"], "--out", out).code == 0
+    assert sve("predict", world["run"], "--data", world["data"], "--out", out, "--overwrite").code == 0
+    text = out.read_text()
+    out.unlink()
+    out.write_text(text)  # the same columns, but a file the user wrote
+    assert_one_error_line(sve("predict", world["run"], "--data", world["data"], "--out", out, "--overwrite"),
+                          "is not an sve predictions file")
+    assert out.read_text() == text
 
 
 def test_messages_never_name_temporaries(sve, world, tmp_path, monkeypatch):
     import sve_cli.writing
 
     def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device", str(tmp_path / ".bank.safetensors.tmp-4242"))
+        raise OSError(28, "No space left on device", str(tmp_path / f".bank.safetensors.tmp-{os.getpid()}"))
 
     monkeypatch.setattr(sve_cli.writing, "save_file", full_disk)
     result = sve("export", world["run"], "--format", "sigma-bank", "--out", tmp_path / "bank.safetensors")

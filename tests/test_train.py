@@ -106,7 +106,7 @@ def _bank(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(text_models, tmp_path):
-    """Both runs take the same code path (factored, one thread each); the DDP ranks start on a cold
+    """`sve train --nproc 2` (torchrun's agent; tests/test_distributed.py starts plain torchrun). Both runs take the same code path (factored, one thread each); the DDP ranks start on a cold
     decomposition cache, which one of them makes while the other waits for it (a lock)."""
     recipe = write_recipe(tmp_path / "recipe.yaml", text_models["bert-nodrop"], sentiment_file(tmp_path),
                           ensemble={"strategy": "factored"}, train={"max_steps": 3, "eval_every_steps": 3, "batch_size": 8})
@@ -115,8 +115,8 @@ def test_two_process_torchrun_matches_one_process(text_models, tmp_path):
                             cwd=REPO, capture_output=True, text=True, env=env)
     assert single.returncode == 0, single.stderr
     cold = tmp_path / "home-ddp"
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "sve_cli", "train", str(recipe), "--out", str(tmp_path / "ddp")],
+    ddp = subprocess.run([sys.executable, "-m", "sve_cli", "train", str(recipe), "--nproc", "2",
+                          "--out", str(tmp_path / "ddp")],
                          cwd=REPO, capture_output=True, text=True, env={**env, "SVE_HOME": str(cold)})
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     caches = list((cold / "decompositions").iterdir())
