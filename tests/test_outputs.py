@@ -55,6 +55,8 @@ def world(text_models, tmp_path_factory):
         sys.argv = argv
     (nested / "extra").mkdir()
     (nested / "extra" / "mine.txt").write_text("mine")
+    (root / "lookalike.csv").write_text("prediction,confidence,entropy\n1,0.9,0.3\n")  # sve's columns are no marker
+    (root / ".lookalike.csv.tmp-7").write_text("mine, named like a temporary of lookalike.csv")
     os.mkfifo(root / "pipe")
     (root / "link").symlink_to(mine / "thesis.tex")
     (root / "broken").symlink_to(root / "nowhere")
@@ -96,7 +98,6 @@ def _refusals(world):
 
 def test_overwrite_never_replaces_what_the_command_did_not_make(sve, world):
     (world["root"] / "mine.jsonl").write_text('{"text": "my own data", "label": 1}\n')
-    (world["root"] / "lookalike.csv").write_text("prediction,confidence,entropy\n1,0.9,0.3\n")  # columns are no marker
     before = _snapshot(world["root"])
     for name, (args, fragment) in _refusals(world).items():
         assert_one_error_line(sve(*args), fragment)
@@ -116,7 +117,7 @@ def test_export_never_replaces_the_current_directory(sve, world, monkeypatch):
     assert again.code == 0, again.stderr
 
 
-CANDIDATES = ["run", "runs", "mine", "model", "data", "bank", "notes", "nested", "pipe", "link", "broken"]
+CANDIDATES = ["run", "runs", "mine", "model", "data", "bank", "notes", "nested", "pipe", "link", "broken", "lookalike"]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -127,7 +128,8 @@ def test_property_overwrite_changes_nothing_it_did_not_make(sve, world, command,
     run = world["run"]
     paths = {"run": run, "runs": run.parent, "mine": world["mine"], "model": world["model"], "data": world["data"],
              "bank": run / "sigma_bank.safetensors", "notes": run.parent / "notes.txt", "nested": world["nested"],
-             "pipe": world["root"] / "pipe", "link": world["root"] / "link", "broken": world["root"] / "broken"}
+             "pipe": world["root"] / "pipe", "link": world["root"] / "link", "broken": world["root"] / "broken",
+             "lookalike": world["root"] / "lookalike.csv"}
     out = paths[target]
     args = {"export": ["export", run, "--format", "safetensors", "--out", out],
             "bank": ["export", run, "--format", "sigma-bank", "--out", out],
@@ -190,7 +192,9 @@ def test_a_killed_export_is_swept_and_lookalike_temporaries_are_not(sve, world, 
 
 def test_predict_overwrite_replaces_only_the_file_it_wrote(sve, world, tmp_path):
     out = tmp_path / "predictions.csv"
+    (tmp_path / ".predictions.csv.tmp-7").write_text("mine")  # named like a temporary of the output: not swept
     assert sve("predict", world["run"], "--data", world["data"], "--out", out).code == 0
+    assert (tmp_path / ".predictions.csv.tmp-7").read_text() == "mine"
     assert sve("predict", world["run"], "--data", world["data"], "--out", out, "--overwrite").code == 0
     text = out.read_text()
     out.unlink()
