@@ -270,10 +270,7 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
     hidden = stem.weight.shape[0] if stem is not None else _hidden_size(backbone, spec, representation)
     if letter_token_ids is not None:
         head = MemberHead(config.members, hidden, len(letter_token_ids), bias=False)
-        lm_head = spec.lm_head if spec.lm_head in checkpoint.files else layout.stored(spec.embeddings)
-        if lm_head is None:
-            raise SveError(f"{model} has neither an LM head ('{spec.lm_head}') nor input embeddings to score letters with")
-        head.init_from(checkpoint.read(lm_head).float()[letter_token_ids], jitter=config.copy_jitter, generator=generator)
+        head.init_from(lm_head_weight(checkpoint)[letter_token_ids], jitter=config.copy_jitter, generator=generator)
     else:
         dropout = 0.0
         if representation == "pooler" and config.dropout:
@@ -300,6 +297,16 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
     return SVEModel(backbone, head, layers, config.members, representation, pad_token_id, identity,
                     "letters" if letter_token_ids is not None else "classification", stem,
                     None if spec.inferred else shared_prefix(backbone, layers))
+
+
+def lm_head_weight(checkpoint: Checkpoint) -> torch.Tensor:
+    """A causal LM's output embedding `[V, d]` (float32): its LM head, or the input embeddings it ties to."""
+    spec = architecture(checkpoint)
+    name = spec.lm_head if spec.lm_head in checkpoint.files else BackboneLayout(spec, checkpoint.names).stored(spec.embeddings)
+    if name is None:
+        raise SveError(f"{checkpoint.source} has neither an LM head ('{spec.lm_head}') nor input embeddings "
+                       "to read tokens with")
+    return checkpoint.read(name).float()
 
 
 def _hidden_size(backbone: nn.Module, spec: Architecture, representation: str) -> int:
