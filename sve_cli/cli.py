@@ -377,6 +377,52 @@ def export(
                       f"{result['shards']} shard(s); load it with {result['library']}' {kind}")
 
 
+class Decoding(str, Enum):
+    greedy = "greedy"
+    sample = "sample"
+
+
+@app.command(epilog="Example:  sve generate runs/smollm2_bbc_mc --data prompts.jsonl --max-new-tokens 24 --member-answers")
+def generate(
+    source: Path = typer.Argument(..., help="A run directory of a decoder LM, or a Σ bank file."),
+    data: str = typer.Option(..., "--data", help="Prompts: a jsonl/csv/parquet file with a prompt column."),
+    prompt_field: str = typer.Option("prompt", "--prompt-field", help="The column that holds the prompts."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output .jsonl (default: generations.jsonl beside the run)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, max=4096, help="Tokens to generate at most."),
+    decoding: Decoding = typer.Option(Decoding.greedy, "--decoding", help="The next token: the members' mean "
+                                      "distribution's most likely one, or a sample from it."),
+    seed: int = typer.Option(0, "--seed", help="With --decoding sample: the sampling seed."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts decoded together (× members rows)."),
+    member_answers: bool = typer.Option(False, "--member-answers", help="Also decode each member's own greedy "
+                                        "answer and say how many agree with the ensemble's."),
+    tokens: bool = typer.Option(False, "--tokens", help="Add each generated token with its scores."),
+    bank: Optional[Path] = typer.Option(None, "--bank", help="With a run directory: use this Σ bank."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Generate text with all members at once (one batched forward per token, a KV cache per member) and
+    score how sure the ensemble is: log-likelihood, token entropy, mutual information."""
+    from sve_cli.generation import generation_rows
+    from sve_cli.predict import check_predictions_output, open_predictor, write_predictions
+
+    if decoding == Decoding.greedy and seed != 0:
+        raise SveError("--seed chooses the samples of --decoding sample; greedy decoding has none")
+    out = out or (source if source.is_dir() else source.parent) / "generations.jsonl"
+    if out.suffix.lower() != ".jsonl":
+        raise SveError(f"--out {out}: generations are written as .jsonl")
+    inputs = [source, bank, data if Path(data).exists() else None]
+    check_predictions_output(out, overwrite, inputs)
+    with console.status(f"loading {source}…"):
+        predictor = open_predictor(source, bank)
+    with _progress(TextColumn("{task.completed} prompts"), eta=False) as progress:
+        task = progress.add_task("generating", total=None)
+        rows = generation_rows(predictor, data, prompt_field, max_new_tokens, batch_size,
+                               sample=decoding == Decoding.sample, seed=seed, member_answers=member_answers,
+                               tokens=tokens, on_rows=lambda count: progress.advance(task, count))
+        summary = write_predictions(rows, out, overwrite, inputs)
+    out_console.print(f"wrote {out}: {summary['rows']} generations from {predictor.model.members} member(s)",
+                      highlight=False, soft_wrap=True)
+
+
 @app.command(epilog="Example:  sve predict runs/quickstart --data new_tweets.jsonl --abstain-coverage 0.9")
 def predict(
     source: Path = typer.Argument(..., help="A run directory, or a Σ bank file (it carries its recipe)."),
