@@ -15,6 +15,7 @@ from each prompt's first real token, as `transformers`' `generate` does.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -77,6 +78,8 @@ class MemberDecoder:
         self.lm_head = lm_head  # [V, d], shared and frozen
         self.softcap = config.get("final_logit_softcapping")  # Gemma 2
         self.scale = config.get("logit_scale")  # Cohere
+        parameters = inspect.signature(model.backbone.forward).parameters  # transformers 5.2x renamed the cache
+        self._cache_key = "cache" if "cache" in parameters else "past_key_values"
 
     @property
     def members(self) -> int:
@@ -89,14 +92,14 @@ class MemberDecoder:
         if self.model.prefix is not None:
             self.model.prefix.set(None, self.members)  # member-major rows: every block runs on them
         outputs = self.model.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      past_key_values=cache, use_cache=True)
+                                      use_cache=True, **{self._cache_key: cache})
         hidden = outputs.last_hidden_state[:, -1]  # [M·B, d]
         logits = hidden @ self.lm_head.to(hidden.dtype).T  # [M·B, V]
         if self.scale is not None:
             logits = logits * self.scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.view(self.members, -1, logits.shape[-1]), outputs.past_key_values  # [M, B, V]
+        return logits.view(self.members, -1, logits.shape[-1]), getattr(outputs, self._cache_key)  # [M, B, V]
 
 
 def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
