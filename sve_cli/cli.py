@@ -635,6 +635,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False, prog_name="sve")
     except click.ClickException as error:  # an unknown command or option, a missing or bad value
+        if "Did you mean" in error.message and getattr(error, "possibilities", None):
+            error.possibilities = None  # typer's message already suggests; click 8.4 would add its own again
         error.show()
         sys.exit(error.exit_code)
     except SveError as error:

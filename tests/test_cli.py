@@ -151,7 +151,7 @@ COMMANDS = {"decompose": ["builtin:minilm"], "train": ["recipe.yaml"], "evaluate
 
 
 @pytest.mark.parametrize("args,message", [
-    (["evalute"], "No such command 'evalute'"),
+    (["evalute"], "No such command 'evalute'. Did you mean 'evaluate'? Usage"[:-6]),
     (["--frobnicate"], "No such option '--frobnicate'"),
     *[([name, *args, "--frobnicate"], "No such option '--frobnicate'") for name, args in COMMANDS.items()],
     *[([name], "Missing argument") for name in COMMANDS],
@@ -173,6 +173,7 @@ def test_usage_mistakes_print_typers_usage_line_and_exit_2(sve, args, message):
     if args[-1] != "--set":  # click reports an option missing its value without the usage lines
         assert result.stderr.startswith("Usage: sve") and "Try 'sve" in result.stderr, result.stderr
     assert "Error: " in result.stderr and message in " ".join(result.stderr.split()), result.stderr
+    assert result.stderr.count("Did you mean") <= 1, result.stderr  # one suggestion, not click's and typer's both
 
 
 def test_usage_mistake_in_a_real_process_has_no_traceback():
