@@ -37,7 +37,7 @@ def test_help_reads_like_a_well_kept_tool(sve, monkeypatch):
 
     monkeypatch.setenv("COLUMNS", "250")
     usages = {"decompose": "MODEL", "train": "RECIPE", "evaluate": "RUNS...", "export": "RUN", "predict": "SOURCE",
-              "recipes": "[NAME]", "init": ""}
+              "recipes": "[NAME]", "init": "", "generate": "SOURCE"}
     for name, command in typer.main.get_command(app).commands.items():
         shown = sve(name, "--help").stdout
         assert f"Usage: sve {name} [OPTIONS] {usages[name]}" in " ".join(shown.split()), shown[:300]
