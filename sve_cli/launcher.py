@@ -31,7 +31,10 @@ def record_rank_message(text: str, peer_lost: bool = False) -> bool:
     if not folder:
         return False
     rank = os.environ.get("RANK", "0")
-    (Path(folder) / f"rank-{rank}.json").write_text(json.dumps({"text": text, "peer_lost": peer_lost}))
+    try:
+        (Path(folder) / f"rank-{rank}.json").write_text(json.dumps({"text": text, "peer_lost": peer_lost}))
+    except OSError:
+        return False  # the launcher is gone: say it here
     return rank != "0" or peer_lost
 
 
@@ -40,7 +43,10 @@ def _failure_lines(failures: dict, folder: Path) -> list[str]:
     that ended without one (a signal, or a traceback above); lost-peer messages only when alone."""
     messages = {}
     for path in sorted(folder.glob("rank-*.json")):
-        messages[int(path.stem.removeprefix("rank-"))] = json.loads(path.read_text())
+        try:
+            messages[int(path.stem.removeprefix("rank-"))] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a rank killed while writing it: its exit code speaks for it
     causes = {rank: m for rank, m in messages.items() if not m["peer_lost"]}
     lines: list[str] = []
     seen = {causes[0]["text"]} if 0 in causes else set()
