@@ -236,7 +236,10 @@ def main() -> None:
         out = root / name
         if args.no_train:
             return pool.submit(lambda: (finished(recipe, out, overrides, evaluate), True))
-        return pool.submit(run_one, recipe, out, overrides, ood if evaluate else None, args.fresh)
+        job = pool.submit(run_one, recipe, out, overrides, ood if evaluate else None, args.fresh)
+        if args.archive:  # each run's record as soon as it finishes: a grid stopped midway keeps what it did
+            job.add_done_callback(lambda _: archive(root, args.archive / args.setting, only=name))
+        return job
 
     def fixed_rates(method: str) -> dict:
         if method in ("single", "deep_ensemble") and DENSE_LR[args.setting]:
@@ -301,11 +304,12 @@ def main() -> None:
 RECORD = ("cost.json", "recipe.yaml", "metrics.jsonl", "report/report.json")
 
 
-def archive(root: Path, into: Path) -> None:
-    """Each finished run's small record (RECORD) under `into`, and the setting's table and results."""
+def archive(root: Path, into: Path, only: str | None = None) -> None:
+    """Each finished run's small record (RECORD) under `into` (of run `only`), and the setting's table and
+    results."""
     import shutil
 
-    for run in sorted(p for p in root.iterdir() if (p / "cost.json").exists()):
+    for run in sorted(p for p in root.iterdir() if (p / "cost.json").exists() and only in (None, p.name)):
         for name in RECORD:
             if (run / name).exists():
                 (into / run.name / name).parent.mkdir(parents=True, exist_ok=True)
