@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from copy import deepcopy
 
 import torch
 
@@ -55,11 +56,10 @@ def main() -> None:
         token = torch.full((args.prompts, 1), 42)
         grown = torch.cat([mask, torch.ones_like(token)], dim=1)
 
-        def single_step():
-            from copy import deepcopy
+        def single_step():  # a fresh copy of the prompt's cache each time (its copy time is subtracted)
             single(input_ids=token, attention_mask=grown, past_key_values=deepcopy(cache), use_cache=True)
 
-        copy_only = _median_step(lambda: __import__("copy").deepcopy(cache), args.repeats)
+        copy_only = _median_step(lambda: deepcopy(cache), args.repeats)
         single_time = _median_step(single_step, args.repeats) - copy_only
     print(f"SmolLM2-135M, {args.prompts} prompts of {args.prompt_tokens} tokens, one cached step "
           f"(median of {args.repeats}; {torch.get_num_threads()} threads)\n")
@@ -78,10 +78,9 @@ def main() -> None:
             member_grown = torch.cat([member_mask, torch.ones_like(following)], dim=1)
 
             def member_step():
-                from copy import deepcopy
                 decoder.logits(following, member_grown, place[:, -1:] + 1, deepcopy(member_cache))
 
-            copy_only = _median_step(lambda: __import__("copy").deepcopy(member_cache), args.repeats)
+            copy_only = _median_step(lambda: deepcopy(member_cache), args.repeats)
             member_time = _median_step(member_step, args.repeats) - copy_only
         print(f"| sve M={args.members}, targets {label} | {rows} | {1000 * member_time:.1f} | "
               f"{member_time / single_time:.2f} | {member_time / (args.members * single_time):.2f} |")
