@@ -209,7 +209,8 @@ def train(
         def on_eval(line: dict) -> None:
             if rank0:
                 progress.console.print(f"step {line['step']:>5} {line['split']}: " + " ".join(
-                    f"{METRIC[key].label} {METRIC[key].format(line[key])}" for key in VALIDATION_METRICS))
+                    f"{METRIC[key].label} {METRIC[key].format(line[key])}" for key in VALIDATION_METRICS
+                    if key in line))
 
         try:
             state = run_train(loaded, out, resume=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval,
@@ -315,9 +316,18 @@ def evaluate(
     def report_dir(run: Path) -> Path:
         return (report / run.name if len(runs) > 1 else report) if report else run / "report"
 
+    generation = _generation_runs(runs)
+    given = [name for name, value in (("--data", data), ("--ood", ood), ("--bins", bins), ("--combine", combine),
+                                      ("--temperature", temperature), ("--save-predictions", save_predictions),
+                                      ("--bank", bank)) if value]
+    if generation and given:
+        raise SveError(f"{given[0]} does not apply to generation runs: they are evaluated on their test split")
     paths = [item for item in (data, *ood) if item and Path(item).exists()]
     for run in runs:  # refuse before minutes of evaluation, not after
         check_output(report_dir(run), REPORT, overwrite, [run, bank, *paths], option="--report")
+    if generation:
+        _evaluate_generation(runs, report_dir, max_examples, overwrite)
+        return
     how = combine.value if combine else None
     reports = []
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, every rank predicts and rank 0 writes
@@ -342,6 +352,36 @@ def evaluate(
 
     if rank0:
         out_console.print(display.evaluation(runs, reports))
+
+
+def _generation_runs(runs: list[Path]) -> bool:
+    """Whether these runs generate text (all of them), or classify (all of them); mixed runs are refused."""
+    from sve_cli.rundir import open_run
+
+    kinds = {open_run(run)[0].task.type == "generation" for run in runs}
+    if len(kinds) > 1:
+        raise SveError("generation runs and classification runs cannot share one table: evaluate them apart")
+    return kinds.pop()
+
+
+def _evaluate_generation(runs: list[Path], report_dir, max_examples: Optional[int], overwrite: bool) -> None:
+    """Answer each run's test split and judge its uncertainty scores (sve_cli/answers.py)."""
+    from sve_cli.answers import answers_table, evaluate_generation, write_generation_report
+    from sve_cli.outputs import REPORT, check_output, output_lock
+
+    reports = []
+    for run in runs:
+        with _progress(BarColumn(), TextColumn("{task.completed}/{task.total}")) as progress:
+            task = progress.add_task(f"{run.name}: answering", total=None)
+            report = evaluate_generation(run, max_examples,
+                                         on_rows=lambda done, total: progress.update(task, completed=done, total=total))
+        directory = report_dir(run)
+        with output_lock(directory):
+            check_output(directory, REPORT, overwrite, [run], option="--report")
+            write_generation_report(report, directory)
+        console.print(f"report written to {directory}")
+        reports.append(report)
+    out_console.print(answers_table(runs, reports))
 
 
 @app.command(epilog="Example:  sve export runs/quickstart --format safetensors --member 0 --out exported/")
@@ -477,6 +517,8 @@ def predict(
     check_predictions_output(out, overwrite, inputs)  # before minutes of loading, not after
     with console.status(f"loading {source}…"):
         predictor = open_predictor(source, bank)
+    if predictor.recipe.task.type == "generation":
+        raise SveError(f"{source} generates text, it does not classify: `sve generate {source} --data {data}`")
     inputs.append(predictor.recipe.model.path if Path(predictor.recipe.model.path).exists() else None)
     threshold, where = choose_threshold(predictor, score.value, abstain_coverage, abstain_risk, abstain_threshold, raw)
     sets = None

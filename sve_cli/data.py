@@ -22,7 +22,8 @@ from sve_cli.images import image_tensor, read_image_folder
 from sve_cli.recipe import TABLE_SUFFIXES, TaskSection, carved_share, split_files
 
 SPLIT_SEED = 0
-BUILTIN_DATA = ("tweets", "bbc_news", "digits", "mnist")
+BUILTIN_DATA = ("tweets", "bbc_news", "bbc_headlines", "digits", "mnist")
+HEADLINE_WORDS = 60  # bbc_headlines: the article's first words the prompt holds (2 CPU cores' budget)
 
 
 @dataclass
@@ -65,6 +66,13 @@ def _builtin(name: str) -> Table:
         rows = [(_read_text(path), label)
                 for label, topic in enumerate(names) for path in sorted((root / topic).glob("*.txt"))]
         return Table(_unique(pd.DataFrame(rows, columns=["text", "label"])), names)
+    if name == "bbc_headlines":  # generation: an article's opening -> its own title (each file's first line)
+        prompts, targets = [], []
+        for text in _builtin("bbc_news").frame["text"]:
+            title, _, body = text.partition("\n")
+            prompts.append("Article: " + " ".join(body.split()[:HEADLINE_WORDS]) + "\nHeadline:")
+            targets.append(title.strip())
+        return Table(pd.DataFrame({"prompt": prompts, "target": targets}))
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -228,6 +236,7 @@ class Examples:
     texts: list[str] | None = None
     pairs: list[str] | None = None
     images: list[torch.Tensor] | None = None  # each [C, H, W] float in [0, 1], C = 1 or 3
+    targets: list[str] | None = None  # generation: each prompt's target text (labels are then all 0)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -327,6 +336,10 @@ def build_examples(table: Table, task: TaskSection, label_names: list[str], wher
     if task.type == "multiple_choice":
         prompts, labels, _ = _multiple_choice(frame, task, label_names, where)
         return Examples(labels, texts=prompts)
+    if task.type == "generation":
+        prompts = _texts(frame, task.prompt_field, "prompt_field", where)
+        targets = _texts(frame, task.target_field, "target_field", where)
+        return Examples(torch.zeros(len(prompts), dtype=torch.long), texts=prompts, targets=targets)
     texts = _texts(frame, task.text_field, "text_field", where)
     pairs = _texts(frame, task.text_pair_field, "text_pair_field", where) if task.text_pair_field else None
     labels = _labels(_column(frame, task.label_field, "label_field", where), label_names, where)
@@ -386,6 +399,8 @@ def iter_chunks(spec: str, config: str | None, rows: int):
 
 def class_names(table: Table, task: TaskSection) -> list[str]:
     """Label names: the recipe's, the source's, or the sorted distinct labels of the table."""
+    if task.type == "generation":
+        return []  # no classes: the targets are text
     if task.label_names:
         return list(task.label_names)
     if table.label_names:

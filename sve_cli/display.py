@@ -125,9 +125,12 @@ def run_summary(out: Path, recipe, state: dict) -> Table:
     best = state["history"][[h["step"] for h in state["history"]].index(state["best_step"])]
     table = Table(title=f"run {out}", show_header=False, title_justify="left")
     table.add_row("best step", f"{state['best_step']} of {state['total_steps']} ({recipe.eval.metric})")
-    for key in VALIDATION_METRICS:
+    if recipe.task.type == "generation":
+        table.add_row(f"{recipe.eval.split} target-token Acc (%)", METRIC["accuracy"].format(best["accuracy"]))
+        table.add_row(f"{recipe.eval.split} target-token NLL", f"{best['nll']:.4f} (members alone: {best['member_nll']:.4f})")
+    for key in VALIDATION_METRICS if recipe.task.type != "generation" else ():
         table.add_row(f"{recipe.eval.split} {METRIC[key].heading} (raw)", METRIC[key].format(best[key]))
-    if recipe.eval.calibration == "temperature":
+    if recipe.eval.calibration == "temperature" and recipe.task.type != "generation":
         table.add_row("temperature", f"{best['temperature']:.4f} (fitted on {recipe.eval.split}; evaluate, predict "
                       "and exports use it)")
     from sve_cli.rundir import BANK

@@ -27,7 +27,7 @@ from sve_cli.architectures import Architecture, BackboneLayout, architecture, ch
 from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers
 from sve_cli.factors import FactorCache
 from sve_cli.errors import ForeignDecompositionError, SveError
-from sve_cli.heads import MemberHead, Stem, features, resolve_representation
+from sve_cli.heads import MemberHead, Stem, TokenHead, features, resolve_representation
 from sve_cli.layer import SVELinear
 from sve_cli.prefix import SharedPrefix, shared_prefix
 from sve_cli.recipe import EnsembleConfig
@@ -100,8 +100,10 @@ class SVEModel(nn.Module):
 
     def forward(self, member_major: bool = False, **inputs: torch.Tensor) -> torch.Tensor:
         """Logits `[B, m, C]` of the active members `m`; inputs `[B, …]` (or `[m·B, …]` when
-        `member_major`)."""
+        `member_major`). A generation ensemble (`head_kind` "tokens") takes `target_ids [B, T]` too and
+        returns the next-token logits `[N, m, V]` at the N positions whose next token is a target's."""
         members = len(self.active)
+        target_ids = inputs.pop("target_ids", None)  # [B, T]: the next token where it is a target's, else -100
         sizes = {name: value.shape[0] for name, value in inputs.items()}
         if not all(torch.is_tensor(value) for value in inputs.values()) or len(set(sizes.values())) != 1:
             raise ValueError(f"every input must be a tensor of the same batch size, got {sizes}")
@@ -116,6 +118,12 @@ class SVEModel(nn.Module):
         device = next(iter(inputs.values())).device
         with torch.autocast(device.type, dtype=self.compute_dtype or torch.float32, enabled=self.compute_dtype is not None):
             outputs = self.backbone(**backbone_inputs)  # [m·B, T, d] either way
+            if self.head_kind == "tokens":  # the hidden states that predict a target token
+                if target_ids is None:
+                    raise ValueError("a generation ensemble scores target tokens: give target_ids")
+                hidden = outputs.last_hidden_state  # [m·B, T, d]
+                selected = hidden.view(members, -1, *hidden.shape[1:])[:, target_ids != -100]  # [m, N, d]
+                return self.head(selected.reshape(-1, hidden.shape[-1]))  # [N, m, V]
             representation = features(self.representation, outputs, inputs.get("input_ids"),
                                       inputs.get("attention_mask"), self.pad_token_id)  # [m·B, d]
             if self.stem is not None:
@@ -239,10 +247,12 @@ def _attach_method(backbone: nn.Module, checkpoint: Checkpoint, config: Ensemble
 
 def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = None,
                    letter_token_ids: list[int] | None = None, factors: FactorCache | None = None,
-                   pad_token_id: int | None = None, seed: int = 0, trust_remote_code: bool = False) -> SVEModel:
+                   pad_token_id: int | None = None, seed: int = 0, trust_remote_code: bool = False,
+                   tokens: bool = False) -> SVEModel:
     """An ensemble of `model` (`config.method`, `config.members` members) with a classification
     head of `classes` classes, or (for a causal LM) a letter head scoring `letter_token_ids` with
-    the LM head's own rows. `seed` fixes every random initialisation.
+    the LM head's own rows, or (`tokens`, for generation) the LM head itself, shared and frozen.
+    `seed` fixes every random initialisation.
 
     `factors` is the decomposition of `model` the SVE methods need, resolved by the caller (building
     never decomposes: `sve_cli.pipeline.ensemble_for` resolves and builds).
@@ -250,15 +260,16 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
     own classifier into every member). `pad_token_id` overrides the config's (the tokenizer's pad
     token decides which position is the last real token).
     """
-    if (classes is None) == (letter_token_ids is None):
-        raise SveError("give either the number of classes or the answer-letter token ids")
+    if (classes is not None) + (letter_token_ids is not None) + tokens != 1:
+        raise SveError("give one of: the number of classes, the answer-letter token ids, tokens")
     checkpoint = open_checkpoint(model)
     if not (checkpoint.directory / "config.json").exists():
         raise SveError(f"{model} needs a config.json beside its weights to build a model")
     spec = architecture(checkpoint)
-    if letter_token_ids is not None and not spec.decoder:
-        raise SveError(f"a letter head needs a causal LM; {model} is a {checkpoint.model_type}")
-    representation = "last_token" if letter_token_ids is not None else resolve_representation(
+    if (letter_token_ids is not None or tokens) and not spec.decoder:
+        raise SveError(f"{'generation' if tokens else 'a letter head'} needs a causal LM; "
+                       f"{model} is a {checkpoint.model_type}")
+    representation = "last_token" if letter_token_ids is not None or tokens else resolve_representation(
         config.representation, spec, checkpoint.directory)
     backbone = _load_backbone(checkpoint, spec, config.dropout, trust_remote_code)
     backbone.requires_grad_(False)
@@ -268,7 +279,10 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
 
     stem = _stem(checkpoint, spec, layout, backbone.config, generator) if representation == "pooler" else None
     hidden = stem.weight.shape[0] if stem is not None else _hidden_size(backbone, spec, representation)
-    if letter_token_ids is not None:
+    if tokens:
+        head = TokenHead(config.members, lm_head_weight(checkpoint), checkpoint.config.get("logit_scale"),
+                         checkpoint.config.get("final_logit_softcapping"))
+    elif letter_token_ids is not None:
         head = MemberHead(config.members, hidden, len(letter_token_ids), bias=False)
         head.init_from(lm_head_weight(checkpoint)[letter_token_ids], jitter=config.copy_jitter, generator=generator)
     else:
@@ -295,7 +309,7 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
     if pad_token_id is None:
         pad_token_id = getattr(backbone.config, "pad_token_id", None)
     return SVEModel(backbone, head, layers, config.members, representation, pad_token_id, identity,
-                    "letters" if letter_token_ids is not None else "classification", stem,
+                    "tokens" if tokens else "letters" if letter_token_ids is not None else "classification", stem,
                     None if spec.inferred else shared_prefix(backbone, layers))
 
 

@@ -36,7 +36,7 @@ HUB_OOD = {
     "sst2": ("stanfordnlp/sst2", None, "validation", "text"),
     "imdb": ("stanfordnlp/imdb", None, "test", "text"),
 }
-BUILTIN_KINDS = {"tweets": "text", "bbc_news": "text", "digits": "images", "mnist": "images"}
+BUILTIN_KINDS = {"tweets": "text", "bbc_news": "text", "bbc_headlines": "text", "digits": "images", "mnist": "images"}
 SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 

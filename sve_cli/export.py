@@ -132,13 +132,14 @@ class ExportFormat:
         return "sentence-transformers" if self.kind == "sentence-transformers" else "transformers"
 
 
-def export_format(spec: Architecture, representation: str, letters: bool) -> ExportFormat:
-    """The standard class a member of this family, read this way, exports to; one clear error if none."""
+def export_format(spec: Architecture, representation: str, causal: bool) -> ExportFormat:
+    """The standard class a member of this family, read this way (`causal`: a letter head or generation),
+    exports to; one clear error if none."""
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    if letters:
+    if causal:
         if spec.causal_lm is None:
-            raise SveError(f"a {spec.model_type} letter head has no causal-LM class to export to")
+            raise SveError(f"a {spec.model_type} member has no causal-LM class to export to")
         return ExportFormat("causal", spec.causal_lm)
     if representation == spec.representation and spec.classifier is not None:
         return ExportFormat("classifier", spec.classifier)
@@ -161,19 +162,19 @@ def recipe_export_notes(recipe) -> list[str]:
 
     base = open_checkpoint(recipe.model.path, shapes_only=True)
     spec = architecture(base)
-    letters = recipe.task.type == "multiple_choice"
-    representation = "last_token" if letters else resolve_representation(recipe.ensemble.representation, spec,
-                                                                          base.directory)
+    causal = recipe.task.type in ("multiple_choice", "generation")
+    representation = "last_token" if causal else resolve_representation(recipe.ensemble.representation, spec,
+                                                                         base.directory)
     targets = [t.name for t in resolve_targets(base, recipe.ensemble.targets)]
     member_bias = recipe.ensemble.bias and recipe.ensemble.uses_decomposition
-    return export_notes(spec, representation, letters, targets, member_bias, base)
+    return export_notes(spec, representation, causal, targets, member_bias, base)
 
 
-def export_notes(spec: Architecture, representation: str, letters: bool, targets: list[str], member_bias: bool,
+def export_notes(spec: Architecture, representation: str, causal: bool, targets: list[str], member_bias: bool,
                  base: Checkpoint) -> list[str]:
     """What `sve export` will and will not be able to write for a run set up this way (said at its start)."""
     try:
-        output = export_format(spec, representation, letters)
+        output = export_format(spec, representation, causal)
     except SveError as error:
         return [f"export: {error}; the run will export as a Σ bank only (`sve export --format sigma-bank`)"]
     conflicts = bias_conflicts(targets, {t.removesuffix(".weight") for t in targets} if member_bias else set(), base)
@@ -188,7 +189,8 @@ def _plan_tensors(bank: RunBank, member: int | str) -> tuple[dict[str, tuple], d
     """Output name -> (shape, source); plus config changes and the output format."""
     base, metadata = bank.base, bank.metadata
     spec = architecture(base)
-    output = export_format(spec, metadata.get("representation", spec.representation), metadata["head"] == "letters")
+    output = export_format(spec, metadata.get("representation", spec.representation),
+                           metadata["head"] in ("letters", "tokens"))
     conflicts = bias_conflicts(metadata["targets"], {k.removesuffix(".bias") for k in bank.bank.keys()}, base)
     if conflicts:
         raise SveError(f"members own a bias on '{conflicts[0]}', which {output.architecture} cannot hold; "
@@ -202,6 +204,10 @@ def _plan_tensors(bank: RunBank, member: int | str) -> tuple[dict[str, tuple], d
         if name in targets and bias in base.files and bias in bank.bank.keys():
             plan[prefix + short.removesuffix("weight") + "bias"] = (base.shape(bias), ("bias", bias))
     labels = metadata["label_names"]
+    if metadata["head"] == "tokens":  # generation: the LM head is the base's own, as stored (tied or not)
+        if spec.lm_head in base.files:
+            plan[spec.lm_head] = (base.shape(spec.lm_head), ("copy", spec.lm_head))
+        return plan, {"architectures": [output.architecture]}, output
     config_update: dict[str, object] = {"architectures": [output.architecture], "id2label": dict(enumerate(labels)),
                                         "label2id": {label: i for i, label in enumerate(labels)}}
     if output.kind == "sentence-transformers":  # the head goes into 2_Dense

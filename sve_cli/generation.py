@@ -25,6 +25,7 @@ from sve_cli.architectures import ARCHITECTURES, architecture
 from sve_cli.checkpoint import Checkpoint
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import SveError
+from sve_cli.heads import lm_logits
 
 
 def check_generation(checkpoint: Checkpoint) -> None:
@@ -94,11 +95,7 @@ class MemberDecoder:
         outputs = self.model.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       use_cache=True, **{self._cache_key: cache})
         hidden = outputs.last_hidden_state[:, -1]  # [M·B, d]
-        logits = hidden @ self.lm_head.to(hidden.dtype).T  # [M·B, V]
-        if self.scale is not None:
-            logits = logits * self.scale
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = lm_logits(hidden, self.lm_head, self.scale, self.softcap)  # [M·B, V]
         return logits.view(self.members, -1, logits.shape[-1]), getattr(outputs, self._cache_key)  # [M, B, V]
 
 
@@ -169,22 +166,17 @@ def _normalised(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def generation_rows(predictor, data: str, prompt_field: str, max_new_tokens: int, batch_size: int,
-                    sample: bool = False, seed: int = 0, member_answers: bool = False, tokens: bool = False,
-                    on_rows=None):
-    """One list of output rows per chunk of `data`: the ensemble's answer to each prompt, its sequence
-    scores and (`member_answers`) each member's own greedy answer and their agreement; `tokens` adds the
-    per-token scores. `predictor` is `sve_cli.predict.Predictor`."""
-    from sve_cli.data import iter_chunks
+def decoder_for(model: SVEModel, pipeline, max_new_tokens: int) -> tuple[MemberDecoder, set[int], int, int]:
+    """A run's decoder (members' weights cached when they fit the recipe's budget), its end-of-sequence
+    ids, its pad id, and how many prompt tokens to keep: the recipe's max_length, less the new tokens when
+    the model's positions would not hold both."""
     from sve_cli.ensemble import lm_head_weight
     from sve_cli.inference import cache_budget
-    from sve_cli.predict import CHUNK_ROWS
 
-    pipeline = predictor.pipeline
     check_generation(pipeline.checkpoint)
     tokenizer, config = pipeline.tokenizer, pipeline.checkpoint.config
-    decoder = MemberDecoder(predictor.model, lm_head_weight(pipeline.checkpoint), config)
-    predictor.model.fit_eval_cache(cache_budget(predictor.recipe.eval.cache_budget, torch.device("cpu")))
+    decoder = MemberDecoder(model, lm_head_weight(pipeline.checkpoint), config)
+    model.fit_eval_cache(cache_budget(pipeline.recipe.eval.cache_budget, torch.device("cpu")))
     eos = {tokenizer.eos_token_id} | set(config.get("eos_token_id") if isinstance(config.get("eos_token_id"), list)
                                          else [config.get("eos_token_id")])
     eos.discard(None)
@@ -194,6 +186,21 @@ def generation_rows(predictor, data: str, prompt_field: str, max_new_tokens: int
     if keep < 1:
         raise SveError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                        f"{positions_limit} positions")
+    return decoder, eos, pad, keep
+
+
+def generation_rows(predictor, data: str, prompt_field: str, max_new_tokens: int, batch_size: int,
+                    sample: bool = False, seed: int = 0, member_answers: bool = False, tokens: bool = False,
+                    on_rows=None):
+    """One list of output rows per chunk of `data`: the ensemble's answer to each prompt, its sequence
+    scores and (`member_answers`) each member's own greedy answer and their agreement; `tokens` adds the
+    per-token scores. `predictor` is `sve_cli.predict.Predictor`."""
+    from sve_cli.data import iter_chunks
+    from sve_cli.predict import CHUNK_ROWS
+
+    pipeline = predictor.pipeline
+    tokenizer = pipeline.tokenizer
+    decoder, eos, pad, keep = decoder_for(predictor.model, pipeline, max_new_tokens)
     generator = torch.Generator().manual_seed(seed)
     first = 0
     for table in iter_chunks(data, None, CHUNK_ROWS):

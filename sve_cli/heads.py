@@ -138,3 +138,29 @@ class MemberHead(MemberSlice):
         if self.bias is not None:
             logits = logits + self.chunk(self.bias)[:, None, :]
         return logits.transpose(0, 1).contiguous()  # [B, m, C]
+
+
+def lm_logits(hidden: torch.Tensor, lm_head: torch.Tensor, scale: float | None = None,
+              softcap: float | None = None) -> torch.Tensor:
+    """A causal LM's next-token logits `[…, V]` from its last hidden states `[…, d]` and output embedding
+    `[V, d]`, with the family's logit scale (Cohere) and final soft-capping (Gemma 2) when it has them."""
+    logits = hidden @ lm_head.to(hidden.dtype).T
+    if scale is not None:
+        logits = logits * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+class TokenHead(MemberSlice):
+    """The checkpoint's own LM head, shared by every member and frozen (a buffer: no bank holds it), for
+    generation: `[m·N, d]` hidden states at target positions -> next-token logits `[N, m, V]`."""
+
+    def __init__(self, members: int, lm_head: torch.Tensor, scale: float | None = None, softcap: float | None = None):
+        super().__init__(members)
+        self.register_buffer("weight", lm_head.detach().float(), persistent=False)  # [V, d]
+        self.scale, self.softcap = scale, softcap
+
+    def forward(self, representation: torch.Tensor) -> torch.Tensor:
+        logits = lm_logits(self.member_rows(representation), self.weight, self.scale, self.softcap)  # [m, N, V]
+        return logits.transpose(0, 1)  # [N, m, V]

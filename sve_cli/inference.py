@@ -41,11 +41,36 @@ def cache_budget(spec: str, device: torch.device) -> int:
         return 0
 
 
+def target_sums(model: SVEModel, batch: dict[str, torch.Tensor], members_per_pass: int | None = None) -> torch.Tensor:
+    """A generation ensemble's scores of each row's target tokens, summed over them: `[b, M + 3]` = each
+    member's log-likelihood, the members' mean distribution's log-likelihood, its correct tokens (argmax =
+    target), and the row's target tokens. The mean distribution is accumulated member chunk by chunk."""
+    target_ids = batch["target_ids"]  # [b, T]
+    selected = target_ids != -100
+    targets = target_ids[selected]  # [N]
+    member_log_likelihood, probability_sum = [], None
+    for first, stop in member_chunks(model.members, members_per_pass):
+        with model.active_members(first, stop):
+            log_probs = model(**batch).double().log_softmax(-1)  # [N, m, V]
+        member_log_likelihood.append(log_probs.gather(-1, targets[:, None, None].expand(-1, stop - first, 1))[..., 0])
+        chunk_sum = log_probs.exp().sum(1)  # [N, V]
+        probability_sum = chunk_sum if probability_sum is None else probability_sum + chunk_sum
+    mixture = probability_sum / model.members  # [N, V]
+    per_token = torch.cat([torch.cat(member_log_likelihood, dim=1),  # [N, M]
+                           mixture.gather(-1, targets[:, None]).log(),  # [N, 1]
+                           (mixture.argmax(-1) == targets).double()[:, None],
+                           torch.ones_like(targets, dtype=torch.float64)[:, None]], dim=1)  # [N, M + 3]
+    row_of_token = selected.nonzero()[:, 0]  # [N]
+    sums = torch.zeros(target_ids.shape[0], per_token.shape[1], dtype=torch.float64)
+    return sums.index_add_(0, row_of_token.cpu(), per_token.cpu())  # [b, M + 3]
+
+
 @torch.no_grad()
 def predict(model: SVEModel, data: Encoded, batch_size: int, parallel: Parallel = Parallel(),
             on_batch: Callable[[int], None] | None = None, members_per_pass: int | None = None,
             budget: str = "auto") -> torch.Tensor:
-    """Logits `[N, M, C]` of every example; under torchrun each rank does a strided share. Members' dense
+    """Logits `[N, M, C]` of every example (a generation ensemble: `target_sums`, `[N, M + 3]`); under
+    torchrun each rank does a strided share. Members' dense
     weights are cached for the pass only while all of them fit `budget` (`cache_budget`; never when the
     model is sharded, which would undo the sharding)."""
     was_training = model.training
@@ -59,12 +84,16 @@ def predict(model: SVEModel, data: Encoded, batch_size: int, parallel: Parallel 
         indices = rows[start:start + batch_size]
         padding = indices.numel() == 0  # this rank's share ran out: a row to keep the collectives in step
         batch = {k: v.to(device) for k, v in data.batch(indices if not padding else torch.tensor([0])).items()}
-        chunks = []
-        for first, stop in member_chunks(model.members, members_per_pass):
-            with model.active_members(first, stop):
-                chunks.append(model(**batch).float().cpu())  # [b, m, C]
+        if model.head_kind == "tokens":
+            scored = target_sums(model, batch, members_per_pass)  # [b, M + 3]
+        else:
+            chunks = []
+            for first, stop in member_chunks(model.members, members_per_pass):
+                with model.active_members(first, stop):
+                    chunks.append(model(**batch).float().cpu())  # [b, m, C]
+            scored = torch.cat(chunks, dim=1)  # [b, M, C]
         if not padding:
-            outputs.append(torch.cat(chunks, dim=1))  # [b, M, C]
+            outputs.append(scored)
             on_batch and on_batch(len(indices))
     model.train(was_training)
     logits = torch.cat(outputs) if outputs else torch.empty(0)

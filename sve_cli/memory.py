@@ -84,7 +84,7 @@ def _blocks(config: dict) -> int:
 
 def _trainable(recipe: Recipe, targets: list[Target], checkpoint: Checkpoint, classes: int) -> int:
     ensemble, members, spec = recipe.ensemble, recipe.ensemble.members, architecture(checkpoint)
-    letters = recipe.task.type == "multiple_choice"
+    letters = recipe.task.type in ("multiple_choice", "generation")  # generation: no head trains (classes = 0)
     representation = "last_token" if letters else resolve_representation(ensemble.representation, spec,
                                                                           checkpoint.directory)
     hidden = int(checkpoint.config.get("hidden_size", 0))
@@ -186,6 +186,16 @@ def estimate_memory(recipe: Recipe, classes: int, device: str = "cpu", capacity:
     per_hidden, per_intermediate = ACTIVATIONS["decoder" if spec.decoder else "encoder"]
     hidden, intermediate = int(config.get("hidden_size", 0)), int(config.get("intermediate_size", 0))
     eval_activations = int(2 * element * eval_tokens * (per_hidden * hidden + per_intermediate * intermediate))
+    if recipe.task.type == "generation":  # the shared LM head's copy, target-token logits, a KV cache per member
+        vocabulary, width = int(config.get("vocab_size", 0)), int(config.get("hidden_size", 0))
+        logits = 4 * members_per_pass * rows * recipe.task.max_target_length * vocabulary
+        frozen_bytes += 4 * vocabulary * width
+        activations += 3 * logits  # logits, their log-softmax, its gradient (float32)
+        heads = int(config.get("num_attention_heads") or 1)
+        kv_width = int(config.get("num_key_value_heads") or heads) * int(config.get("head_dim") or width // heads)
+        cache = (2 * _blocks(config) * ensemble.members * recipe.eval.batch_size * kv_width * element
+                 * (recipe.task.max_length + recipe.task.max_target_length))
+        eval_activations += cache + 2 * logits * recipe.eval.batch_size // max(1, rows)
     inference = frozen_bytes + factor_bytes + trainable_bytes // 4 + eval_activations + runtime  # no grads, no moments
     estimate = MemoryEstimate(device, trainable, base_parameters, frozen_bytes, factor_bytes,
                               trainable_bytes, activations, runtime, build, capacity, world=world,
@@ -252,7 +262,9 @@ def plan_training(recipe: Recipe, device: str, capacity: int | None, world: int 
     many classes there are (label_names, or a multiple-choice task's letters), so planning a run on one
     of the paper's checkpoints works offline."""
     task = recipe.task
-    if task.label_names or task.type == "multiple_choice":
+    if task.type == "generation":
+        classes = 0  # the LM head is shared and frozen: no classes, no head to train
+    elif task.label_names or task.type == "multiple_choice":
         classes = len(task.label_names or task.letters)
     else:
         from sve_cli.data import load_splits

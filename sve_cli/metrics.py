@@ -235,3 +235,12 @@ def ood_metrics(inside: Prediction, outside: Prediction) -> dict[str, dict[str, 
                    "aupr": aupr(in_scores[name], out_scores[name]),
                    "fpr_at_95_tpr": fpr_at_tpr(in_scores[name], out_scores[name])}
             for name in in_scores}
+
+
+def target_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """A generation ensemble's validation numbers from `inference.target_sums` rows `[N, M + 3]`: token
+    accuracy and NLL of the members' mean distribution, the members' own mean NLL, the target tokens."""
+    totals = sums.double().sum(0)  # [M + 3]
+    members, tokens = sums.shape[1] - 3, float(totals[-1])
+    return {"accuracy": float(totals[-2]) / tokens, "nll": -float(totals[-3]) / tokens,
+            "member_nll": -float(totals[:members].sum()) / members / tokens, "tokens": int(tokens)}

@@ -122,6 +122,11 @@ class Pipeline:
             self.letters = recipe.task.letters[:len(label_names)]
             ids = [letter_token_id(self.tokenizer, letter) for letter in self.letters]
             return ensemble_for(recipe.model.path, recipe.ensemble, letter_token_ids=ids, **common)
+        if recipe.task.type == "generation":
+            from sve_cli.generation import check_generation
+
+            check_generation(self.checkpoint)
+            return ensemble_for(recipe.model.path, recipe.ensemble, tokens=True, **common)
         return ensemble_for(recipe.model.path, recipe.ensemble, classes=len(label_names), **common)
 
     def cut_share(self, examples: Examples, sample: int = 2000) -> float | None:
@@ -130,6 +135,11 @@ class Pipeline:
         if examples.texts is None:
             return None
         rows = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:sample].tolist()
+        if examples.targets is not None:  # prompt, delimiter, target and end-of-sequence token
+            sample_examples = Examples(examples.labels[rows], texts=[examples.texts[i] for i in rows],
+                                       targets=[examples.targets[i] for i in rows])
+            full = generation_ids(self.tokenizer, sample_examples, 10**9, 10**9, self.recipe.task.target_delimiter)[0]
+            return sum(len(ids) > self.max_length for ids in full) / len(full)
         texts = [examples.texts[i] for i in rows]
         pairs = [examples.pairs[i] for i in rows] if examples.pairs else None
         lengths = [len(ids) for ids in self.tokenizer(texts, pairs, truncation=False)["input_ids"]]
@@ -141,6 +151,8 @@ class Pipeline:
         task, train = self.recipe.task, self.recipe.train
         notes = [splits_summary(task, splits)]
         for name, examples in splits.items():
+            if task.type == "generation":
+                continue  # no classes to count
             counts = torch.bincount(examples.labels, minlength=len(label_names)).tolist()
             notes.append(f"classes in {name}: " + ", ".join(f"{label} {count:,}" for label, count in zip(label_names, counts)))
         rows = len(splits[task.train_split])
@@ -151,7 +163,8 @@ class Pipeline:
                      f" × {self.recipe.ensemble.members} member(s))")
         share = self.cut_share(splits[task.train_split])
         if share is not None:
-            side = "left (the question is kept)" if task.type == "multiple_choice" else "right"
+            side = ("left (the question is kept)" if task.type == "multiple_choice" else
+                    "left of the prompt (the target is kept)" if task.type == "generation" else "right")
             notes.append(f"max_length {self.max_length}: {100 * share:.1f}% of training inputs are longer and cut "
                          f"from the {side}" + (" — raise task.max_length if that loses what decides the label"
                                                if share > 0.25 else ""))
@@ -164,27 +177,56 @@ class Pipeline:
                 raise SveError("this run classifies images, but the data holds text")
             return Encoded(examples, pixels=pixel_values(examples.images, self.checkpoint.directory, self.config,
                                                          task.image_size))
+        if task.type == "generation":
+            return Encoded(examples, self.tokenizer, self.max_length, max_target_length=task.max_target_length,
+                           target_delimiter=task.target_delimiter)
         return Encoded(examples, self.tokenizer, self.max_length, truncate_left=task.type == "multiple_choice")
+
+
+def generation_ids(tokenizer, examples: Examples, max_length: int, max_target_length: int,
+                   delimiter: str) -> tuple[list[list[int]], list[int]]:
+    """Each example as `prompt + delimiter + target + EOS` token ids (the target cut to `max_target_length`
+    tokens, EOS included; then the prompt cut from the left to fit `max_length`), and each prompt's length."""
+    prompts = tokenizer(examples.texts)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    joined = [target if not delimiter or not prompt or prompt[-1:].isspace() or target[:1].isspace()
+              else delimiter + target for prompt, target in zip(examples.texts, examples.targets)]
+    targets = tokenizer(joined, add_special_tokens=False)["input_ids"]
+    rows, prompt_lengths = [], []
+    for index, (prompt, target) in enumerate(zip(prompts, targets)):
+        if not prompt:
+            raise SveError(f"example {index}: its prompt has no tokens (an empty '{examples.texts[index]}')")
+        target = (target + eos)[:max_target_length]
+        prompt = prompt[-max(1, max_length - len(target)):]
+        rows.append(prompt + target)
+        prompt_lengths.append(len(prompt))
+    return rows, prompt_lengths
 
 
 class Encoded:
     """A split turned into model inputs; `batch(indices)` pads to the batch's longest row."""
 
     def __init__(self, examples: Examples, tokenizer=None, max_length: int = 128, truncate_left: bool = False,
-                 pixels: torch.Tensor | None = None):
+                 pixels: torch.Tensor | None = None, max_target_length: int = 64, target_delimiter: str = " "):
         self.labels = examples.labels  # [N]
         self.images = pixels  # [N, C, H, W], preprocessed (sve_cli.images)
+        self.prompt_lengths: list[int] | None = None  # generation: each row's prompt tokens (the rest is its target)
         if examples.images is not None:
             if pixels is None:
                 raise SveError("images need pixel values from the model's image processor")
             return
         if tokenizer is None:
             raise SveError("text data needs a tokenizer; this model has none")
+        self.pad_token_id = tokenizer.pad_token_id
+        if examples.targets is not None:
+            self.input_ids, self.prompt_lengths = generation_ids(tokenizer, examples, max_length, max_target_length,
+                                                                 target_delimiter)
+            self.token_type_ids = None
+            return
         tokenizer.truncation_side = "left" if truncate_left else "right"
         encoded = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
         self.input_ids: list[list[int]] = encoded["input_ids"]
         self.token_type_ids: list[list[int]] | None = encoded.get("token_type_ids")
-        self.pad_token_id = tokenizer.pad_token_id
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -206,6 +248,12 @@ class Encoded:
             input_ids[row_index, :len(row)] = torch.tensor(row)
             attention_mask[row_index, :len(row)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.prompt_lengths is not None:  # at position t, the token t + 1 where it is a target's
+            target_ids = torch.full_like(input_ids, -100)
+            for row_index, i in enumerate(indices.tolist()):
+                row, start = rows[row_index], self.prompt_lengths[i]
+                target_ids[row_index, start - 1:len(row) - 1] = torch.tensor(row[start:])
+            batch["target_ids"] = target_ids
         if self.token_type_ids is not None:
             types = torch.zeros((len(rows), width), dtype=torch.long)
             for row_index, i in enumerate(indices.tolist()):

@@ -25,6 +25,7 @@ TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
 SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")  # train-00000-of-00002.parquet: one split in shards
 MAX_BINS = 10_000  # more bins than that is no calibration measure (and would only cost memory)
 MAX_RECIPE_BYTES = 1_000_000
+GENERATION_METRICS = ("accuracy", "nll")  # of the target tokens, the members' mean distribution
 
 
 class _Section(BaseModel):
@@ -38,9 +39,9 @@ class ModelSection(_Section):
 
 
 class TaskSection(_Section):
-    type: Literal["text_classification", "multiple_choice", "image_classification"]
+    type: Literal["text_classification", "multiple_choice", "image_classification", "generation"]
     dataset: Union[str, dict[str, Union[str, list[str]]]] = Field(
-        description="builtin:tweets|bbc_news|digits|mnist, a local file, a folder (of split files named train.csv, "
+        description="builtin:tweets|bbc_news|bbc_headlines|digits|mnist, a local file, a folder (of split files named train.csv, "
         "validation.jsonl, … or an image folder), a mapping split name -> file(s), or a hub name")
     config: Optional[str] = Field(None, description="hub dataset configuration")
     train_split: str = "train"
@@ -61,6 +62,12 @@ class TaskSection(_Section):
     prompt: str = "{question}\n{choices}\nAnswer:"
     question: Optional[str] = Field(None, description="poses a classification set as multiple choice, "
                                     "e.g. 'Which topic is this article about?'")
+    # generation: prompt / target pairs; the loss is on the target's tokens (and the end-of-sequence token)
+    prompt_field: str = "prompt"
+    target_field: str = "target"
+    target_delimiter: str = Field(" ", description="put between a prompt and its target unless the prompt ends "
+                                  "in whitespace (as lm-evaluation-harness's target_delimiter)")
+    max_target_length: int = Field(64, gt=0, description="target tokens kept (longer targets are cut)")
 
     @field_validator("dataset")
     @classmethod
@@ -287,6 +294,25 @@ class Recipe(_Section):
         splits = (self.task.train_split, self.task.validation_split, self.task.test_split)
         if self.eval.split not in splits:
             raise ValueError(f"eval.split '{self.eval.split}' is none of the task's splits {list(splits)}")
+        return self
+
+    @model_validator(mode="after")
+    def _generation_settings(self) -> "Recipe":
+        """Generation scores target tokens: members share each batch (their targets line up row for row),
+        and validation measures token accuracy or NLL."""
+        if self.task.type != "generation":
+            return self
+        problems = []
+        if self.train.member_batches != "shared":
+            problems.append("train.member_batches: generation trains every member on the same batches (shared)")
+        if self.eval.metric not in GENERATION_METRICS:
+            problems.append(f"eval.metric: generation is validated by {' or '.join(GENERATION_METRICS)} "
+                            "(of the target tokens)")
+        if not self.ensemble.trains_targets:
+            problems.append("ensemble.single_mode: head trains nothing in generation (the LM head is shared and "
+                            "frozen): use single_mode: full")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
 

@@ -166,7 +166,7 @@ def reliability_png(path: Path, probs: torch.Tensor, labels: torch.Tensor, bins:
     bottom.set_xlabel("confidence (top-1)")
     bottom.set_ylabel("examples")
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def risk_coverage_png(path: Path, prediction: Prediction, labels: torch.Tensor, title: str) -> None:
@@ -186,7 +186,7 @@ def risk_coverage_png(path: Path, prediction: Prediction, labels: torch.Tensor, 
     axis.set_title(title)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def conformal_png(path: Path, evaluation: Evaluation, title: str) -> None:
@@ -204,7 +204,7 @@ def conformal_png(path: Path, evaluation: Evaluation, title: str) -> None:
     axis.set_title(title)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def histogram_png(path: Path, in_scores: dict, out_scores: dict, name: str) -> None:
@@ -225,10 +225,10 @@ def histogram_png(path: Path, in_scores: dict, out_scores: dict, name: str) -> N
         axis.set_xlabel("score (higher = more OOD)")
     axes[0][0].legend()
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
-def _save_figure(figure, path: Path) -> None:
+def save_figure(figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as temporary:

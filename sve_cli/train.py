@@ -30,7 +30,7 @@ from sve_cli.distributed import (Parallel, any_rank, average, barrier, full, gra
                                  wrap)
 from sve_cli.inference import member_chunks, predict
 from sve_cli.vocabulary import METRIC, VALIDATION_METRICS
-from sve_cli.metrics import Prediction, calibration_metrics, fit_calibration, temperature_of
+from sve_cli.metrics import Prediction, calibration_metrics, fit_calibration, target_metrics, temperature_of
 from sve_cli.pipeline import Encoded, Pipeline
 from sve_cli.schedule import MemberOrders, lr_factor, param_groups
 from sve_cli.recipe import Recipe
@@ -150,7 +150,8 @@ class TensorBoard(Listener):
 
     def on_eval(self, line: dict) -> None:
         for key in (*VALIDATION_METRICS, "disagreement"):
-            self.writer.add_scalar(f"{self.split}/{key}", line[key], line["step"])
+            if key in line:  # generation measures accuracy and NLL only
+                self.writer.add_scalar(f"{self.split}/{key}", line[key], line["step"])
         self.writer.flush()
 
     def close(self) -> None:
@@ -363,9 +364,12 @@ def _step(session: Session) -> dict:
         batch = {k: v.to(session.device) for k, v in data.batch(rows).items()}
         sync = gradient_sync(session.model, parallel, index == len(passes) - 1)  # reduced once per step
         with sync, ensemble.active_members(start, stop):  # also around backward: checkpointing recomputes
-            logits = session.model(member_major=not shared, **batch)  # [b, m, C]
+            logits = session.model(member_major=not shared, **batch)  # [b, m, C] (generation: [N, m, V])
             members, classes = logits.shape[1:]
-            labels = data.labels[rows].to(session.device).reshape(-1, len(member_rows[0])).T  # [b, 1] or [b, m]
+            if "target_ids" in batch:  # generation: every target token is one example
+                labels = batch["target_ids"][batch["target_ids"] != -100][:, None]  # [N, 1]
+            else:
+                labels = data.labels[rows].to(session.device).reshape(-1, len(member_rows[0])).T  # [b, 1] or [b, m]
             labels = labels.expand(-1, members)  # [b, m]
             loss = torch.nn.functional.cross_entropy(  # mean over rows and this chunk's members
                 logits.float().reshape(-1, classes), labels.reshape(-1))
@@ -376,7 +380,7 @@ def _step(session: Session) -> dict:
         loss_sum += float(loss.detach()) * share
         correct += float((logits.argmax(-1) == labels).float().mean(1).sum()) * members / ensemble.members
         if stop == ensemble.members:  # the micro-batch's last chunk
-            rows_seen += len(member_rows[0])
+            rows_seen += len(labels)  # its rows (generation: its target tokens)
             session.tokens_seen += sum(data.tokens(r) for r in member_rows) / len(member_rows)
     if config.grad_clip:
         torch.nn.utils.clip_grad_norm_(ensemble.trainable_parameters().values(), config.grad_clip)
@@ -400,9 +404,12 @@ def _evaluate_and_keep_best(session: Session) -> dict:
     logits = predict(session.ensemble, session.eval_data, recipe.eval.batch_size, parallel,
                      members_per_pass=recipe.train.members_per_pass, budget=recipe.eval.cache_budget)
     labels = session.eval_data.labels
-    numbers = calibration_metrics(Prediction.of(logits, recipe.eval.combine), labels, recipe.eval.bins)
-    calibration = ({**fit_calibration(logits, labels, recipe.eval.combine), "split": recipe.eval.split}
-                   if recipe.eval.calibration == "temperature" else {"method": "none"})
+    if session.ensemble.head_kind == "tokens":  # generation: the target tokens' accuracy and NLL, uncalibrated
+        numbers, calibration = target_metrics(logits), {"method": "none", "why": "generation"}
+    else:
+        numbers = calibration_metrics(Prediction.of(logits, recipe.eval.combine), labels, recipe.eval.bins)
+        calibration = ({**fit_calibration(logits, labels, recipe.eval.combine), "split": recipe.eval.split}
+                       if recipe.eval.calibration == "temperature" else {"method": "none"})
     step = state["step"]
     line = {"step": step, "epoch": round(step / session.steps_per_epoch, 4), "split": recipe.eval.split,
             "train_loss": session.last_loss, **numbers, "temperature": temperature_of(calibration)}

@@ -1,0 +1,145 @@
+"""Uncertainty of generated text: SVE (M=4) against SVF and a single fine-tuned model, BBC headlines.
+
+Each run trains `recipes/smollm2_bbc_headlines.yaml` (SmolLM2-135M, an article's first 60 words -> its
+title, the upper third of the blocks targeted) with one method and seed, then `sve evaluate` answers the
+test split greedily and scores each uncertainty score by PRR and AUROC for wrong answers
+(sve_cli/answers.py). The table gives mean ± std over seeds; the last lines compare SVE's best score
+(MI or an entropy) with the best single-model score (sequence NLL, per-token NLL, mean token entropy)
+of the single fine-tuned model.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/headlines.py --seeds 0 1 2 --parallel 2 \\
+        --out /work/runs/headlines --archive benchmarks/results/headlines
+
+Resumable: a run whose report exists is skipped, one with a checkpoint is resumed (`sve train --resume`).
+`--single-lrs` is a validation grid for the single model (first seed, by validation token NLL; SVE and
+SVF use the recipe's 3e-2, the value the multiple-choice recipes chose on validation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "sve_cli" / "recipes" / "smollm2_bbc_headlines.yaml"
+METHODS = {"sve": ["ensemble.method=sve", "ensemble.members=4"],
+           "svf": ["ensemble.method=svf", "ensemble.members=1"],
+           "single": ["ensemble.method=single", "ensemble.members=1"]}
+SINGLE_MODEL_SCORES = ("nll", "nll_per_token", "entropy_mean")  # what a user of one model has
+ENSEMBLE_SCORES = ("mutual_information", "entropy_mean", "entropy_max", "expected_entropy")
+ARCHIVED = ("recipe.yaml", "metrics.jsonl", "cost.json", "report/report.json")
+
+
+def sve(*args: str) -> None:
+    result = subprocess.run([str(REPO / ".venv" / "bin" / "sve"), *args], capture_output=True, text=True, cwd=REPO)
+    if result.returncode:
+        raise RuntimeError(f"sve {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+
+
+def run_one(out: Path, method: str, lr: float, seed: int, archive: Path | None) -> Path:
+    """Train (or resume) and evaluate one run; skip it when its report is there."""
+    report = out / "report" / "report.json"
+    if report.exists() and "scores" in json.loads(report.read_text()):
+        return out
+    overrides = [*METHODS[method], f"train.lr={lr}", f"train.seed={seed}"]
+    sets = [item for override in overrides for item in ("--set", override)]
+    started = time.perf_counter()
+    if not (out / "trainer_state.json").exists() or not json.loads((out / "trainer_state.json").read_text())["finished"]:
+        resume = ["--resume"] if (out / "checkpoint.safetensors").exists() else ["--overwrite"]
+        sve("train", str(RECIPE), "--out", str(out), *sets, *resume)
+    trained = time.perf_counter()
+    sve("evaluate", str(out), "--overwrite")
+    (out / "cost.json").write_text(json.dumps({"train_seconds": trained - started,
+                                               "evaluate_seconds": time.perf_counter() - trained}))
+    if archive is not None:
+        for name in ARCHIVED:
+            if (out / name).exists():
+                (archive / out.name / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(out / name, archive / out.name / name)
+    return out
+
+
+def validation_nll(out: Path) -> float:
+    return min(json.loads(line)["nll"] for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    values = [scale * v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(runs: dict[str, list[Path]]) -> str:
+    reports = {method: [json.loads((run / "report" / "report.json").read_text()) for run in paths]
+               for method, paths in runs.items()}
+    methods = list(reports)
+    lines = ["| | " + " | ".join(f"{m} (n={len(reports[m])})" for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    lines.append("| ROUGE-L (%) | " + " | ".join(mean_std([r["rouge_l"] for r in reports[m]], 100, 2) for m in methods) + " |")
+    lines.append("| wrong (ROUGE-L < 0.3) (%) | " + " | ".join(mean_std([r["wrong_share"] for r in reports[m]], 100, 1)
+                                                          for m in methods) + " |")
+    scores = [name for name in ("nll", "nll_per_token", "entropy_mean", "entropy_max", "expected_entropy",
+                                "mutual_information")]
+    for key, label, scale, digits in (("prr", "PRR", 1, 3), ("auroc_wrong", "AUROC wrong (%)", 100, 1)):
+        for name in scores:
+            lines.append(f"| {label} {name} | " + " | ".join(
+                mean_std([r["scores"].get(name, {}).get(key) for r in reports[m]], scale, digits) for m in methods) + " |")
+    if "sve" in reports and "single" in reports:
+        best_sve = max(ENSEMBLE_SCORES, key=lambda s: statistics.mean(r["scores"][s]["prr"] for r in reports["sve"]))
+        best_single = max(SINGLE_MODEL_SCORES,
+                          key=lambda s: statistics.mean(r["scores"][s]["prr"] for r in reports["single"]))
+        lines += ["", f"SVE's best score: {best_sve}, PRR {mean_std([r['scores'][best_sve]['prr'] for r in reports['sve']])}; "
+                  f"the single model's best: {best_single}, PRR "
+                  f"{mean_std([r['scores'][best_single]['prr'] for r in reports['single']])}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--lr", type=float, default=3e-2, help="SVE's and SVF's learning rate")
+    parser.add_argument("--single-lrs", type=float, nargs="+", default=[1e-4, 1e-3])
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "headlines")
+    parser.add_argument("--archive", type=Path, default=None)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def path(method: str, lr: float, seed: int) -> Path:
+        return args.out / f"{method}-lr{lr:g}-seed{seed}"
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        first = args.seeds[0]
+        jobs = [(m, args.lr, first) for m in args.methods if m != "single"]
+        if "single" in args.methods:
+            jobs += [("single", lr, first) for lr in args.single_lrs]
+        list(pool.map(lambda job: run_one(path(*job), *job, args.archive), jobs))
+        single_lr = (min(args.single_lrs, key=lambda lr: validation_nll(path("single", lr, first)))
+                     if "single" in args.methods else None)
+        if single_lr is not None:
+            print("single: validation token NLL by lr: " + ", ".join(
+                f"{lr:g} {validation_nll(path('single', lr, first)):.4f}" for lr in args.single_lrs))
+        chosen = {m: (single_lr if m == "single" else args.lr) for m in args.methods}
+        rest = [(m, chosen[m], seed) for seed in args.seeds[1:] for m in args.methods]
+        list(pool.map(lambda job: run_one(path(*job), *job, args.archive), rest))
+    runs = {m: [path(m, chosen[m], seed) for seed in args.seeds] for m in args.methods}
+    text = table(runs)
+    (args.out / "table.md").write_text(text)
+    if args.archive is not None:
+        (args.archive / "table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
