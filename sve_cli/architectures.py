@@ -357,3 +357,12 @@ def check_config(checkpoint, spec: Architecture) -> None:
         if stored is not None and tuple(checkpoint.shape(stored)) != tuple(tensor.shape):
             raise SveError(f"{checkpoint.directory / 'config.json'} does not match the weights: '{stored}' is "
                            f"{list(checkpoint.shape(stored))} on disk, the config makes it {list(tensor.shape)}")
+
+
+def check_generation(checkpoint) -> None:
+    """Generation is tested exact on the decoder families of sve's registry; one line for any other."""
+    spec = architecture(checkpoint)
+    if not spec.decoder or spec.inferred:
+        known = ", ".join(name for name, family in ARCHITECTURES.items() if family.decoder)
+        raise SveError(f"generation supports the decoder families sve's registry tests ({known}); "
+                       f"{checkpoint.source} is a {checkpoint.model_type}")

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from sve_cli.architectures import Architecture, BackboneLayout, architecture, check_config
+from sve_cli.architectures import Architecture, BackboneLayout, architecture, check_config, check_generation
 from sve_cli.checkpoint import Checkpoint, open_checkpoint, quiet_transformers
 from sve_cli.factors import FactorCache
 from sve_cli.errors import ForeignDecompositionError, SveError
@@ -266,9 +266,10 @@ def build_ensemble(model: str, config: EnsembleConfig, classes: int | None = Non
     if not (checkpoint.directory / "config.json").exists():
         raise SveError(f"{model} needs a config.json beside its weights to build a model")
     spec = architecture(checkpoint)
-    if (letter_token_ids is not None or tokens) and not spec.decoder:
-        raise SveError(f"{'generation' if tokens else 'a letter head'} needs a causal LM; "
-                       f"{model} is a {checkpoint.model_type}")
+    if tokens:
+        check_generation(checkpoint)
+    if letter_token_ids is not None and not spec.decoder:
+        raise SveError(f"a letter head needs a causal LM; {model} is a {checkpoint.model_type}")
     representation = "last_token" if letter_token_ids is not None or tokens else resolve_representation(
         config.representation, spec, checkpoint.directory)
     backbone = _load_backbone(checkpoint, spec, config.dropout, trust_remote_code)

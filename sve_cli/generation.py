@@ -21,20 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sve_cli.architectures import ARCHITECTURES, architecture
-from sve_cli.checkpoint import Checkpoint
+from sve_cli.architectures import check_generation
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import SveError
 from sve_cli.heads import lm_logits
-
-
-def check_generation(checkpoint: Checkpoint) -> None:
-    """Generation is tested exact on the decoder families of sve's registry; one line for any other."""
-    spec = architecture(checkpoint)
-    if not spec.decoder or spec.inferred:
-        known = ", ".join(name for name, family in ARCHITECTURES.items() if family.decoder)
-        raise SveError(f"generation supports the decoder families sve's registry tests ({known}); "
-                       f"{checkpoint.source} is a {checkpoint.model_type}")
 
 
 @dataclass

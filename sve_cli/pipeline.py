@@ -123,9 +123,6 @@ class Pipeline:
             ids = [letter_token_id(self.tokenizer, letter) for letter in self.letters]
             return ensemble_for(recipe.model.path, recipe.ensemble, letter_token_ids=ids, **common)
         if recipe.task.type == "generation":
-            from sve_cli.generation import check_generation
-
-            check_generation(self.checkpoint)
             return ensemble_for(recipe.model.path, recipe.ensemble, tokens=True, **common)
         return ensemble_for(recipe.model.path, recipe.ensemble, classes=len(label_names), **common)
 

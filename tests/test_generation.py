@@ -17,9 +17,9 @@ from scipy.stats import entropy
 
 from sve_cli.checkpoint import open_checkpoint
 from sve_cli.ensemble import lm_head_weight
-from sve_cli.architectures import ARCHITECTURES
+from sve_cli.architectures import ARCHITECTURES, check_generation
 from sve_cli.errors import SveError
-from sve_cli.generation import MemberDecoder, check_generation, decode, left_padded, positions, token_scores
+from sve_cli.generation import MemberDecoder, decode, left_padded, positions, token_scores
 from sve_cli.pipeline import ensemble_for
 from sve_cli.recipe import EnsembleConfig
 
