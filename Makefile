@@ -29,9 +29,10 @@ demo: install
 		--set model.decomposition=runs/demo/minilm-decomposition
 	$(SVE) evaluate runs/demo/quickstart --ood bbc_news --save-predictions --overwrite
 
-# CI and the README's command: every test. The slowest 20 are listed at the end.
+# CI and the README's command: every test, on two workers (one per core; a module's tests stay on one
+# worker, so its module-scoped fixtures are built once). The slowest 20 are listed at the end.
 test: install
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=20
 
 # The edit loop: everything but the tests marked slow (real models end to end, torchrun, kills, the
 # family matrix).

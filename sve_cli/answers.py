@@ -98,25 +98,11 @@ def judge(rows: list[dict], members: int) -> dict:
             "wrong_share": float(wrong.double().mean()), "oracle_prr": 1.0, "scores": scores}
 
 
-def answer_test_split(run: Path, max_examples: int | None = None, max_new_tokens: int | None = None,
-                      batch_size: int = 8, on_rows: Callable[[int, int], None] | None = None) -> tuple[dict, list[dict]]:
-    """The run's test split answered by its ensemble: (what was evaluated, one row per example)."""
-    from sve_cli.data import load_splits, split_origins
-    from sve_cli.generation import decode, decoder_for
-    from sve_cli.pipeline import load_ensemble
-    from sve_cli.rundir import RECIPE, open_run
+def _answers(decoder, eos: set[int], pad: int, keep: int, tokenizer, examples, count: int, new_tokens: int,
+             batch_size: int, on_rows: Callable[[int, int], None] | None) -> list[dict]:
+    """The first `count` examples answered (greedy from the members' mean distribution) and judged."""
+    from sve_cli.generation import decode
 
-    recipe, bank = open_run(run)
-    if recipe.task.type != "generation":
-        raise SveError(f"{run} is not a generation run")
-    pipeline, model, metadata = load_ensemble(recipe, bank)
-    splits, _ = load_splits(recipe.task, str(run / RECIPE))
-    test = recipe.task.test_split
-    examples = splits[test]
-    count = min(len(examples), max_examples or len(examples))
-    new_tokens = max_new_tokens or recipe.task.max_target_length
-    decoder, eos, pad, keep = decoder_for(model, pipeline, new_tokens)
-    tokenizer = pipeline.tokenizer
     rows = []
     for start in range(0, count, batch_size):
         prompts = examples.texts[start:min(start + batch_size, count)]
@@ -129,19 +115,60 @@ def answer_test_split(run: Path, max_examples: int | None = None, max_new_tokens
         on_rows and on_rows(len(rows), count)
     for row, value in zip(rows, rouge_l([row["answer"] for row in rows], [row["reference"] for row in rows])):
         row["rouge_l"] = value
+    return rows
+
+
+def answer_splits(run: Path, max_examples: int | None = None, max_new_tokens: int | None = None,
+                  batch_size: int = 8, validation: bool = False,
+                  on_rows: Callable[[str, int, int], None] | None = None) -> tuple[dict, list[dict], list[dict]]:
+    """The run's test split (and, with `validation`, its validation split) answered by its ensemble: (what
+    was evaluated, one row per test example, one per validation example)."""
+    from sve_cli.checkpoint import file_fingerprint
+    from sve_cli.data import load_splits, split_origins
+    from sve_cli.generation import decoder_for
+    from sve_cli.pipeline import load_ensemble
+    from sve_cli.rundir import RECIPE, open_run
+
+    recipe, bank = open_run(run)
+    if recipe.task.type != "generation":
+        raise SveError(f"{run} is not a generation run")
+    pipeline, model, metadata = load_ensemble(recipe, bank)
+    splits, _ = load_splits(recipe.task, str(run / RECIPE))
+    new_tokens = max_new_tokens or recipe.task.max_target_length
+    decoding = decoder_for(model, pipeline, new_tokens)
+    answered = {}
+    for name in [recipe.task.test_split] + ([recipe.task.validation_split] if validation else []):
+        examples = splits[name]
+        count = min(len(examples), max_examples or len(examples))
+        answered[name] = _answers(*decoding, pipeline.tokenizer, examples, count, new_tokens, batch_size,
+                                  on_rows and (lambda done, total, name=name: on_rows(name, done, total)))
+    test = recipe.task.test_split
     about = {"run": str(run), "base_model": metadata["base_model"], "method": metadata.get("method"),
-             "members": metadata["members"], "best_step": metadata.get("step"),
-             "data": f"{split_origins(recipe.task)[test]} [{test}]", "examples": count, "max_new_tokens": new_tokens,
-             "decoding": "greedy, from the members' mean distribution"}
-    return about, rows
+             "members": metadata["members"], "best_step": metadata.get("step"), "bank": file_fingerprint(bank),
+             "data": f"{split_origins(recipe.task)[test]} [{test}]", "examples": len(answered[test]),
+             "max_new_tokens": new_tokens, "decoding": "greedy, from the members' mean distribution"}
+    return about, answered[test], answered.get(recipe.task.validation_split, [])
+
+
+def fit_answer_thresholds(rows: list[dict], members: int) -> dict[str, dict]:
+    """Abstention thresholds of every score on answered validation rows: an answer is right when its ROUGE-L
+    is at least `WRONG_BELOW` (`selective.fit_score_thresholds`)."""
+    from sve_cli.selective import fit_score_thresholds
+
+    right = torch.tensor([row["rouge_l"] >= WRONG_BELOW for row in rows])
+    return fit_score_thresholds(score_values(rows, members), right)
 
 
 def evaluate_generation(run: Path, max_examples: int | None = None, max_new_tokens: int | None = None,
-                        batch_size: int = 8, on_rows: Callable[[int, int], None] | None = None) -> dict:
-    """The report of a generation run: what was evaluated, the answers' quality, each score's PRR and AUROC."""
-    about, rows = answer_test_split(run, max_examples, max_new_tokens, batch_size, on_rows)
+                        batch_size: int = 8, thresholds: bool = False,
+                        on_rows: Callable[[str, int, int], None] | None = None) -> dict:
+    """The report of a generation run: what was evaluated, the answers' quality, each score's PRR and AUROC,
+    and (`thresholds`) abstention thresholds fitted on the validation split's answers."""
+    about, rows, validation_rows = answer_splits(run, max_examples, max_new_tokens, batch_size, thresholds, on_rows)
+    fitted = {"thresholds": fit_answer_thresholds(validation_rows, about["members"]),
+              "validation_examples": len(validation_rows), "validation_answers": validation_rows} if thresholds else {}
     return {"tool": f"sve {__version__}", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **about, "conventions": {
+            **about, **fitted, "conventions": {
                 "quality": "ROUGE-L F-measure (rouge-score, no stemming); exact match after SQuAD's normalisation",
                 "prr": "prediction-rejection ratio (LM-Polygraph): area under the mean-quality rejection curve, "
                        "0 = random order, 1 = oracle",
@@ -149,6 +176,16 @@ def evaluate_generation(run: Path, max_examples: int | None = None, max_new_toke
                 "scores": "higher = less sure; nll = −log p̄(answer), entropies and MI are means over the answer's "
                           "tokens of the members' mean distribution (Malinin & Gales, 2021)"},
             **judge(rows, about["members"]), "answers": rows}
+
+
+def thresholds_payload(report: dict) -> dict:
+    """`RUN/thresholds.json` of a generation run: per score, the threshold of each coverage level and target
+    risk, fitted on the validation split's answers, tied to the bank they were fitted for."""
+    return {"tool": report["tool"], "created": report["created"], "bank": report["bank"], "fitted_on": "validation",
+            "examples": report["validation_examples"], "task": "generation",
+            "rule": "accept an answer when its score is at most the threshold (higher score = less sure); "
+                    f"an answer is right when its ROUGE-L is at least {WRONG_BELOW}",
+            "scores": report["thresholds"]}
 
 
 def rejection_png(path: Path, report: dict) -> None:

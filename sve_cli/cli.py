@@ -306,8 +306,12 @@ def evaluate(
     cache_budget: Optional[str] = typer.Option(None, "--cache-budget", help="Memory the members' cached weights may "
                                                "use (auto, 0 or a size such as 4GB; default: the recipe's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report directory."),
+    fit_thresholds: bool = typer.Option(False, "--fit-thresholds", help="Generation runs: also answer the "
+                                        "validation split and fit the abstention thresholds `sve generate "
+                                        "--abstain-coverage` uses (about doubles the time)."),
 ) -> None:
-    """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs."""
+    """Calibration (Acc, NLL, Brier, ECE) and OOD-detection report of trained runs; for generation runs, the
+    answers' quality and how well each uncertainty score flags a bad one (PRR, AUROC)."""
     from sve_cli.evaluate import evaluate_run
     from sve_cli.outputs import REPORT, check_output
     from sve_cli.report import fitted_payloads, write_report_once
@@ -322,11 +326,13 @@ def evaluate(
                                       ("--bank", bank)) if value]
     if generation and given:
         raise SveError(f"{given[0]} does not apply to generation runs: they are evaluated on their test split")
+    if fit_thresholds and not generation:
+        raise SveError("--fit-thresholds is for generation runs: sve evaluate always fits a classifier's thresholds")
     paths = [item for item in (data, *ood) if item and Path(item).exists()]
     for run in runs:  # refuse before minutes of evaluation, not after
         check_output(report_dir(run), REPORT, overwrite, [run, bank, *paths], option="--report")
     if generation:
-        _evaluate_generation(runs, report_dir, max_examples, overwrite)
+        _evaluate_generation(runs, report_dir, max_examples, overwrite, fit_thresholds)
         return
     how = combine.value if combine else None
     reports = []
@@ -364,22 +370,35 @@ def _generation_runs(runs: list[Path]) -> bool:
     return kinds.pop()
 
 
-def _evaluate_generation(runs: list[Path], report_dir, max_examples: Optional[int], overwrite: bool) -> None:
-    """Answer each run's test split and judge its uncertainty scores (sve_cli/answers.py)."""
-    from sve_cli.answers import answers_table, evaluate_generation, write_generation_report
+def _evaluate_generation(runs: list[Path], report_dir, max_examples: Optional[int], overwrite: bool,
+                         fit_thresholds: bool) -> None:
+    """Answer each run's test split (and, fitting thresholds, its validation split) and judge its
+    uncertainty scores (sve_cli/answers.py)."""
+    from sve_cli.answers import answers_table, evaluate_generation, thresholds_payload, write_generation_report
     from sve_cli.outputs import REPORT, check_output, output_lock
+    from sve_cli.rundir import THRESHOLDS
+    from sve_cli.writing import write_json
 
     reports = []
     for run in runs:
         with _progress(BarColumn(), TextColumn("{task.completed}/{task.total}")) as progress:
-            task = progress.add_task(f"{run.name}: answering", total=None)
-            report = evaluate_generation(run, max_examples,
-                                         on_rows=lambda done, total: progress.update(task, completed=done, total=total))
+            tasks: dict[str, int] = {}
+
+            def on_rows(split: str, done: int, total: int) -> None:
+                if split not in tasks:
+                    tasks[split] = progress.add_task(f"{run.name}: answering {split}", total=total)
+                progress.update(tasks[split], completed=done)
+
+            report = evaluate_generation(run, max_examples, thresholds=fit_thresholds, on_rows=on_rows)
         directory = report_dir(run)
         with output_lock(directory):
             check_output(directory, REPORT, overwrite, [run], option="--report")
             write_generation_report(report, directory)
         console.print(f"report written to {directory}")
+        if fit_thresholds:
+            write_json(run / THRESHOLDS, thresholds_payload(report))
+            console.print(f"abstention thresholds (fitted on {report['validation_examples']} validation answers) "
+                          f"written to {run / THRESHOLDS}")
         reports.append(report)
     out_console.print(answers_table(runs, reports))
 
@@ -437,15 +456,26 @@ def generate(
                                         "answer and say how many agree with the ensemble's."),
     tokens: bool = typer.Option(False, "--tokens", help="Add each generated token with its scores."),
     bank: Optional[Path] = typer.Option(None, "--bank", help="With a run directory: use this Σ bank."),
+    abstain_coverage: Optional[float] = typer.Option(None, "--abstain-coverage", min=0.5, max=0.995, help="Mark "
+                                                     "the least sure answers `abstain` so that this share is kept, by "
+                                                     "the thresholds `sve evaluate --fit-thresholds` fitted."),
+    abstain_score: Optional[str] = typer.Option(None, "--abstain-score", help="The score --abstain-coverage reads: "
+                                                "nll, nll_per_token, entropy_mean, entropy_max, expected_entropy, "
+                                                "mutual_information (default: mutual_information, or nll for one member)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Generate text with all members at once (one batched forward per token, a KV cache per member) and
     score how sure the ensemble is: log-likelihood, token entropy, mutual information."""
+    from sve_cli.answers import SCORES
     from sve_cli.generation import generation_rows
     from sve_cli.predict import check_predictions_output, open_predictor, write_predictions
 
     if decoding == Decoding.greedy and seed != 0:
         raise SveError("--seed chooses the samples of --decoding sample; greedy decoding has none")
+    if abstain_score is not None and abstain_score not in SCORES:
+        raise SveError(f"--abstain-score {abstain_score} is none of {', '.join(SCORES)}")
+    if abstain_score is not None and abstain_coverage is None:
+        raise SveError("--abstain-score chooses what --abstain-coverage reads: give --abstain-coverage too")
     out = out or (source if source.is_dir() else source.parent) / "generations.jsonl"
     if out.suffix.lower() != ".jsonl":
         raise SveError(f"--out {out}: generations are written as .jsonl")
@@ -453,14 +483,44 @@ def generate(
     check_predictions_output(out, overwrite, inputs)
     with console.status(f"loading {source}…"):
         predictor = open_predictor(source, bank)
+    abstention = (_generation_threshold(source, predictor, abstain_coverage, abstain_score)
+                  if abstain_coverage is not None else None)
     with _progress(TextColumn("{task.completed} prompts"), eta=False) as progress:
         task = progress.add_task("generating", total=None)
         rows = generation_rows(predictor, data, prompt_field, max_new_tokens, batch_size,
                                sample=decoding == Decoding.sample, seed=seed, member_answers=member_answers,
                                tokens=tokens, on_rows=lambda count: progress.advance(task, count))
+        if abstention is not None:
+            rows = _marked(rows, *abstention)
         summary = write_predictions(rows, out, overwrite, inputs)
-    out_console.print(f"wrote {out}: {summary['rows']} generations from {predictor.model.members} member(s)",
+    note = f"; abstain by {abstention[0]} ≤ {abstention[1]:.4g} kept at {abstain_coverage:g} coverage" if abstention else ""
+    out_console.print(f"wrote {out}: {summary['rows']} generations from {predictor.model.members} member(s){note}",
                       highlight=False, soft_wrap=True)
+
+
+def _generation_threshold(source: Path, predictor, coverage: float, score: Optional[str]) -> tuple[str, float]:
+    """(score, threshold) for `--abstain-coverage`, from the thresholds `sve evaluate --fit-thresholds` wrote."""
+    from sve_cli.rundir import THRESHOLDS, read_fitted
+
+    score = score or ("mutual_information" if predictor.model.members > 1 else "nll")
+    fitted = read_fitted(source / THRESHOLDS, predictor.bank) if source.is_dir() else None
+    if fitted is None or fitted.get("task") != "generation":
+        raise SveError(f"--abstain-coverage needs thresholds fitted on this run's answers: "
+                       f"`sve evaluate {source} --fit-thresholds`")
+    levels = fitted["scores"].get(score, {}).get("coverage", {})
+    if f"{coverage:g}" not in levels:
+        raise SveError(f"no {score} threshold for coverage {coverage:g} (fitted: {', '.join(levels) or 'none'}; "
+                       f"scores: {', '.join(fitted['scores'])})")
+    return score, float(levels[f"{coverage:g}"])
+
+
+def _marked(chunks, score: str, threshold: float):
+    """Each row of each chunk with `abstain`: its score above the threshold (less sure than the kept share)."""
+    from sve_cli.answers import SCORES
+
+    key, sign = SCORES[score]
+    for rows in chunks:
+        yield [{**row, "abstain": sign * row[key] > threshold} for row in rows]
 
 
 @app.command(epilog="Example:  sve predict runs/quickstart --data new_tweets.jsonl --abstain-coverage 0.9")

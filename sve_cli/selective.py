@@ -56,9 +56,14 @@ def selective_metrics(prediction: Prediction, labels: torch.Tensor) -> dict[str,
 
 def fit_thresholds(prediction: Prediction, labels: torch.Tensor) -> dict[str, dict]:
     """Per score: the threshold for each coverage level and each target risk, on held-out predictions."""
-    correct = prediction.probs.argmax(-1) == labels
+    return fit_score_thresholds(prediction.scores, prediction.probs.argmax(-1) == labels)
+
+
+def fit_score_thresholds(named_scores: dict[str, torch.Tensor], correct: torch.Tensor) -> dict[str, dict]:
+    """`fit_thresholds` for any scores `[N]` (higher = less sure) and whether each answer was right `[N]`
+    (a generated answer: its ROUGE-L is at least `answers.WRONG_BELOW`)."""
     fitted = {}
-    for name, scores in prediction.scores.items():
+    for name, scores in named_scores.items():
         ordered = scores.double()[_order(scores)]  # [N] ascending
         coverage, risk = risk_coverage(scores, correct)
         by_coverage = {f"{c:g}": float(ordered[accepted_count(c, len(ordered)) - 1]) for c in THRESHOLD_COVERAGES}

@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on the 2 cores: one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # (the subprocesses it starts inherit it)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -231,6 +231,27 @@ def test_generation_run_end_to_end(sve, text_models, tmp_path):
     assert_one_error_line(sve("evaluate", run, "--ood", "tweets"), "does not apply to generation runs")
     assert_one_error_line(sve("predict", run, "--data", data), "sve generate")
 
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {word} twice:"}) + "\n" for word in ("red", "sun", "owl")))
+    generations = tmp_path / "generations.jsonl"
+    assert_one_error_line(sve("generate", run, "--data", prompts, "--out", generations, "--abstain-coverage", "0.5"),
+                          "--fit-thresholds")
+    result = sve("evaluate", run, "--max-examples", "4", "--fit-thresholds", "--overwrite")
+    assert result.code == 0, result.stderr
+    report = json.loads((run / "report" / "report.json").read_text())
+    fitted = json.loads((run / "thresholds.json").read_text())
+    assert fitted["task"] == "generation" and fitted["examples"] == 4
+    validation = sorted(-row["log_likelihood"] for row in report["validation_answers"])
+    assert fitted["scores"]["nll"]["coverage"]["0.5"] == validation[1]  # the 2nd surest of 4 keeps half
+    threshold = fitted["scores"]["mutual_information"]["coverage"]["0.75"]
+    result = sve("generate", run, "--data", prompts, "--out", generations, "--max-new-tokens", "4",
+                 "--abstain-coverage", "0.75")
+    assert result.code == 0, result.stderr
+    rows = [json.loads(line) for line in generations.read_text().splitlines()]
+    assert [row["abstain"] for row in rows] == [row["mutual_information_mean"] > threshold for row in rows]
+    assert_one_error_line(sve("generate", run, "--data", prompts, "--out", generations, "--overwrite",
+                              "--abstain-coverage", "0.9", "--abstain-score", "msp"), "none of")
+
     out = tmp_path / "member1"
     assert sve("export", run, "--format", "safetensors", "--member", "1", "--out", out).code == 0
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
