@@ -655,7 +655,8 @@ def _print_time_estimate(recipe, nproc: int) -> None:
     out_console.print(f"time on this machine (measured: {estimate['seconds_per_step']:.2f} s/step): training "
                       f"{estimate['steps']:,} steps ≈ {minutes(estimate['train_seconds'])}, {estimate['evaluations']} "
                       f"evaluation(s) of {estimate['evaluation_rows']:,} rows ≈ {minutes(estimate['evaluation_seconds'])}; "
-                      f"about {minutes(estimate['total_seconds'])} in all (loading the model and data not counted)",
+                      + (f"the lr: auto sweep ≈ {minutes(estimate['sweep_seconds'])}; " if estimate["sweep_seconds"] else "")
+                      + f"about {minutes(estimate['total_seconds'])} in all (loading the model and data not counted)",
                       soft_wrap=True, highlight=False)
 
 

@@ -225,7 +225,13 @@ class TrainSection(_Section):
     max_steps: Optional[int] = Field(None, gt=0)
     batch_size: int = Field(16, gt=0)
     gradient_accumulation: int = Field(1, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    lr: Union[float, Literal["auto"]] = Field(1e-3, description="the learning rate, or auto: sve train first "
+                                              "trains each lr_grid value for lr_sweep_steps and keeps the one the "
+                                              "validation split prefers (eval.metric; its cost is printed)")
+    lr_grid: list[float] = Field(default_factory=lambda: [3e-3, 1e-2, 3e-2], min_length=1,
+                                 description="the rates lr: auto tries")
+    lr_sweep_steps: Optional[int] = Field(None, gt=0, description="steps each lr_grid value trains for lr: auto "
+                                          "(default: a fifth of the run's steps, at least 10)")
     sigma_lr: Optional[float] = Field(None, gt=0, description="learning rate of sigma (default: lr)")
     head_lr: Optional[float] = Field(None, gt=0, description="learning rate of the heads (default: lr); "
                                      "lets full fine-tuning use a small lr for weights and a large one for heads")
@@ -253,6 +259,21 @@ class TrainSection(_Section):
                                   "RUN/tensorboard (needs the tensorboard package: pip install 'sve-cli[tensorboard]')")
     parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (every rank holds the whole "
                                                 "model) or fsdp (weights, factors and what trains sharded across ranks)")
+
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_rate(cls, lr):
+        if lr != "auto" and not lr > 0:
+            raise ValueError("a learning rate is a positive number (or auto)")
+        return lr
+
+    @field_validator("lr_grid")
+    @classmethod
+    def _positive_rates(cls, grid: list[float]) -> list[float]:
+        if any(not rate > 0 for rate in grid):
+            raise ValueError("every rate of the grid must be positive")
+        return grid
 
 
 class EvalSection(_Section):

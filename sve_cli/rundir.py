@@ -6,6 +6,7 @@ one check evaluate, export and predict make before reading it.
     checkpoint.safetensors   trainable state, AdamW moments, RNG, step (for --resume)
     trainer_state.json       the same state, readable
     metrics.jsonl            one line per evaluation
+    lr_sweep.json            what `train.lr: auto` tried and chose (a resumed run does not sweep again)
     thresholds.json          abstention thresholds fitted on validation (`sve evaluate`)
     conformal.json           conformal thresholds (prediction sets) fitted on validation (`sve evaluate`)
 """
@@ -20,9 +21,9 @@ from sve_cli.errors import OutputExistsError, SveError
 from sve_cli.recipe import RUN_RECIPE_HEADER, Recipe, load_recipe, recipe_yaml
 from sve_cli.writing import atomic_path, visible_entries
 
-RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS, CONFORMAL = (
+RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS, CONFORMAL, LR_SWEEP = (
     "recipe.yaml", "sigma_bank.safetensors", "checkpoint.safetensors", "trainer_state.json", "metrics.jsonl",
-    "thresholds.json", "conformal.json")
+    "thresholds.json", "conformal.json", "lr_sweep.json")
 
 
 def _written_by_train(recipe: Path) -> bool:
@@ -39,8 +40,10 @@ def is_run_directory(path: Path) -> bool:
 
 
 def is_stub(path: Path) -> bool:
-    """A run that never reached its first checkpoint (killed or failed at the start): only its recipe."""
-    return {p.name for p in visible_entries(path)} == {RECIPE} and _written_by_train(path / RECIPE)
+    """A run that never reached its first checkpoint (killed or failed at the start): only its recipe (and
+    the lr sweep's record)."""
+    names = {p.name for p in visible_entries(path)}
+    return RECIPE in names and names <= {RECIPE, LR_SWEEP} and _written_by_train(path / RECIPE)
 
 
 def check_reuse(out: Path, recipe: Recipe, resume: bool, overwrite: bool,
@@ -64,7 +67,7 @@ def check_reuse(out: Path, recipe: Recipe, resume: bool, overwrite: bool,
 
 def start_fresh(out: Path, recipe: Recipe) -> None:
     """Remove what an earlier run wrote (and only that), then write the resolved recipe."""
-    for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS, CONFORMAL):
+    for name in (RECIPE, BANK, CHECKPOINT, STATE, METRICS, THRESHOLDS, CONFORMAL, LR_SWEEP):
         (out / name).unlink(missing_ok=True)
     for folder in ("report", "tensorboard"):
         shutil.rmtree(out / folder, ignore_errors=True)
@@ -75,6 +78,7 @@ def start_fresh(out: Path, recipe: Recipe) -> None:
 def remove_stub(out: Path, created: bool) -> None:
     """Remove what a run that never reached its first checkpoint wrote, so a rerun starts clean."""
     (out / RECIPE).unlink(missing_ok=True)
+    (out / LR_SWEEP).unlink(missing_ok=True)
     if created and not visible_entries(out):
         shutil.rmtree(out, ignore_errors=True)
 

@@ -35,7 +35,9 @@ from sve_cli.pipeline import Encoded, Pipeline
 from sve_cli.schedule import MemberOrders, lr_factor, param_groups
 from sve_cli.recipe import Recipe
 from sve_cli.outputs import refuse_inputs, refuse_unusual
-from sve_cli.rundir import BANK, CHECKPOINT, METRICS, STATE, check_reuse, is_run_directory, is_stub, remove_stub, start_fresh
+from sve_cli.checkpoint import read_json
+from sve_cli.rundir import (BANK, CHECKPOINT, LR_SWEEP, METRICS, STATE, check_reuse, is_run_directory, is_stub, remove_stub,
+                            start_fresh)
 from sve_cli.writing import atomic_path, exclusive, fault_point, save_safetensors, visible_entries, write_json
 
 
@@ -262,6 +264,7 @@ def _setup(recipe: Recipe, out: Path, resume: bool, overwrite: bool, parallel: P
            on_note: Callable[[str], None] | None) -> Session:
     """The run directory, data, model, optimiser and step plan (restored from a checkpoint when resuming)."""
     resuming = _prepare_run_dir(out, recipe, resume, overwrite, parallel, on_note)
+    recipe = resolved_lr(recipe, out, resume, parallel, on_note)
     session = _session(recipe, out, parallel, on_note)
     if resuming:
         session.state = _load_checkpoint(out, session.ensemble, session.optimizer)
@@ -306,6 +309,74 @@ def _session(recipe: Recipe, out: Path, parallel: Parallel, on_note: Callable[[s
                     "recipe": recipe.model_dump(mode="json")})  # a bank alone can be predicted with
 
 
+def with_lr(recipe: Recipe, lr: float) -> Recipe:
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"lr": lr})})
+
+
+def resolved_lr(recipe: Recipe, out: Path, resume: bool, parallel: Parallel,
+                on_note: Callable[[str], None] | None) -> Recipe:
+    """The recipe with `train.lr` a number: as written, or (`lr: auto`) the `lr_grid` value a short validation
+    sweep chose. The sweep is kept in RUN/lr_sweep.json, so a resumed run does not sweep again; the run's
+    recipe.yaml keeps `auto`."""
+    if recipe.train.lr != "auto":
+        return recipe
+    record = out / LR_SWEEP
+    if resume and record.exists():
+        chosen = (read_json(record, "start the run again with --overwrite") or {}).get("chosen")
+        if not isinstance(chosen, (int, float)) or not chosen > 0:
+            raise SveError(f"{record} holds no chosen learning rate (an edited file); start the run again with --overwrite")
+        if on_note and parallel.writer:
+            on_note(f"lr auto: {chosen:g}, as the sweep in {record} chose")
+        return with_lr(recipe, chosen)
+    sweep = lr_sweep(recipe, parallel)
+    if parallel.writer:
+        write_json(record, sweep)
+        if on_note:
+            tried = "; ".join(f"{trial['lr']:g} → {trial['summary']}" for trial in sweep["trials"])
+            on_note(f"lr auto: {len(sweep['trials'])} rates × {sweep['steps']} steps on {recipe.eval.split} "
+                    f"({tried}): chose {sweep['chosen']:g} by {recipe.eval.metric} in {sweep['seconds'] / 60:.1f} min")
+    return with_lr(recipe, sweep["chosen"])
+
+
+def lr_sweep(recipe: Recipe, parallel: Parallel = Parallel()) -> dict:
+    """`train.lr: auto`: train each `lr_grid` value from the same start for `lr_sweep_steps` steps (its own
+    short warm-up and decay), score the validation split, keep the best by `eval.metric` (ties: lower NLL);
+    a rate that diverges is out. Nothing is written."""
+    metric, started = recipe.eval.metric, time.perf_counter()
+    higher = METRIC[metric].higher_is_better
+    trials, steps = [], recipe.train.lr_sweep_steps
+    for lr in recipe.train.lr_grid:
+        session = _session(with_lr(recipe, lr), Path(os.devnull), parallel, None)
+        steps = steps or max(10, session.total // 5)
+        session.total, session.warmup = steps, int(recipe.train.warmup_ratio * steps)
+        try:
+            while session.state["step"] < steps:
+                _step(session)
+        except SveError:  # diverged: this rate is out
+            trials.append({"lr": lr, "diverged": True, "summary": "diverged"})
+            continue
+        numbers = _validation_numbers(session)
+        trials.append({"lr": lr, metric: numbers[metric], "nll": numbers["nll"],
+                       "summary": f"{METRIC[metric].label} {METRIC[metric].format(numbers[metric])}"})
+    finite = [trial for trial in trials if not trial.get("diverged")]
+    if not finite:
+        raise SveError(f"lr auto: every rate of train.lr_grid {recipe.train.lr_grid} diverged; try smaller rates")
+    best = max(finite, key=lambda t: ((t[metric] if higher else -t[metric]), -t["nll"]))
+    return {"chosen": best["lr"], "metric": metric, "split": recipe.eval.split, "steps": steps, "trials": trials,
+            "seconds": time.perf_counter() - started}
+
+
+def _validation_numbers(session: "Session") -> dict:
+    """The session's ensemble scored on its validation split: accuracy, NLL, Brier, ECE (raw), or for
+    generation the target tokens' accuracy and NLL."""
+    recipe = session.recipe
+    logits = predict(session.ensemble, session.eval_data, recipe.eval.batch_size, session.parallel,
+                     members_per_pass=recipe.train.members_per_pass, budget=recipe.eval.cache_budget)
+    if session.ensemble.head_kind == "tokens":
+        return target_metrics(logits)
+    return calibration_metrics(Prediction.of(logits, recipe.eval.combine), session.eval_data.labels, recipe.eval.bins)
+
+
 def training_device(asked: str) -> str:
     """`train.device` on this machine: cuda refused without a GPU (one line saying how to run it here)."""
     if asked == "cuda" and not torch.cuda.is_available():
@@ -318,7 +389,8 @@ def estimate_time(recipe: Recipe, steps: int = 3) -> dict:
     """`sve train --dry-run --time`: `steps` optimiser steps (the first a warm-up) and two evaluation batches
     measured on this machine, scaled to the whole run. Nothing is written (but the decomposition cache, when
     the recipe's model has none yet)."""
-    session = _session(recipe, Path(os.devnull), Parallel(), None)
+    auto = recipe.train.lr == "auto"
+    session = _session(with_lr(recipe, recipe.train.lr_grid[0]) if auto else recipe, Path(os.devnull), Parallel(), None)
     seconds = []
     for _ in range(max(2, steps)):
         started = time.perf_counter()
@@ -338,9 +410,13 @@ def estimate_time(recipe: Recipe, steps: int = 3) -> dict:
     every = recipe.train.eval_every_steps or session.steps_per_epoch
     evaluations = sum(1 for step in range(1, session.total + 1) if step % every == 0 or step == session.total)
     train_seconds, eval_seconds = per_step * session.total, evaluations * per_row * len(session.eval_data)
+    sweep_seconds = 0.0
+    if auto:  # every grid value trains its sweep steps and scores the validation split once
+        sweep_steps = recipe.train.lr_sweep_steps or max(10, session.total // 5)
+        sweep_seconds = len(recipe.train.lr_grid) * (per_step * sweep_steps + per_row * len(session.eval_data))
     return {"seconds_per_step": per_step, "steps": session.total, "train_seconds": train_seconds,
             "evaluations": evaluations, "evaluation_rows": len(session.eval_data), "evaluation_seconds": eval_seconds,
-            "total_seconds": train_seconds + eval_seconds}
+            "sweep_seconds": sweep_seconds, "total_seconds": train_seconds + eval_seconds + sweep_seconds}
 
 
 def _step(session: Session) -> dict:

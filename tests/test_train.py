@@ -226,3 +226,44 @@ def test_a_users_split_files_train_as_named_and_a_wrong_split_fails_before_loadi
     result = sve("train", recipe, "--out", tmp_path / "wrong", "--set", f"task.test_split={files['test']}")
     assert_one_error_line(result, "task.test_split: '" + files["test"] + "' looks like a file, but a split is a name")
     assert not (tmp_path / "wrong").exists()
+
+
+def test_lr_auto_chooses_by_short_runs_equal_to_plain_runs_and_a_resume_does_not_sweep_again(sve, text_models, tmp_path):
+    """Each sweep trial is exactly a plain run of that lr stopped at the sweep's steps (same seed, its own short
+    schedule); the auto run then is exactly a plain run at the chosen lr."""
+    data = sentiment_file(tmp_path)
+    common = {"ensemble": {"members": 2}, "train": {"max_steps": 4, "eval_every_steps": 2}}
+    auto = write_recipe(tmp_path / "auto.yaml", text_models["bert"], data, **{
+        **common, "train": {**common["train"], "lr": "auto", "lr_grid": [1e-3, 3e-2], "lr_sweep_steps": 2}})
+    result = sve("train", auto, "--out", tmp_path / "auto")
+    assert result.code == 0, result.stderr
+    sweep = json.loads((tmp_path / "auto" / "lr_sweep.json").read_text())
+    assert sweep["steps"] == 2 and [trial["lr"] for trial in sweep["trials"]] == [1e-3, 3e-2]
+    assert "lr auto: 2 rates × 2 steps" in result.stdout + result.stderr
+    for trial in sweep["trials"]:
+        plain = tmp_path / f"plain-{trial['lr']:g}"
+        train(load_recipe(write_recipe(tmp_path / f"{plain.name}.yaml", text_models["bert"], data, **{
+            **common, "train": {"max_steps": 2, "eval_every_steps": 2, "lr": trial["lr"]}})), plain)
+        final = json.loads((plain / "metrics.jsonl").read_text().splitlines()[-1])
+        assert (trial["accuracy"], trial["nll"]) == (final["accuracy"], final["nll"])
+    best = max(sweep["trials"], key=lambda t: (t["accuracy"], -t["nll"]))
+    assert sweep["chosen"] == best["lr"]
+    chosen = tmp_path / "chosen"
+    train(load_recipe(write_recipe(tmp_path / "chosen.yaml", text_models["bert"], data, **{
+        **common, "train": {**common["train"], "lr": best["lr"]}})), chosen)
+    expected, actual = load_file(chosen / "sigma_bank.safetensors"), load_file(tmp_path / "auto" / "sigma_bank.safetensors")
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert yaml.safe_load((tmp_path / "auto" / "recipe.yaml").read_text())["train"]["lr"] == "auto"
+    resumed = sve("train", auto, "--out", tmp_path / "auto", "--resume")
+    assert resumed.code == 0 and f"lr auto: {best['lr']:g}, as the sweep in" in resumed.stdout + resumed.stderr
+
+
+@pytest.mark.parametrize("setting, fragment", [("train.lr=0", "train.lr"), ("train.lr=fast", "train.lr"),
+                                               ("train.lr_grid=[]", "train.lr_grid"),
+                                               ("train.lr_grid=[1e-2, -1]", "train.lr_grid")])
+def test_lr_settings_are_checked(text_models, tmp_path, setting, fragment):
+    from sve_cli.errors import RecipeError
+
+    path = write_recipe(tmp_path / "r.yaml", text_models["bert"], sentiment_file(tmp_path))
+    with pytest.raises(RecipeError, match=fragment):
+        load_recipe(path, [setting])
