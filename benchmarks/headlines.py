@@ -32,6 +32,8 @@ RECIPE = REPO / "sve_cli" / "recipes" / "smollm2_bbc_headlines.yaml"
 METHODS = {"sve": ["ensemble.method=sve", "ensemble.members=4"],
            "svf": ["ensemble.method=svf", "ensemble.members=1"],
            "single": ["ensemble.method=single", "ensemble.members=1"]}
+ABLATIONS = {"sve-init0.1": ["ensemble.method=sve", "ensemble.members=4", "ensemble.sigma_init=0.1"],  # diversity
+             "sve-M8": ["ensemble.method=sve", "ensemble.members=8"]}
 SINGLE_MODEL_SCORES = ("nll", "nll_per_token", "entropy_mean")  # what a user of one model has
 ENSEMBLE_SCORES = ("mutual_information", "entropy_mean", "entropy_max", "expected_entropy")
 ARCHIVED = ("recipe.yaml", "metrics.jsonl", "cost.json", "report/report.json")
@@ -48,7 +50,7 @@ def run_one(out: Path, method: str, lr: float, seed: int, archive: Path | None) 
     report = out / "report" / "report.json"
     if report.exists() and "scores" in json.loads(report.read_text()):
         return out
-    overrides = [*METHODS[method], f"train.lr={lr}", f"train.seed={seed}"]
+    overrides = [*{**METHODS, **ABLATIONS}[method], f"train.lr={lr}", f"train.seed={seed}"]
     sets = [item for override in overrides for item in ("--set", override)]
     started = time.perf_counter()
     if not (out / "trainer_state.json").exists() or not json.loads((out / "trainer_state.json").read_text())["finished"]:
@@ -107,7 +109,9 @@ def table(runs: dict[str, list[Path]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--ablate", nargs="+", default=[], choices=list(ABLATIONS),
+                        help="SVE with one thing changed, at the first seed and SVE's lr")
     parser.add_argument("--lr", type=float, default=3e-2, help="SVE's and SVF's learning rate")
     parser.add_argument("--single-lrs", type=float, nargs="+", default=[1e-4, 1e-3])
     parser.add_argument("--parallel", type=int, default=1)
@@ -132,8 +136,10 @@ def main() -> None:
                 f"{lr:g} {validation_nll(path('single', lr, first)):.4f}" for lr in args.single_lrs))
         chosen = {m: (single_lr if m == "single" else args.lr) for m in args.methods}
         rest = [(m, chosen[m], seed) for seed in args.seeds[1:] for m in args.methods]
+        rest += [(name, args.lr, first) for name in args.ablate]
         list(pool.map(lambda job: run_one(path(*job), *job, args.archive), rest))
     runs = {m: [path(m, chosen[m], seed) for seed in args.seeds] for m in args.methods}
+    runs.update({name: [path(name, args.lr, first)] for name in args.ablate})
     text = table(runs)
     (args.out / "table.md").write_text(text)
     if args.archive is not None:
