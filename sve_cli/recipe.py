@@ -265,7 +265,7 @@ class TrainSection(_Section):
     @classmethod
     def _positive_rate(cls, lr):
         if lr != "auto" and not lr > 0:
-            raise ValueError("a learning rate is a positive number (or auto)")
+            raise ValueError("a learning rate must be greater than 0 (or auto)")
         return lr
 
     @field_validator("lr_grid")

@@ -241,7 +241,7 @@ RUN_INPUTS = {  # name -> (arguments, fragment of the one error line)
     "--set without a value": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm), "--set", "train.lr"],
                               "is not key.path=value"),
     "negative learning rate": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm), "--set", "train.lr=-1"],
-                               "train.lr: Input should be greater than 0"),
+                               "train.lr: a learning rate must be greater than 0"),
     "svf with four members": (lambda tmp, run, tm, ck: ["train", *_recipe(tmp, tm, ensemble={"method": "svf",
                                                                                            "members": 4})],
                               "trains one model: set members: 1"),

@@ -258,7 +258,7 @@ def test_lr_auto_chooses_by_short_runs_equal_to_plain_runs_and_a_resume_does_not
     assert resumed.code == 0 and f"lr auto: {best['lr']:g}, as the sweep in" in resumed.stdout + resumed.stderr
 
 
-@pytest.mark.parametrize("setting, fragment", [("train.lr=0", "train.lr"), ("train.lr=fast", "train.lr"),
+@pytest.mark.parametrize("setting, fragment", [("train.lr=0", "train.lr: a learning rate must be greater than 0"), ("train.lr=fast", "train.lr"),
                                                ("train.lr_grid=[]", "train.lr_grid"),
                                                ("train.lr_grid=[1e-2, -1]", "train.lr_grid")])
 def test_lr_settings_are_checked(text_models, tmp_path, setting, fragment):
