@@ -33,7 +33,9 @@ METHODS = {"sve": ["ensemble.method=sve", "ensemble.members=4"],
            "svf": ["ensemble.method=svf", "ensemble.members=1"],
            "single": ["ensemble.method=single", "ensemble.members=1"]}
 ABLATIONS = {"sve-init0.1": ["ensemble.method=sve", "ensemble.members=4", "ensemble.sigma_init=0.1"],  # diversity
-             "sve-M8": ["ensemble.method=sve", "ensemble.members=8"]}
+             "sve-M8": ["ensemble.method=sve", "ensemble.members=8"],
+             # capacity: the MLP of the same blocks as well (the prefix below stays shared)
+             "sve-all": ["ensemble.method=sve", "ensemble.members=4", "ensemble.targets=all@20-"]}
 SINGLE_MODEL_SCORES = ("nll", "nll_per_token", "entropy_mean")  # what a user of one model has
 ENSEMBLE_SCORES = ("mutual_information", "entropy_mean", "entropy_max", "expected_entropy")
 ARCHIVED = ("recipe.yaml", "metrics.jsonl", "cost.json", "report/report.json")

@@ -165,7 +165,9 @@ def decoder_for(model: SVEModel, pipeline, max_new_tokens: int) -> tuple[MemberD
 
     check_generation(pipeline.checkpoint)
     tokenizer, config = pipeline.tokenizer, pipeline.checkpoint.config
-    decoder = MemberDecoder(model, lm_head_weight(pipeline.checkpoint), config)
+    # a generation run's TokenHead already holds the LM head: no second copy
+    lm_head = model.head.weight if model.head_kind == "tokens" else lm_head_weight(pipeline.checkpoint)
+    decoder = MemberDecoder(model, lm_head, config)
     model.fit_eval_cache(cache_budget(pipeline.recipe.eval.cache_budget, torch.device("cpu")))
     eos = {tokenizer.eos_token_id} | set(config.get("eos_token_id") if isinstance(config.get("eos_token_id"), list)
                                          else [config.get("eos_token_id")])

@@ -265,6 +265,13 @@ def test_generation_run_end_to_end(sve, text_models, tmp_path):
         theirs = exported(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(ours, theirs[batch["target_ids"] != -100], rtol=1e-4, atol=1e-4)
 
+    from sve_cli.ensemble import lm_head_weight
+    from sve_cli.generation import decoder_for
+
+    decoder = decoder_for(model, pipeline, 4)[0]  # decodes with the run's own LM head, not a second copy
+    assert decoder.lm_head.data_ptr() == model.head.weight.data_ptr()
+    assert torch.equal(decoder.lm_head, lm_head_weight(pipeline.checkpoint))
+
 
 def pipeline_examples(run):
     from sve_cli.data import load_splits
