@@ -7,7 +7,6 @@ Each command parses its options, calls one library function and prints with rich
 from __future__ import annotations
 
 import errno
-import logging
 import math
 import os
 import sys
@@ -17,11 +16,11 @@ from typing import Optional
 
 import click
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Column
+from rich.progress import BarColumn, TextColumn
 
 from sve_cli import __version__, display
+from sve_cli.console import (console, is_peer_lost, one_line, out_console, print_error, print_memory_plan,
+                             print_time_estimate, progress_bar, show_library_notices, status_column)
 from sve_cli.launcher import PEER_LOST
 from sve_cli.errors import SveError
 from sve_cli.vocabulary import CONFORMAL_SCORES, METRIC, UNCERTAINTY_SCORES, VALIDATION_METRICS
@@ -34,8 +33,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console(stderr=True)
-out_console = Console()
 
 
 class Device(str, Enum):
@@ -126,7 +123,7 @@ def decompose(
     for note in display.plan_notes(plan):
         out_console.print(note, soft_wrap=True, highlight=False)
     work = plan.work
-    with _progress(BarColumn(), TextColumn("{task.percentage:>3.0f}%")) as progress:
+    with progress_bar(BarColumn(), TextColumn("{task.percentage:>3.0f}%")) as progress:
         task = progress.add_task("fingerprinting sources", total=sum(work.values()))
 
         def on_target(target, reused: bool) -> None:
@@ -178,12 +175,12 @@ def train(
     if nproc != 1 and not dry_run:
         failures = launch(nproc, _without_option(sys.argv[1:], "--nproc"))
         for line in failures or ():
-            console.print(f"[red]error:[/red] {_line(line)}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {one_line(line)}", highlight=False, soft_wrap=True)
         raise typer.Exit(0 if failures is None else 2)
     if dry_run:
-        _print_memory_plan(loaded, device, memory, nproc)
+        print_memory_plan(loaded, device.value, memory, nproc)
         if timed:
-            _print_time_estimate(loaded, nproc)
+            print_time_estimate(loaded, nproc)
         return
     out = out or Path("runs") / recipe.stem
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -192,7 +189,7 @@ def train(
 
         for note in recipe_export_notes(loaded):  # what the export will be able to write: now, not after training
             out_console.print(note, soft_wrap=True, highlight=False)
-    with _progress(BarColumn(), TextColumn("{task.completed}/{task.total}"), status_column(),
+    with progress_bar(BarColumn(), TextColumn("{task.completed}/{task.total}"), status_column(),
                    disable=not rank0) as progress:
         task = progress.add_task(f"{loaded.ensemble.method} M={loaded.ensemble.members}", total=None,
                                  status=f"loading {loaded.model.path} and {loaded.task.dataset_name}…")
@@ -217,7 +214,7 @@ def train(
                               on_note=lambda text: out_console.print(text, soft_wrap=True, highlight=False))
         except KeyboardInterrupt:  # typer would swallow the message: say it here, exit as an interrupt does
             progress.stop()
-            console.print(f"[red]{_line(interrupted_message(recipe, out, overrides))}[/red]", highlight=False, soft_wrap=True)
+            console.print(f"[red]{one_line(interrupted_message(recipe, out, overrides))}[/red]", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
     if rank0:
         out_console.print(display.run_summary(out, loaded, state))
@@ -338,7 +335,7 @@ def evaluate(
     reports = []
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, every rank predicts and rank 0 writes
     for run in runs:
-        with _progress(BarColumn(), TextColumn("{task.completed}/{task.total}"), disable=not rank0) as progress:
+        with progress_bar(BarColumn(), TextColumn("{task.completed}/{task.total}"), disable=not rank0) as progress:
             tasks: dict[str, int] = {}
 
             def on_batch(name: str, done: int, total: int) -> None:
@@ -381,7 +378,7 @@ def _evaluate_generation(runs: list[Path], report_dir, max_examples: Optional[in
 
     reports = []
     for run in runs:
-        with _progress(BarColumn(), TextColumn("{task.completed}/{task.total}")) as progress:
+        with progress_bar(BarColumn(), TextColumn("{task.completed}/{task.total}")) as progress:
             tasks: dict[str, int] = {}
 
             def on_rows(split: str, done: int, total: int) -> None:
@@ -485,7 +482,7 @@ def generate(
         predictor = open_predictor(source, bank)
     abstention = (_generation_threshold(source, predictor, abstain_coverage, abstain_score)
                   if abstain_coverage is not None else None)
-    with _progress(TextColumn("{task.completed} prompts"), eta=False) as progress:
+    with progress_bar(TextColumn("{task.completed} prompts"), eta=False) as progress:
         task = progress.add_task("generating", total=None)
         rows = generation_rows(predictor, data, prompt_field, max_new_tokens, batch_size,
                                sample=decoding == Decoding.sample, seed=seed, member_answers=member_answers,
@@ -587,7 +584,7 @@ def predict(
         value, said = conformal_threshold(predictor, conformal, chosen, raw, by_class=conformal_mode == ConformalMode.class_)
         sets, where = (chosen, value), f"{where}; {said}"
     rank0 = predictor.parallel.writer  # under torchrun, every rank predicts a share and rank 0 writes
-    with _progress(TextColumn("{task.completed} rows"), eta=False, disable=not rank0) as progress:
+    with progress_bar(TextColumn("{task.completed} rows"), eta=False, disable=not rank0) as progress:
         task = progress.add_task("predicting", total=None)
         rows = predict_rows(predictor, data, member, batch_size, score.value, threshold,
                             on_rows=lambda count: progress.advance(task, count), sets=sets, cache_budget=cache_budget,
@@ -603,61 +600,6 @@ def predict(
     if (accuracy := answered_accuracy(summary)) is not None:
         line += f", accuracy on the answered labelled rows {100 * accuracy:.2f}%"
     out_console.print(f"{line}; {predictor.probability_note(member, raw)}; {where}", soft_wrap=True, highlight=False)
-
-
-def status_column() -> TextColumn:
-    """A task's status text: it takes the width left over and is cut with "…", so the clocks never are."""
-    return TextColumn("{task.fields[status]}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"))
-
-
-def _progress(*columns, eta: bool = True, disable: bool = False) -> Progress:
-    """A transient progress display on stderr: description, `columns`, elapsed time (and the ETA)."""
-    clock = Column(min_width=7, no_wrap=True)  # never cut to `0:02:…` when the status text is long
-    tail = (TextColumn("eta"), TimeRemainingColumn(table_column=clock)) if eta else ()
-    return Progress(TextColumn("[bold]{task.description}"), *columns, TimeElapsedColumn(table_column=clock), *tail,
-                    console=console, transient=True, disable=disable, expand=True)
-
-
-def _print_memory_plan(recipe, device: Device, memory: str | None, nproc: int) -> None:
-    import torch
-
-    from sve_cli.export import recipe_export_notes
-    from sve_cli.memory import device_capacity, plan_training
-    from sve_cli.writing import parse_size
-
-    if device != Device.auto:
-        chosen = device.value
-    elif recipe.train.device != "auto":
-        chosen = recipe.train.device  # the device the recipe is meant for, GPU or not on this machine
-    else:
-        chosen = "cuda" if torch.cuda.is_available() else "cpu"
-    capacity = parse_size(memory) if memory else device_capacity(chosen)
-    with console.status(f"reading {recipe.model.path} and {recipe.task.dataset_name}…"):
-        estimate = plan_training(recipe, chosen, capacity, nproc)
-        if recipe.task.local_paths or str(recipe.task.dataset).startswith("builtin:"):  # hub sets are not fetched
-            from sve_cli.data import load_splits
-            from sve_cli.pipeline import Pipeline
-
-            splits, label_names = load_splits(recipe.task, recipe.task.dataset_name)
-            for note in Pipeline(recipe).data_notes(splits, label_names):
-                out_console.print(note, soft_wrap=True, highlight=False)
-    out_console.print(display.memory_plan(recipe, estimate, chosen, capacity, recipe_export_notes(recipe)))
-
-
-def _print_time_estimate(recipe, nproc: int) -> None:
-    from sve_cli.train import estimate_time
-
-    if nproc != 1:
-        raise SveError("--time measures one process on this machine: drop --nproc")
-    with console.status("measuring 3 training steps and an evaluation batch…"):
-        estimate = estimate_time(recipe)
-    minutes = lambda seconds: f"{seconds / 60:.1f} min"  # noqa: E731
-    out_console.print(f"time on this machine (measured: {estimate['seconds_per_step']:.2f} s/step): training "
-                      f"{estimate['steps']:,} steps ≈ {minutes(estimate['train_seconds'])}, {estimate['evaluations']} "
-                      f"evaluation(s) of {estimate['evaluation_rows']:,} rows ≈ {minutes(estimate['evaluation_seconds'])}; "
-                      + (f"the lr: auto sweep ≈ {minutes(estimate['sweep_seconds'])}; " if estimate["sweep_seconds"] else "")
-                      + f"about {minutes(estimate['total_seconds'])} in all (loading the model and data not counted)",
-                      soft_wrap=True, highlight=False)
 
 
 USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR,
@@ -677,56 +619,6 @@ def _without_option(arguments: list[str], option: str) -> list[str]:
     return kept
 
 
-def _line(text: str) -> str:
-    """One line, naming final outputs rather than the temporaries they are written under."""
-    from sve_cli.writing import public_names
-
-    return " ".join(public_names(str(text)).split())
-
-
-class _Notices(logging.StreamHandler):
-    """The library's notices as `sve: …` lines on whatever stderr is at the time of the notice."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(logging.Formatter("sve: %(message)s"))
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; stderr is looked up at each notice
-        pass
-
-
-def show_library_notices() -> None:
-    """Let the "sve" logger's INFO notices reach stderr (once; an application's own handler is kept)."""
-    logger = logging.getLogger("sve")
-    if not logger.handlers:
-        logger.addHandler(_Notices())
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
-def _print_error(text: str, peer_lost: bool = False) -> None:
-    """One `error:` line — under `sve train --nproc`, recorded for the launcher, which prints each cause once."""
-    from sve_cli.launcher import record_rank_message
-
-    if not record_rank_message(text, peer_lost):
-        console.print(f"[red]error:[/red] {text}", highlight=False, soft_wrap=True)
-
-
-def _peer_lost(error: RuntimeError) -> bool:
-    """A collective that failed because another rank of this torchrun job stopped (gloo, NCCL)."""
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
-        return False
-    return isinstance(error, getattr(distributed, "DistError", ())) or any(
-        fragment in str(error) for fragment in ("Connection closed by peer", "Connection reset by peer",
-                                                "Broken pipe", "NCCL communicator was aborted"))
-
-
 def main() -> None:
     """Console entry point: usage mistakes get typer's usage line, user errors one line; both exit 2.
     Anything else is a bug of ours and keeps its traceback."""
@@ -743,25 +635,25 @@ def main() -> None:
         error.show()
         sys.exit(error.exit_code)
     except SveError as error:
-        _print_error(_line(error))
+        print_error(one_line(error))
         sys.exit(2)
     except ValidationError as error:  # e.g. the recipe a Σ bank carries
-        _print_error(_line(validation_line(error)))
+        print_error(one_line(validation_line(error)))
         sys.exit(2)
     except OSError as error:
         if error.errno not in USER_ERRNOS:
             raise
         where = f" {error.filename}" if error.filename else ""
-        _print_error(_line(f"cannot read or write{where}: {error.strerror or error}"))
+        print_error(one_line(f"cannot read or write{where}: {error.strerror or error}"))
         sys.exit(2)
     except RuntimeError as error:
-        if not _peer_lost(error):
+        if not is_peer_lost(error):
             raise
-        _print_error(f"{PEER_LOST} ({_line(str(error).splitlines()[0])[:160]}); its own message says why",
+        print_error(f"{PEER_LOST} ({one_line(str(error).splitlines()[0])[:160]}); its own message says why",
                      peer_lost=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as error:
-        console.print(f"[red]{_line(error) or 'interrupted'}[/red]", highlight=False, soft_wrap=True)
+        console.print(f"[red]{one_line(error) or 'interrupted'}[/red]", highlight=False, soft_wrap=True)
         sys.exit(130)
     if isinstance(code, int) and code:  # typer.Exit(code) returns its code when not standalone
         sys.exit(code)

@@ -231,11 +231,11 @@ def test_the_progress_clock_is_never_cut_on_a_narrow_terminal(monkeypatch):
     from rich.console import Console
     from rich.progress import BarColumn, TextColumn
 
-    from sve_cli import cli
+    from sve_cli import console
 
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=screen, width=80, force_terminal=True))
-    with cli._progress(BarColumn(), TextColumn("{task.completed}/{task.total}"), cli.status_column()) as bar:
+    monkeypatch.setattr(console, "console", Console(file=screen, width=80, force_terminal=True))
+    with console.progress_bar(BarColumn(), TextColumn("{task.completed}/{task.total}"), console.status_column()) as bar:
         task = bar.add_task("sve M=4", total=250, status="loss 0.123 acc 0.45 1234 tok/s epoch 1.23 " + "x" * 60)
         bar.update(task, completed=10)
         bar.refresh()
