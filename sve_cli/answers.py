@@ -118,6 +118,23 @@ def _answers(decoder, eos: set[int], pad: int, keep: int, tokenizer, examples, c
     return rows
 
 
+def answer_quality(model, pipeline, examples, count: int | None = None, batch_size: int = 8) -> float:
+    """`eval.metric: rouge_l`: the mean ROUGE-L of `model`'s greedy answers to the first `count` (all) prompts of
+    `examples` (a split of `pipeline`'s task), up to the recipe's `max_target_length` new tokens; the model's
+    mode is kept."""
+    from sve_cli.generation import decoder_for
+
+    new_tokens = pipeline.recipe.task.max_target_length
+    was_training = model.training
+    model.eval()
+    try:
+        rows = _answers(*decoder_for(model, pipeline, new_tokens), pipeline.tokenizer, examples,
+                        min(len(examples), count or len(examples)), new_tokens, batch_size, None)
+    finally:
+        model.train(was_training)
+    return sum(row["rouge_l"] for row in rows) / max(1, len(rows))
+
+
 def answer_splits(run: Path, max_examples: int | None = None, max_new_tokens: int | None = None,
                   batch_size: int = 8, validation: bool = False,
                   on_rows: Callable[[str, int, int], None] | None = None) -> tuple[dict, list[dict], list[dict]]:

@@ -23,7 +23,7 @@ from sve_cli.console import (console, is_peer_lost, one_line, out_console, print
                              print_time_estimate, progress_bar, show_library_notices, status_column)
 from sve_cli.launcher import PEER_LOST
 from sve_cli.errors import SveError
-from sve_cli.vocabulary import CONFORMAL_SCORES, METRIC, UNCERTAINTY_SCORES, VALIDATION_METRICS
+from sve_cli.vocabulary import CONFORMAL_SCORES, EVAL_METRICS, METRIC, UNCERTAINTY_SCORES
 
 app = typer.Typer(
     name="sve",
@@ -206,7 +206,7 @@ def train(
         def on_eval(line: dict) -> None:
             if rank0:
                 progress.console.print(f"step {line['step']:>5} {line['split']}: " + " ".join(
-                    f"{METRIC[key].label} {METRIC[key].format(line[key])}" for key in VALIDATION_METRICS
+                    f"{METRIC[key].label} {METRIC[key].format(line[key])}" for key in EVAL_METRICS
                     if key in line))
 
         try:

@@ -128,6 +128,8 @@ def run_summary(out: Path, recipe, state: dict) -> Table:
     if recipe.task.type == "generation":
         table.add_row(f"{recipe.eval.split} target-token Acc (%)", METRIC["accuracy"].format(best["accuracy"]))
         table.add_row(f"{recipe.eval.split} target-token NLL", f"{best['nll']:.4f} (members alone: {best['member_nll']:.4f})")
+        if "rouge_l" in best:
+            table.add_row(f"{recipe.eval.split} answers' ROUGE-L (%)", METRIC["rouge_l"].format(best["rouge_l"]))
     for key in VALIDATION_METRICS if recipe.task.type != "generation" else ():
         table.add_row(f"{recipe.eval.split} {METRIC[key].heading} (raw)", METRIC[key].format(best[key]))
     if recipe.eval.calibration == "temperature" and recipe.task.type != "generation":

@@ -82,10 +82,11 @@ class MemberDecoder:
         and the updated cache."""
         if self.model.prefix is not None:
             self.model.prefix.set(None, self.members)  # member-major rows: every block runs on them
-        outputs = self.model.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      use_cache=True, **{self._cache_key: cache})
+        device = self.lm_head.device  # the model's (the cache stays there); the logits come back to the CPU
+        outputs = self.model.backbone(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                      position_ids=position_ids.to(device), use_cache=True, **{self._cache_key: cache})
         hidden = outputs.last_hidden_state[:, -1]  # [M·B, d]
-        logits = lm_logits(hidden, self.lm_head, self.scale, self.softcap)  # [M·B, V]
+        logits = lm_logits(hidden, self.lm_head, self.scale, self.softcap).cpu()  # [M·B, V]
         return logits.view(self.members, -1, logits.shape[-1]), getattr(outputs, self._cache_key)  # [M, B, V]
 
 

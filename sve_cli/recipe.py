@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sve_cli.errors import RecipeError, SveError
 from sve_cli.methods import METHODS, Method
-from sve_cli.vocabulary import REPRESENTATIONS, VALIDATION_METRICS
+from sve_cli.vocabulary import EVAL_METRICS, REPRESENTATIONS, VALIDATION_METRICS
 
 
 PROMPT_FIELDS = {"question", "choices"}
@@ -25,7 +25,8 @@ TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
 SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")  # train-00000-of-00002.parquet: one split in shards
 MAX_BINS = 10_000  # more bins than that is no calibration measure (and would only cost memory)
 MAX_RECIPE_BYTES = 1_000_000
-GENERATION_METRICS = ("accuracy", "nll")  # of the target tokens, the members' mean distribution
+# of the target tokens (the members' mean distribution), or of the greedy answers to the validation prompts
+GENERATION_METRICS = ("accuracy", "nll", "rouge_l")
 
 
 class _Section(BaseModel):
@@ -278,7 +279,10 @@ class TrainSection(_Section):
 
 class EvalSection(_Section):
     split: str = "validation"
-    metric: Literal[VALIDATION_METRICS] = "accuracy"
+    metric: Literal[EVAL_METRICS] = Field(
+        "accuracy", description="what picks the kept step (and lr: auto's rate) on the validation split. rouge_l "
+        "(generation): the ensemble answers every validation prompt greedily, its answers' mean ROUGE-L against the "
+        "references — what a user of the answers wants, at the cost of decoding the split at each evaluation")
     bins: int = Field(15, gt=0, le=MAX_BINS)
     batch_size: int = Field(64, gt=0)
     combine: Literal["probs", "logits"] = "probs"
@@ -320,15 +324,18 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _generation_settings(self) -> "Recipe":
         """Generation scores target tokens: members share each batch (their targets line up row for row),
-        and validation measures token accuracy or NLL."""
+        and validation measures token accuracy or NLL, or the answers' ROUGE-L."""
         if self.task.type != "generation":
+            if self.eval.metric not in VALIDATION_METRICS:
+                raise ValueError(f"eval.metric: {self.eval.metric} judges generated answers: a generation recipe's "
+                                 f"(this task is validated by {', '.join(VALIDATION_METRICS)})")
             return self
         problems = []
         if self.train.member_batches != "shared":
             problems.append("train.member_batches: generation trains every member on the same batches (shared)")
         if self.eval.metric not in GENERATION_METRICS:
-            problems.append(f"eval.metric: generation is validated by {' or '.join(GENERATION_METRICS)} "
-                            "(of the target tokens)")
+            problems.append(f"eval.metric: generation is validated by {', '.join(GENERATION_METRICS)} "
+                            "(the target tokens' accuracy or NLL, or the greedy answers' ROUGE-L)")
         if not self.ensemble.trains_targets:
             problems.append("ensemble.single_mode: head trains nothing in generation (the LM head is shared and "
                             "frozen): use single_mode: full")

@@ -221,6 +221,8 @@ class Session:
     optimizer: torch.optim.Optimizer
     train_data: Encoded
     eval_data: Encoded
+    pipeline: Pipeline  # with the validation examples, what `eval.metric: rouge_l` answers
+    eval_examples: object
     orders: MemberOrders
     device: torch.device
     batches_per_epoch: int
@@ -289,6 +291,9 @@ def _session(recipe: Recipe, out: Path, parallel: Parallel, on_note: Callable[[s
     ensemble.to(device)
     train_data = pipeline.encode(splits[recipe.task.train_split])  # the test split is never needed here
     eval_data = pipeline.encode(splits[recipe.eval.split])
+    if recipe.eval.metric == "rouge_l" and parallel.world > 1:
+        raise SveError("eval.metric: rouge_l answers the validation prompts in one process: run without --nproc, "
+                       "or validate by nll")
     if config.batch_size % parallel.world:
         raise SveError(f"train.batch_size {config.batch_size} is not divisible by {parallel.world} processes")
     batches_per_epoch = len(train_data) // config.batch_size
@@ -302,8 +307,8 @@ def _session(recipe: Recipe, out: Path, parallel: Parallel, on_note: Callable[[s
     state = {"step": 0, "total_steps": total, "best": None, "best_step": None, "history": [],
              "finished": False, "label_names": label_names}
     model.train()
-    return Session(recipe, out, parallel, model, ensemble, optimizer, train_data, eval_data,
-                   MemberOrders(len(train_data), ensemble.members, config.seed, config.member_batches), device,
+    return Session(recipe, out, parallel, model, ensemble, optimizer, train_data, eval_data, pipeline,
+                   splits[recipe.eval.split], MemberOrders(len(train_data), ensemble.members, config.seed, config.member_batches), device,
                    batches_per_epoch, steps_per_epoch, total, int(config.warmup_ratio * total), state,
                    {"label_names": label_names, "task": recipe.task.type, "letters": pipeline.letters,
                     "recipe": recipe.model_dump(mode="json")})  # a bank alone can be predicted with
@@ -368,12 +373,17 @@ def lr_sweep(recipe: Recipe, parallel: Parallel = Parallel()) -> dict:
 
 def _validation_numbers(session: "Session") -> dict:
     """The session's ensemble scored on its validation split: accuracy, NLL, Brier, ECE (raw), or for
-    generation the target tokens' accuracy and NLL."""
+    generation the target tokens' accuracy and NLL (and, `eval.metric: rouge_l`, the greedy answers' ROUGE-L)."""
     recipe = session.recipe
     logits = predict(session.ensemble, session.eval_data, recipe.eval.batch_size, session.parallel,
                      members_per_pass=recipe.train.members_per_pass, budget=recipe.eval.cache_budget)
     if session.ensemble.head_kind == "tokens":
-        return target_metrics(logits)
+        if recipe.eval.metric != "rouge_l":
+            return target_metrics(logits)
+        from sve_cli.answers import answer_quality
+
+        return {**target_metrics(logits), "rouge_l": answer_quality(session.ensemble, session.pipeline,
+                                                                    session.eval_examples)}
     return calibration_metrics(Prediction.of(logits, recipe.eval.combine), session.eval_data.labels, recipe.eval.bins)
 
 
@@ -407,6 +417,12 @@ def estimate_time(recipe: Recipe, steps: int = 3) -> dict:
             session.ensemble(**batch)
             timings.append(time.perf_counter() - started)
     per_row = statistics.median(timings[1:]) / len(rows)
+    if recipe.eval.metric == "rouge_l":  # answering the validation prompts: a batch of them, timed
+        from sve_cli.answers import answer_quality
+
+        started, answered = time.perf_counter(), min(len(session.eval_examples), 8)
+        answer_quality(session.ensemble, session.pipeline, session.eval_examples, answered)
+        per_row += (time.perf_counter() - started) / answered
     every = recipe.train.eval_every_steps or session.steps_per_epoch
     evaluations = sum(1 for step in range(1, session.total + 1) if step % every == 0 or step == session.total)
     train_seconds, eval_seconds = per_step * session.total, evaluations * per_row * len(session.eval_data)
@@ -477,12 +493,12 @@ def _evaluate_and_keep_best(session: Session) -> dict:
     """Score the validation split and fit its temperature (eval.calibration); write the bank, with that
     temperature, when the metric improved; then metrics and checkpoint."""
     recipe, state, parallel = session.recipe, session.state, session.parallel
-    logits = predict(session.ensemble, session.eval_data, recipe.eval.batch_size, parallel,
-                     members_per_pass=recipe.train.members_per_pass, budget=recipe.eval.cache_budget)
-    labels = session.eval_data.labels
     if session.ensemble.head_kind == "tokens":  # generation: the target tokens' accuracy and NLL, uncalibrated
-        numbers, calibration = target_metrics(logits), {"method": "none", "why": "generation"}
+        numbers, calibration = _validation_numbers(session), {"method": "none", "why": "generation"}
     else:
+        logits = predict(session.ensemble, session.eval_data, recipe.eval.batch_size, parallel,
+                         members_per_pass=recipe.train.members_per_pass, budget=recipe.eval.cache_budget)
+        labels = session.eval_data.labels
         numbers = calibration_metrics(Prediction.of(logits, recipe.eval.combine), labels, recipe.eval.bins)
         calibration = ({**fit_calibration(logits, labels, recipe.eval.combine), "split": recipe.eval.split}
                        if recipe.eval.calibration == "temperature" else {"method": "none"})

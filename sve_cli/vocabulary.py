@@ -38,9 +38,13 @@ METRICS = (
     Metric("disagreement", "disagreement", True, False, "fraction of examples where a member's argmax differs from "
            "the ensemble's, mean over members"),
 )
-METRIC = {metric.key: metric for metric in METRICS}
+# how good a generation run's free-running answers are (not a number of a prediction: decoding makes them)
+ANSWER_METRICS = (Metric("rouge_l", "ROUGE-L", True, True, "ROUGE-L F-measure of the greedy answers against the "
+                         "references, mean over examples"),)
+METRIC = {metric.key: metric for metric in METRICS + ANSWER_METRICS}
 # measured on the validation split at every evaluation during training; `eval.metric` picks the best step by one
 VALIDATION_METRICS = ("accuracy", "nll", "brier", "ece")
+EVAL_METRICS = VALIDATION_METRICS + tuple(metric.key for metric in ANSWER_METRICS)  # what eval.metric may name
 
 UNCERTAINTY_SCORES = ("entropy", "msp", "mutual_information")  # higher = less sure; MI needs M > 1
 CONFORMAL_SCORES = ("lac", "aps", "raps")

@@ -28,10 +28,11 @@ from test_prefix import _save, _upper_targets
 REGISTERED = [family for family in DECODERS if family in ARCHITECTURES]
 
 
-def _copy_task(directory, count: int = 48):
+def _copy_task(directory, count: int = 48, words: tuple[str, ...] = ("red", "blue", "green", "cat", "dog", "sun",
+                                                                      "moon", "tree")):
     """A learnable toy generation set: say a word twice."""
-    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
-    rows = [{"prompt": f"Say {words[i % 8]} twice:", "target": f"{words[i % 8]} {words[i % 8]}"} for i in range(count)]
+    rows = [{"prompt": f"Say {words[i % len(words)]} twice:", "target": f"{words[i % len(words)]} {words[i % len(words)]}"}
+            for i in range(count)]
     path = directory / "copy.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -292,3 +293,59 @@ def test_builtin_bbc_headlines_pairs_each_articles_opening_with_its_own_title():
         assert headlines["target"][index] == title.strip() and title.strip()
         prompt = headlines["prompt"][index]
         assert prompt == "Article: " + " ".join(body.split()[:HEADLINE_WORDS]) + "\nHeadline:"
+
+
+def _two_word_model(source, directory):
+    """The tiny LLaMA rigged to say only " red" or " blue": the final norm keeps one hidden dimension, and
+    the (tied) output rows of those two words read it with opposite signs, so every answer is a string of
+    them — a random model's answers would share no word with any reference (ROUGE-L 0 everywhere)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from conftest import _copy_tokenizer
+
+    model = LlamaForCausalLM.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    (red,), (blue,) = tokenizer(" red")["input_ids"], tokenizer(" blue")["input_ids"]
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        embeddings = model.model.embed_tokens.weight
+        embeddings[red], embeddings[blue] = 0.0, 0.0
+        embeddings[red, 0], embeddings[blue, 0] = 10.0, -10.0
+    model.save_pretrained(directory)
+    _copy_tokenizer(source, directory)
+    return directory
+
+
+def test_rouge_l_validation_keeps_the_step_whose_answers_evaluate_reproduces(sve, text_models, tmp_path):
+    """`eval.metric: rouge_l` answers the validation prompts at each evaluation and keeps the best step; `sve
+    evaluate --fit-thresholds` answering the same split with the kept bank finds the same mean ROUGE-L."""
+    data = _copy_task(tmp_path, words=("red", "blue", "cat"))
+    model = _two_word_model(text_models["llama"], tmp_path / "two_words")
+    recipe = _generation_recipe(tmp_path / "gen.yaml", model, data)
+    run = tmp_path / "run"
+    result = sve("train", recipe, "--out", run, "--set", "eval.metric=rouge_l")
+    assert result.code == 0, result.stderr
+    assert "ROUGE-L" in result.stdout
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in history] == [2, 4] and all(0 <= line["rouge_l"] <= 1 for line in history)
+    state = json.loads((run / "trainer_state.json").read_text())
+    kept = next(line for line in history if line["step"] == state["best_step"])
+    assert kept["rouge_l"] == max(line["rouge_l"] for line in history) == state["best"]
+
+    assert sve("evaluate", run, "--fit-thresholds").code == 0
+    answers = json.loads((run / "report" / "report.json").read_text())["validation_answers"]
+    assert {word for row in answers for word in row["answer"].split()} <= {"red", "blue"}
+    assert 0 < kept["rouge_l"] < 1  # some answers share a word with their reference, not all of them
+    assert answers and abs(sum(row["rouge_l"] for row in answers) / len(answers) - kept["rouge_l"]) < 1e-12
+
+    timed = sve("train", recipe, "--out", tmp_path / "timed", "--set", "eval.metric=rouge_l", "--dry-run", "--time")
+    assert timed.code == 0 and "evaluation(s)" in timed.stdout, timed.stderr
+
+
+def test_rouge_l_is_refused_for_a_classification_recipe():
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "sve_cli" / "recipes" / "quickstart.yaml"
+    with pytest.raises(RecipeError, match="eval.metric: rouge_l judges generated answers"):
+        load_recipe(recipe, ["eval.metric=rouge_l"])
