@@ -58,7 +58,7 @@ def print_memory_plan(recipe, device: str, memory: str | None, nproc: int) -> No
 
 
 def print_time_estimate(recipe, nproc: int) -> None:
-    from sve_cli.train import estimate_time
+    from sve_cli.tuning import estimate_time
 
     if nproc != 1:
         raise SveError("--time measures one process on this machine: drop --nproc")
