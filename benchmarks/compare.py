@@ -19,7 +19,8 @@ Each run (train, then evaluate on the test split and the OOD set, with every mem
 runs in its own process, so its wall time and peak RSS (VmHWM) are its own, and `--parallel N` runs N
 of them at once (a GPU is shared). A finished run is reused when its directory holds `cost.json`
 written for exactly the same overrides and its `recipe.yaml` equals what they resolve to now (so
-seeds can be added later without retraining the others); `--fresh` retrains everything, and
+seeds can be added later without retraining the others), a run stopped midway resumes from its last
+checkpoint; `--fresh` retrains everything, and
 `--no-train` only tabulates what is finished. `--archive DIR` copies each run's small record (cost.json,
 recipe.yaml, metrics.jsonl, report/report.json: what tabulating and resuming need, no weights) to
 DIR/SETTING/RUN, so a grid that outlives a working session continues in the next one:
@@ -126,8 +127,10 @@ def worker(recipe_path: str, out: str, ood: str, overrides: list[str]) -> None:
     record = Path(out) / "cost.json"
     trained = record.exists() and json.loads(record.read_text()).get("overrides") == overrides \
         and load_recipe(Path(out) / "recipe.yaml") == recipe
-    if not trained:
-        train(recipe, Path(out), overwrite=True)
+    if not trained:  # a run stopped midway (same recipe, a checkpoint) resumes; anything else starts over
+        resumable = (Path(out) / "checkpoint.safetensors").exists() and (Path(out) / "recipe.yaml").exists() \
+            and load_recipe(Path(out) / "recipe.yaml") == recipe
+        train(recipe, Path(out), resume=resumable, overwrite=not resumable)
     seconds = json.loads(record.read_text())["seconds"] if trained else time.perf_counter() - started
     evaluated = time.perf_counter()
     if ood != "-":
