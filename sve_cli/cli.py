@@ -255,13 +255,12 @@ def recipes(
 def init(
     data: str = typer.Option(..., "--data", help="Your data: a .csv/.jsonl/.parquet file (sve cuts it 80/10/10), or "
                              "a folder of split files (train.csv, validation.csv, test.csv)."),
-    model: str = typer.Option("builtin:minilm", "--model", help="The checkpoint to fine-tune (local path, "
-                              "builtin:… or hub id)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The checkpoint to fine-tune (local path, builtin:… or "
+                                        "hub id); default builtin:minilm, or builtin:smollm2 for prompt → answer data."),
     out: Path = typer.Option(Path("recipe.yaml"), "--out", help="The recipe to write (never replaced)."),
 ) -> None:
-    """Propose a commented recipe for your own data: text and label columns, splits, max_length."""
-    from sve_cli.checkpoint import open_checkpoint
-    from sve_cli.pipeline import load_tokenizer
+    """Propose a commented recipe for your own data: text and label columns (or prompt and answer columns, for
+    generation), splits, max_length."""
     from sve_cli.recipe import load_recipe
     from sve_cli.scaffold import propose, render
     from sve_cli.writing import create_new
@@ -269,11 +268,13 @@ def init(
     if out.exists() or out.is_symlink():
         raise SveError(f"--out {out} already exists; sve never replaces it: choose another name")
     with console.status(f"reading {data}…"):
-        proposal = propose(data, load_tokenizer(open_checkpoint(model).directory, model))
+        proposal = propose(data, model)
     # validated as `sve train` will read it, before it is linked into place
-    create_new(out, render(proposal, data, model, str(out)), "--out", check=load_recipe)
-    out_console.print(f"wrote {out}: text '{proposal.text_field}', label '{proposal.label_field}' "
-                      f"({len(proposal.classes)} classes), max_length {proposal.max_length}; check it, then "
+    create_new(out, render(proposal, data, str(out)), "--out", check=load_recipe)
+    columns = (f"generation with {proposal.model}: prompt '{proposal.text_field}', answer '{proposal.label_field}' "
+               f"(at most {proposal.target_length} tokens)" if proposal.task == "generation" else
+               f"text '{proposal.text_field}', label '{proposal.label_field}' ({len(proposal.classes)} classes)")
+    out_console.print(f"wrote {out}: {columns}, max_length {proposal.max_length}; check it, then "
                       f"`sve train {out} --dry-run`", highlight=False, soft_wrap=True)
     if proposal.incomplete:
         out_console.print(f"note: {proposal.incomplete} row(s) of {data} have no '{proposal.text_field}' or no "

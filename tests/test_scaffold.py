@@ -70,3 +70,39 @@ def test_init_refuses_what_it_cannot_propose_and_replaces_nothing(sve, text_mode
                 tmp_path / "source" / "gaps.yaml")
     assert noted.code == 0 and "note: 1 row(s)" in noted.stdout and "have no 'review'" in noted.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml", "numbers.csv", "one.csv", "reviews.csv", "source"]
+
+
+def _pairs(directory, rows: int = 120):
+    """A user's prompt → answer CSV: every answer its own text, so the 'answer' column is no label."""
+    words = [f"{colour} {thing}" for colour in ("red", "blue", "green", "black", "white", "grey")
+             for thing in ("cat", "dog", "owl", "fox", "hen", "elk", "bee", "ant", "yak", "emu")]
+    frame = pd.DataFrame({"id": range(rows), "prompt": [f"Say {words[i % 60]} twice, item {i}:" for i in range(rows)],
+                          "answer": [f"{words[i % 60]} {words[i % 60]} {i}" for i in range(rows)]})
+    path = directory / "pairs.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_init_proposes_generation_for_prompt_answer_pairs(sve, text_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _pairs(tmp_path)
+    result = sve("init", "--data", "pairs.csv", "--model", text_models["llama"], "--out", "pairs.yaml")
+    assert result.code == 0, result.stderr
+    assert "generation with" in result.stdout and "prompt 'prompt', answer 'answer'" in " ".join(result.stdout.split())
+    recipe = yaml.safe_load((tmp_path / "pairs.yaml").read_text())
+    assert recipe["task"] | {"max_length": None, "max_target_length": None} == {
+        "type": "generation", "dataset": "pairs.csv", "prompt_field": "prompt", "target_field": "answer",
+        "validation_split": "validation", "max_length": None, "max_target_length": None}
+    task = recipe["task"]
+    assert 16 <= task["max_target_length"] <= 64 and 16 <= task["max_length"] - task["max_target_length"] <= 256
+    assert recipe["ensemble"]["targets"] == "attention@1-"  # the upper third of the tiny model's 2 blocks
+    run = sve("train", "pairs.yaml", "--set", "train.max_steps=2", "--set", "train.eval_every_steps=2")
+    assert run.code == 0, run.stderr
+    assert json.loads((tmp_path / "runs" / "pairs" / "trainer_state.json").read_text())["step"] == 2
+
+    assert sve("init", "--data", "pairs.csv", "--out", "default.yaml").code == 0  # no --model: SmolLM2
+    recipe = yaml.safe_load((tmp_path / "default.yaml").read_text())
+    assert recipe["model"]["path"] == "builtin:smollm2" and recipe["ensemble"]["targets"] == "attention@20-"
+    assert_one_error_line(sve("init", "--data", "pairs.csv", "--model", text_models["bert"], "--out", "bert.yaml"),
+                          "holds prompt → answer pairs ('answer' is free text: 96 distinct values)")  # in the training split
+    assert not (tmp_path / "bert.yaml").exists()
