@@ -205,6 +205,32 @@ def thresholds_payload(report: dict) -> dict:
             "scores": report["thresholds"]}
 
 
+def abstention_threshold(source: Path, bank: Path, members: int, coverage: float,
+                         score: str | None) -> tuple[str, float]:
+    """(score, threshold) for `sve generate --abstain-coverage`: the threshold `sve evaluate --fit-thresholds`
+    fitted on the run's validation answers for `bank` (score: MI for an ensemble, else the sequence NLL)."""
+    from sve_cli.rundir import THRESHOLDS, read_fitted
+
+    score = score or ("mutual_information" if members > 1 else "nll")
+    fitted = read_fitted(source / THRESHOLDS, bank) if source.is_dir() else None
+    if fitted is None or fitted.get("task") != "generation":
+        raise SveError(f"--abstain-coverage needs thresholds fitted on this run's answers: "
+                       f"`sve evaluate {source} --fit-thresholds`")
+    levels = fitted["scores"].get(score, {}).get("coverage", {})
+    if f"{coverage:g}" not in levels:
+        raise SveError(f"no {score} threshold for coverage {coverage:g} (fitted: {', '.join(levels) or 'none'}; "
+                       f"scores: {', '.join(fitted['scores'])})")
+    return score, float(levels[f"{coverage:g}"])
+
+
+def marked(chunks, score: str, threshold: float):
+    """Each row of each chunk of `sve generate` rows with `abstain`: its score above the threshold (less sure
+    than the kept share)."""
+    key, sign = SCORES[score]
+    for rows in chunks:
+        yield [{**row, "abstain": sign * row[key] > threshold} for row in rows]
+
+
 def rejection_png(path: Path, report: dict) -> None:
     """Mean ROUGE-L of the answers kept against the share rejected, per score, with the oracle's."""
     import matplotlib

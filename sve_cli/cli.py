@@ -464,7 +464,7 @@ def generate(
 ) -> None:
     """Generate text with all members at once (one batched forward per token, a KV cache per member) and
     score how sure the ensemble is: log-likelihood, token entropy, mutual information."""
-    from sve_cli.answers import SCORES
+    from sve_cli.answers import SCORES, abstention_threshold, marked
     from sve_cli.generation import generation_rows
     from sve_cli.predict import check_predictions_output, open_predictor, write_predictions
 
@@ -481,7 +481,8 @@ def generate(
     check_predictions_output(out, overwrite, inputs)
     with console.status(f"loading {source}…"):
         predictor = open_predictor(source, bank)
-    abstention = (_generation_threshold(source, predictor, abstain_coverage, abstain_score)
+    abstention = (abstention_threshold(source, predictor.bank, predictor.model.members, abstain_coverage,
+                                       abstain_score)
                   if abstain_coverage is not None else None)
     with progress_bar(TextColumn("{task.completed} prompts"), eta=False) as progress:
         task = progress.add_task("generating", total=None)
@@ -489,36 +490,11 @@ def generate(
                                sample=decoding == Decoding.sample, seed=seed, member_answers=member_answers,
                                tokens=tokens, on_rows=lambda count: progress.advance(task, count))
         if abstention is not None:
-            rows = _marked(rows, *abstention)
+            rows = marked(rows, *abstention)
         summary = write_predictions(rows, out, overwrite, inputs)
     note = f"; abstain by {abstention[0]} ≤ {abstention[1]:.4g} kept at {abstain_coverage:g} coverage" if abstention else ""
     out_console.print(f"wrote {out}: {summary['rows']} generations from {predictor.model.members} member(s){note}",
                       highlight=False, soft_wrap=True)
-
-
-def _generation_threshold(source: Path, predictor, coverage: float, score: Optional[str]) -> tuple[str, float]:
-    """(score, threshold) for `--abstain-coverage`, from the thresholds `sve evaluate --fit-thresholds` wrote."""
-    from sve_cli.rundir import THRESHOLDS, read_fitted
-
-    score = score or ("mutual_information" if predictor.model.members > 1 else "nll")
-    fitted = read_fitted(source / THRESHOLDS, predictor.bank) if source.is_dir() else None
-    if fitted is None or fitted.get("task") != "generation":
-        raise SveError(f"--abstain-coverage needs thresholds fitted on this run's answers: "
-                       f"`sve evaluate {source} --fit-thresholds`")
-    levels = fitted["scores"].get(score, {}).get("coverage", {})
-    if f"{coverage:g}" not in levels:
-        raise SveError(f"no {score} threshold for coverage {coverage:g} (fitted: {', '.join(levels) or 'none'}; "
-                       f"scores: {', '.join(fitted['scores'])})")
-    return score, float(levels[f"{coverage:g}"])
-
-
-def _marked(chunks, score: str, threshold: float):
-    """Each row of each chunk with `abstain`: its score above the threshold (less sure than the kept share)."""
-    from sve_cli.answers import SCORES
-
-    key, sign = SCORES[score]
-    for rows in chunks:
-        yield [{**row, "abstain": sign * row[key] > threshold} for row in rows]
 
 
 @app.command(epilog="Example:  sve predict runs/quickstart --data new_tweets.jsonl --abstain-coverage 0.9")
