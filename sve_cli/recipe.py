@@ -327,8 +327,8 @@ class Recipe(_Section):
         and validation measures token accuracy or NLL, or the answers' ROUGE-L."""
         if self.task.type != "generation":
             if self.eval.metric not in VALIDATION_METRICS:
-                raise ValueError(f"eval.metric: {self.eval.metric} judges generated answers: a generation recipe's "
-                                 f"(this task is validated by {', '.join(VALIDATION_METRICS)})")
+                raise ValueError(f"eval.metric: {self.eval.metric} judges generated answers, and this is a "
+                                 f"{self.task.type} recipe (validated by {', '.join(VALIDATION_METRICS)})")
             return self
         problems = []
         if self.train.member_batches != "shared":

@@ -347,5 +347,6 @@ def test_rouge_l_is_refused_for_a_classification_recipe():
     from pathlib import Path
 
     recipe = Path(__file__).resolve().parents[1] / "sve_cli" / "recipes" / "quickstart.yaml"
-    with pytest.raises(RecipeError, match="eval.metric: rouge_l judges generated answers"):
+    with pytest.raises(RecipeError, match="eval.metric: rouge_l judges generated answers, and this is a "
+                                          "text_classification recipe"):
         load_recipe(recipe, ["eval.metric=rouge_l"])
