@@ -120,6 +120,7 @@ def propose(data: str, model: str | None) -> Proposal:
     text = _text_column(train, {label})
     model = model or DEFAULT_MODELS[task]
     checkpoint = open_checkpoint(model)
+    tokenizer = load_tokenizer(checkpoint.directory, model)
     classes, target_length, first_block = [], 0, 0
     if task == "generation":
         try:
@@ -128,8 +129,8 @@ def propose(data: str, model: str | None) -> Proposal:
             raise SveError(f"{data} holds prompt → answer pairs ('{label}' is free text: "
                            f"{train[label].nunique():,} distinct values), and {error}; pass a decoder, e.g. "
                            f"--model {DEFAULT_MODELS[task]}") from None
-        target_length = _percentile_tokens(load_tokenizer(checkpoint.directory, model),
-                                           train[label].dropna().astype(str).head(2000).tolist(), MAX_TARGET_CAP)[0]
+        target_length = _percentile_tokens(tokenizer, train[label].dropna().astype(str).head(2000).tolist(),
+                                           MAX_TARGET_CAP)[0]
         blocks = checkpoint.config.get("num_hidden_layers") or checkpoint.config.get("n_layer") or 3
         first_block = blocks - max(1, blocks // 3)
     else:
@@ -137,8 +138,8 @@ def propose(data: str, model: str | None) -> Proposal:
         if len(classes) < 2:
             raise SveError(f"column '{label}' of the training split holds one class ({classes[0] if classes else 'none'}): "
                            "a classifier needs at least two")
-    max_length, cut = _percentile_tokens(load_tokenizer(checkpoint.directory, model),
-                                         train[text].dropna().astype(str).head(2000).tolist(), MAX_LENGTH_CAP)
+    max_length, cut = _percentile_tokens(tokenizer, train[text].dropna().astype(str).head(2000).tolist(),
+                                         MAX_LENGTH_CAP)
     incomplete = sum(int((table.frame[text].isna() | table.frame[label].isna()).sum()) for table in tables.values()
                      if {text, label} <= set(table.frame.columns))
     return Proposal(model, text, label, classes, {name: len(table.frame) for name, table in tables.items()}, splits,

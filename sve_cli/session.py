@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from sve_cli.data import load_splits
+from sve_cli.data import Examples, load_splits
 from sve_cli.ensemble import SVEModel
 from sve_cli.errors import SveError
 from sve_cli.distributed import Parallel, any_rank, average, gradient_sync, wrap
@@ -46,7 +46,7 @@ class Session:
     train_data: Encoded
     eval_data: Encoded
     pipeline: Pipeline  # with the validation examples, what `eval.metric: rouge_l` answers
-    eval_examples: object
+    eval_examples: Examples
     orders: MemberOrders
     device: torch.device
     batches_per_epoch: int
@@ -68,6 +68,9 @@ class Session:
 def new_session(recipe: Recipe, out: Path, parallel: Parallel, on_note: Callable[[str], None] | None) -> Session:
     """Data, model, optimiser and step plan of a fresh run (nothing is written)."""
     config = recipe.train
+    if recipe.eval.metric == "rouge_l" and parallel.world > 1:
+        raise SveError("eval.metric: rouge_l answers the validation prompts in one process: run without --nproc, "
+                       "or validate by nll")
     torch.manual_seed(config.seed)
     pipeline = Pipeline(recipe)
     splits, label_names = load_splits(recipe.task, recipe.task.dataset_name)
@@ -83,9 +86,6 @@ def new_session(recipe: Recipe, out: Path, parallel: Parallel, on_note: Callable
     ensemble.to(device)
     train_data = pipeline.encode(splits[recipe.task.train_split])  # the test split is never needed here
     eval_data = pipeline.encode(splits[recipe.eval.split])
-    if recipe.eval.metric == "rouge_l" and parallel.world > 1:
-        raise SveError("eval.metric: rouge_l answers the validation prompts in one process: run without --nproc, "
-                       "or validate by nll")
     if config.batch_size % parallel.world:
         raise SveError(f"train.batch_size {config.batch_size} is not divisible by {parallel.world} processes")
     batches_per_epoch = len(train_data) // config.batch_size
@@ -99,9 +99,10 @@ def new_session(recipe: Recipe, out: Path, parallel: Parallel, on_note: Callable
     state = {"step": 0, "total_steps": total, "best": None, "best_step": None, "history": [],
              "finished": False, "label_names": label_names}
     model.train()
+    orders = MemberOrders(len(train_data), ensemble.members, config.seed, config.member_batches)
     return Session(recipe, out, parallel, model, ensemble, optimizer, train_data, eval_data, pipeline,
-                   splits[recipe.eval.split], MemberOrders(len(train_data), ensemble.members, config.seed, config.member_batches), device,
-                   batches_per_epoch, steps_per_epoch, total, int(config.warmup_ratio * total), state,
+                   splits[recipe.eval.split], orders, device, batches_per_epoch, steps_per_epoch, total,
+                   int(config.warmup_ratio * total), state,
                    {"label_names": label_names, "task": recipe.task.type, "letters": pipeline.letters,
                     "recipe": recipe.model_dump(mode="json")})  # a bank alone can be predicted with
 
@@ -160,7 +161,7 @@ def train_step(session: Session) -> dict:
             "learning_rates": {group["name"]: group["lr"] for group in session.optimizer.param_groups}}
 
 
-def validation_numbers(session: "Session") -> dict:
+def validation_numbers(session: Session) -> dict:
     """The session's ensemble scored on its validation split: accuracy, NLL, Brier, ECE (raw), or for
     generation the target tokens' accuracy and NLL (and, `eval.metric: rouge_l`, the greedy answers' ROUGE-L)."""
     recipe = session.recipe
