@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -47,13 +48,20 @@ def resolved_lr(recipe: Recipe, out: Path, resume: bool, parallel: Parallel,
             tried = "; ".join(f"{trial['lr']:g} → {trial['summary']}" for trial in sweep["trials"])
             on_note(f"lr auto: {len(sweep['trials'])} rates × {sweep['steps']} steps on {recipe.eval.split} "
                     f"({tried}): chose {sweep['chosen']:g} by {recipe.eval.metric} in {sweep['seconds'] / 60:.1f} min")
+            best_nll = min(trial["nll"] for trial in sweep["trials"] if not trial.get("diverged"))
+            if sweep["uniform_nll"] is not None and best_nll >= sweep["uniform_nll"]:
+                on_note(f"lr auto: no rate predicts {recipe.eval.split} better than a uniform guess after "
+                        f"{sweep['steps']} steps (best NLL {best_nll:.3f} ≥ {sweep['uniform_nll']:.3f}), so the choice "
+                        f"is noise: raise train.lr_sweep_steps or set train.lr")
     return with_lr(recipe, sweep["chosen"])
 
 
 def lr_sweep(recipe: Recipe, parallel: Parallel = Parallel()) -> dict:
     """`train.lr: auto`: train each `lr_grid` value from the same start for `lr_sweep_steps` steps (its own
     short warm-up and decay), score the validation split, keep the best by `eval.metric` (ties: lower NLL);
-    a rate that diverges is out. Nothing is written."""
+    a rate that diverges is out. Nothing is written. `uniform_nll` (ln of the classes; None for generation)
+    is the NLL of a uniform guess: a sweep whose every rate is no better has not learned enough to choose
+    (SmolLM2 at 12 steps a rate, docs/results.md §8)."""
     metric, started = recipe.eval.metric, time.perf_counter()
     higher = METRIC[metric].higher_is_better
     trials, steps = [], recipe.train.lr_sweep_steps
@@ -74,8 +82,9 @@ def lr_sweep(recipe: Recipe, parallel: Parallel = Parallel()) -> dict:
     if not finite:
         raise SveError(f"lr auto: every rate of train.lr_grid {recipe.train.lr_grid} diverged; try smaller rates")
     best = max(finite, key=lambda t: ((t[metric] if higher else -t[metric]), -t["nll"]))
+    classes = None if session.ensemble.head_kind == "tokens" else session.ensemble.head.weight.shape[1]
     return {"chosen": best["lr"], "metric": metric, "split": recipe.eval.split, "steps": steps, "trials": trials,
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "uniform_nll": math.log(classes) if classes else None}
 
 
 def estimate_time(recipe: Recipe, steps: int = 3) -> dict:

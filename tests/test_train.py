@@ -258,6 +258,28 @@ def test_lr_auto_chooses_by_short_runs_equal_to_plain_runs_and_a_resume_does_not
     assert resumed.code == 0 and f"lr auto: {best['lr']:g}, as the sweep in" in resumed.stdout + resumed.stderr
 
 
+def test_lr_auto_says_when_no_rate_beats_a_uniform_guess(sve, text_models, tmp_path):
+    """A sweep too short (or, here, a validation split that contradicts training) to learn anything a uniform
+    guess does not already know chooses by noise: sve says so, with the numbers, and records the guess's NLL."""
+    rows = [json.loads(line) for line in sentiment_file(tmp_path).read_text().splitlines()]
+    paths = {}
+    for split, part in (("train", rows[:64]), ("validation", rows[64:80]), ("test", rows[80:])):
+        flipped = split != "train"  # every held-out label the opposite of what training teaches
+        paths[split] = tmp_path / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps({**row, "label": 1 - row["label"] if flipped else row["label"]}) + "\n"
+                                        for row in part))
+    recipe = write_recipe(tmp_path / "auto.yaml", text_models["bert"], paths["train"],
+                          task={"dataset": {split: str(path) for split, path in paths.items()}},
+                          ensemble={"members": 2}, train={"lr": "auto", "lr_grid": [0.5], "lr_sweep_steps": 3})
+    result = sve("train", recipe, "--out", tmp_path / "auto")
+    assert result.code == 0, result.stderr
+    sweep = json.loads((tmp_path / "auto" / "lr_sweep.json").read_text())
+    assert sweep["uniform_nll"] == pytest.approx(0.6931471805599453) and sweep["trials"][0]["nll"] > sweep["uniform_nll"]
+    assert (f"lr auto: no rate predicts validation better than a uniform guess after 3 steps (best NLL "
+            f"{sweep['trials'][0]['nll']:.3f} ≥ 0.693), so the choice is noise: raise train.lr_sweep_steps or set "
+            f"train.lr") in " ".join((result.stdout + result.stderr).split())
+
+
 @pytest.mark.parametrize("setting, fragment", [("train.lr=0", "train.lr: a learning rate must be greater than 0"), ("train.lr=fast", "train.lr"),
                                                ("train.lr_grid=[]", "train.lr_grid"),
                                                ("train.lr_grid=[1e-2, -1]", "train.lr_grid")])
