@@ -125,8 +125,10 @@ def worker(recipe_path: str, out: str, ood: str, overrides: list[str]) -> None:
     recipe = load_recipe(recipe_path, overrides)
     started = time.perf_counter()
     record = Path(out) / "cost.json"
+    # an archived record (no weights) of a run that must now be evaluated is trained again
     trained = record.exists() and json.loads(record.read_text()).get("overrides") == overrides \
-        and load_recipe(Path(out) / "recipe.yaml") == recipe
+        and load_recipe(Path(out) / "recipe.yaml") == recipe \
+        and (ood == "-" or (Path(out) / "sigma_bank.safetensors").exists())
     if not trained:  # a run stopped midway (same recipe, a checkpoint) resumes; anything else starts over
         resumable = (Path(out) / "checkpoint.safetensors").exists() and (Path(out) / "recipe.yaml").exists() \
             and load_recipe(Path(out) / "recipe.yaml") == recipe
