@@ -70,6 +70,13 @@ class TaskSection(_Section):
                                   "in whitespace (as lm-evaluation-harness's target_delimiter)")
     max_target_length: int = Field(64, gt=0, description="target tokens kept (longer targets are cut)")
 
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _name_or_mapping(cls, dataset):  # one line instead of one per branch of the union
+        if not isinstance(dataset, (str, dict)):
+            raise ValueError(f"expected a dataset name, a path or a mapping of split names to files, not {dataset!r}")
+        return dataset
+
     @field_validator("dataset")
     @classmethod
     def _split_files_are_named(cls, dataset):
@@ -261,6 +268,18 @@ class TrainSection(_Section):
     parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (every rank holds the whole "
                                                 "model) or fsdp (weights, factors and what trains sharded across ranks)")
 
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _number_or_auto(cls, lr):  # one line instead of one per branch of the union
+        if lr == "auto" or (isinstance(lr, (int, float)) and not isinstance(lr, bool)):
+            return lr
+        try:
+            if isinstance(lr, str):
+                return float(lr)  # "1e-2": YAML 1.1 and --set read it as a string
+        except ValueError:
+            pass
+        raise ValueError(f"expected a number or auto, not {lr!r}")
 
     @field_validator("lr")
     @classmethod

@@ -40,12 +40,16 @@ def test_defaults_and_overrides(tmp_path):
     assert recipe.train.lr == 3e-4 and recipe.ensemble.members == 8 and recipe.ensemble.bias is False
     assert recipe.task.label_names == ["a", "b", "c"] and recipe.ensemble.method == "sve"
     assert load_recipe(_write(tmp_path, recipe_yaml(recipe), "again.yaml")) == recipe  # resolved recipe round-trips
+    assert load_recipe(_write(tmp_path, MINIMAL + "train:\n  lr: 1e-2\n", "yaml11.yaml")).train.lr == 0.01  # a YAML 1.1 string
 
 
 @pytest.mark.parametrize("text,fragments", [
     (MINIMAL + "ensemble:\n  members: 0\n", ["ensemble.members", "greater than or equal to 1"]),
     (MINIMAL + "train:\n  lr: -1\n", ["train.lr", "greater than 0"]),
-    (MINIMAL + "train:\n  lr: fast\n", ["train.lr", "valid number"]),
+    (MINIMAL + "train:\n  lr: fast\n", ["1 problem: train.lr: expected a number or auto, not 'fast'"]),
+    (MINIMAL + "train:\n  lr: true\n", ["1 problem: train.lr: expected a number or auto, not True"]),
+    ("model:\n  path: x\ntask:\n  type: text_classification\n  dataset: 5\n",
+     ["1 problem: task.dataset: expected a dataset name, a path or a mapping of split names to files, not 5"]),
     (MINIMAL + "train:\n  learning_rate: 0.1\n", ["train.learning_rate", "unknown key"]),
     (MINIMAL + "eval:\n  split: holdout\n", ["eval.split 'holdout' is none of the task's splits"]),
     (MINIMAL + "ensemble:\n  method: svf\n  members: 4\n", ["method 'svf' trains one model"]),
