@@ -268,17 +268,16 @@ class TrainSection(_Section):
     parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (every rank holds the whole "
                                                 "model) or fsdp (weights, factors and what trains sharded across ranks)")
 
-
     @field_validator("lr", mode="before")
     @classmethod
     def _number_or_auto(cls, lr):  # one line instead of one per branch of the union
         if lr == "auto" or (isinstance(lr, (int, float)) and not isinstance(lr, bool)):
             return lr
-        try:
-            if isinstance(lr, str):
-                return float(lr)  # "1e-2": YAML 1.1 and --set read it as a string
-        except ValueError:
-            pass
+        if isinstance(lr, str):  # "1e-2": YAML 1.1 and --set read it as a string
+            try:
+                return float(lr)
+            except ValueError:
+                pass
         raise ValueError(f"expected a number or auto, not {lr!r}")
 
     @field_validator("lr")
